@@ -1,0 +1,70 @@
+"""`resnet-lab` entry point.
+
+    resnet-lab models                      # the model zoo
+    resnet-lab fit|validate|test|predict   # LightningCLI (see resnet_lab/train.py)
+
+Subcommands are dispatched before Lightning is imported, so `models` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .models import count_macs, count_params, create_model, list_models
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def models_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="resnet-lab models", description="List every registered model.")
+    p.add_argument("--filter", default="", help="only names containing this substring")
+    args = p.parse_args(argv)
+    rows = []
+    for name in list_models():
+        if args.filter not in name:
+            continue
+        m = create_model(name)
+        s = m.spec
+        rows.append(
+            (
+                name,
+                s.family,
+                f"{count_params(m):,}",
+                f"{count_macs(m) / 1e6:,.1f}M",
+                f"{s.input_size}px",
+                str(len(m.block_names)),
+                s.block,
+                "none (plain)" if s.plain else s.shortcut,
+                str(s.num_classes),
+            )
+        )
+    head = ("model", "family", "params", "MACs/img", "input", "blocks", "block", "shortcut", "classes")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(c.rjust(w) if i in (2, 3, 5, 8) else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cmd = argv[0] if argv else ""
+    if cmd == "models":
+        return models_main(argv[1:])
+    if cmd in LIGHTNING_COMMANDS:
+        from .train import cli_main
+
+        cli_main(argv)
+        return 0
+    print(
+        "usage: resnet-lab {models,fit,validate,test,predict} ...\n"
+        "  models     list the model zoo (params, MACs, blocks, shortcut)\n"
+        "  fit ...    train with LightningCLI: resnet-lab fit --config sweeps/depth.yaml\n"
+        "Run `resnet-lab COMMAND --help` for a command's options.",
+        file=sys.stderr if cmd not in ("-h", "--help") else sys.stdout,
+    )
+    return 0 if cmd in ("-h", "--help") else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

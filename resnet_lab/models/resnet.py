@@ -1,0 +1,339 @@
+"""Residual and plain networks of He et al. 2015, with reversible block surgery.
+
+One `ResNet` class covers both families; the stem is what differs:
+  CIFAR:    3x3 conv(16) -> 3 stages of 2n BasicBlocks (16/32/64) -> GAP -> fc
+  ImageNet: 7x7/2 conv(64) + 3x3/2 max-pool -> 4 stages (64..512 x expansion) -> GAP -> fc
+
+Module names match torchvision (`conv1`, `bn1`, `layer1.0.conv1`, `layer1.0.downsample.0`,
+`fc`), so a torchvision state dict loads into the option-B v1.5 model as is.
+
+Surgery (Veit et al. 2016) is a method of the model, never a patch from outside:
+  - `block_names`: "layer1.0", "layer1.1", ... in forward order;
+  - `with model.remove_blocks(names):` drops those blocks' residual branches;
+  - `with model.reorder_blocks(names):` runs blocks in another shape-compatible order;
+  - `forward_until(x, i)` / `forward_from(h, i)`: the input of block position i, and the
+    logits from there on, so a lesion engine can reuse an unchanged prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .spec import ResNetSpec, SpecError
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    # No bias: BN right after makes it redundant.
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+
+class ShortcutA(nn.Module):
+    """Option A: parameter-free shape adapter (He et al. Sec. 4.2, CIFAR).
+
+    (B, Cin, H, W) -> (B, Cout, H/s, W/s): take every s-th pixel, then append
+    Cout-Cin zero channels. Has no parameters and no buffers, which is why plainN
+    and option-A resnetN have identical parameter counts.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        if cout < cin:
+            raise SpecError(f"option A cannot shrink channels ({cin} -> {cout})")
+        self.stride, self.pad = stride, cout - cin
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.pad:
+            x = F.pad(x, (0, 0, 0, 0, 0, self.pad))  # pad dim 1 (channels) at the end
+        return x
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, zero_channels={self.pad}"
+
+
+def make_shortcut(cin: int, cout: int, stride: int, option: str, plain: bool) -> nn.Module | None:
+    """The block's shortcut mapping; None means identity.
+
+    Plain blocks have no shortcut in their forward pass. They still get a
+    parameter-free option-A mapping where shapes change, used only when the block
+    is removed at test time (a removed plain downsampling block becomes
+    subsample + zero-pad, since it has no learned mapping to fall back on).
+    """
+    reshapes = stride != 1 or cin != cout
+    if plain or option == "A":
+        return ShortcutA(cin, cout, stride) if reshapes else None
+    if option == "C" or reshapes:
+        # Sequential(conv, bn) keeps torchvision's `downsample.0/.1` key names.
+        return nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+    return None
+
+
+class ResidualBlock(nn.Module):
+    """Post-activation block: y = relu(F(x) + shortcut(x)), or relu(F(x)) if plain.
+
+    When removed: y = relu(shortcut(x)), i.e. exactly the forward pass with the
+    residual branch F outputting zero. Block inputs are post-ReLU (>= 0), so for
+    identity and option-A shortcuts this is y = shortcut(x) bit for bit; for B/C
+    projections the ReLU after the addition is kept.
+    """
+
+    expansion = 1
+
+    def __init__(self, plain: bool) -> None:
+        super().__init__()
+        self.plain = plain
+        self.removed = False  # toggled only by ResNet.remove_blocks
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Module | None = None
+        self.in_planes = self.out_planes = self.stride = 0
+
+    def residual(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        return x if self.downsample is None else self.downsample(x)
+
+    def lesioned(self, x: Tensor) -> Tensor:
+        # torch.relu (not inplace): x may be a cached prefix activation.
+        return torch.relu(self.shortcut(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.removed:
+            return self.lesioned(x)
+        out = self.residual(x)
+        if not self.plain:
+            out = out + self.shortcut(x)
+        return self.relu(out)
+
+    @property
+    def signature(self) -> tuple[int, int, int]:
+        """(in channels, out channels, stride): blocks with equal signatures can swap."""
+        return (self.in_planes, self.out_planes, self.stride)
+
+    @property
+    def branch_bns(self) -> list[nn.BatchNorm2d]:
+        raise NotImplementedError
+
+
+class BasicBlock(ResidualBlock):
+    """Two 3x3 convs: (B, Cin, H, W) -> (B, planes, H/s, W/s)."""
+
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int, shortcut: str, plain: bool, **_: object) -> None:
+        super().__init__(plain)
+        self.conv1, self.bn1 = conv3x3(cin, planes, stride), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = conv3x3(planes, planes), nn.BatchNorm2d(planes)
+        self.downsample = make_shortcut(cin, planes, stride, shortcut, plain)
+        self.in_planes, self.out_planes, self.stride = cin, planes, stride
+
+    def residual(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.bn2(self.conv2(out))
+
+    @property
+    def branch_bns(self) -> list[nn.BatchNorm2d]:
+        return [self.bn1, self.bn2]
+
+
+class Bottleneck(ResidualBlock):
+    """1x1 reduce, 3x3, 1x1 expand (x4): (B, Cin, H, W) -> (B, 4*planes, H/s, W/s).
+
+    stride_on="3x3" is torchvision's v1.5 (better accuracy); "1x1" is the paper's
+    Caffe v1, whose strided 1x1 skips 3/4 of the positions.
+    """
+
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int, shortcut: str, plain: bool, stride_on: str = "3x3") -> None:
+        super().__init__(plain)
+        cout = planes * self.expansion
+        s1, s3 = (stride, 1) if stride_on == "1x1" else (1, stride)
+        self.conv1, self.bn1 = conv1x1(cin, planes, s1), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = conv3x3(planes, planes, s3), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = conv1x1(planes, cout), nn.BatchNorm2d(cout)
+        self.downsample = make_shortcut(cin, cout, stride, shortcut, plain)
+        self.in_planes, self.out_planes, self.stride = cin, cout, stride
+
+    def residual(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.bn3(self.conv3(out))
+
+    @property
+    def branch_bns(self) -> list[nn.BatchNorm2d]:
+        return [self.bn1, self.bn2, self.bn3]
+
+
+class ResNet(nn.Module):
+    """A network built from a `ResNetSpec`. `model.spec` is kept for checkpoints."""
+
+    def __init__(self, spec: ResNetSpec) -> None:
+        super().__init__()
+        if spec.plain and spec.zero_init_residual:
+            raise SpecError("zero_init_residual needs shortcuts: a plain net would output zeros")
+        self.spec = spec
+        block_cls = BasicBlock if spec.block == "basic" else Bottleneck
+        w = spec.width
+        if spec.family == "cifar":
+            self.conv1 = conv3x3(spec.in_chans, w)
+            self.maxpool: nn.Module = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(spec.in_chans, w, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.relu = nn.ReLU(inplace=True)
+
+        cin, blocks, names = w, [], []
+        for s, n in enumerate(spec.layers):
+            planes = w * 2**s
+            stage = []
+            for b in range(n):
+                stride = 2 if (s > 0 and b == 0) else 1  # downsample at each stage's first block
+                blk = block_cls(cin, planes, stride, spec.shortcut, spec.plain, stride_on=spec.stride_on)
+                stage.append(blk)
+                cin = blk.out_planes
+                names.append(f"layer{s + 1}.{b}")
+            self.add_module(f"layer{s + 1}", nn.Sequential(*stage))
+            blocks += stage
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, spec.num_classes)
+        self.num_features = cin
+
+        # A plain tuple, not a ModuleList: the blocks are already registered under
+        # layerK, and a second registration would duplicate state-dict keys.
+        self._blocks: tuple[ResidualBlock, ...] = tuple(blocks)
+        self._names: tuple[str, ...] = tuple(names)
+        self._order: tuple[int, ...] = tuple(range(len(blocks)))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                # He et al. 2015 ("Delving deep"): keeps forward variance through ReLUs.
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if self.spec.zero_init_residual:
+            for blk in self._blocks:
+                nn.init.zeros_(blk.branch_bns[-1].weight)
+
+    # -- blocks and names ---------------------------------------------------
+    @property
+    def block_names(self) -> list[str]:
+        """Stable names of the residual blocks, in the original forward order."""
+        return list(self._names)
+
+    @property
+    def downsample_blocks(self) -> list[str]:
+        """Blocks whose output shape differs from their input shape."""
+        return [n for n, b in zip(self._names, self._blocks) if b.signature[0] != b.signature[1] or b.stride != 1]
+
+    def get_block(self, name: str) -> ResidualBlock:
+        return self._blocks[self._index(name)]
+
+    def _index(self, name: str) -> int:
+        try:
+            return self._names.index(name)
+        except ValueError:
+            raise KeyError(
+                f"unknown block name {name!r}; this {self.spec.name} has blocks "
+                f"{self._names[0]} ... {self._names[-1]} (see model.block_names)"
+            ) from None
+
+    @property
+    def blocks(self) -> list[ResidualBlock]:
+        """Blocks in the current (possibly reordered) forward order."""
+        return [self._blocks[i] for i in self._order]
+
+    # -- forward pieces -------------------------------------------------------
+    def forward_stem(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, width, H', W'); H' = H (CIFAR) or H/4 (ImageNet)."""
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def forward_head(self, h: Tensor) -> Tensor:
+        """(B, C, h, w) -> (B, num_classes)."""
+        return self.fc(torch.flatten(self.avgpool(h), 1))
+
+    def forward_blocks(self, h: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+        """Run block positions [start, stop) of the current order on h."""
+        for i in self._order[start:stop]:
+            h = self._blocks[i](h)
+        return h
+
+    def forward_until(self, x: Tensor, position: int) -> Tensor:
+        """The input of the block at `position` (0 = right after the stem)."""
+        return self.forward_blocks(self.forward_stem(x), 0, position)
+
+    def forward_from(self, h: Tensor, position: int) -> Tensor:
+        """Logits, given `h` = the input of the block at `position`."""
+        return self.forward_head(self.forward_blocks(h, position))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_blocks(self.forward_stem(x)))
+
+    # -- surgery --------------------------------------------------------------
+    @contextlib.contextmanager
+    def remove_blocks(self, names: Iterable[str]) -> Iterator[ResNet]:
+        """Within the context, the named blocks skip their residual branch.
+
+        y = relu(shortcut(x)): identity for same-shape blocks; a downsampling block
+        keeps its shortcut mapping (option A subsample+pad, or B/C projection).
+        Plain nets: identity where shapes allow, else option-A subsample+pad.
+        The previous state is restored on exit, also after an exception.
+        """
+        idx = [self._index(n) for n in names]
+        saved = [b.removed for b in self._blocks]
+        try:
+            for i in idx:
+                self._blocks[i].removed = True
+            yield self
+        finally:
+            for b, r in zip(self._blocks, saved):
+                b.removed = r
+
+    @contextlib.contextmanager
+    def reorder_blocks(self, order: Sequence[str]) -> Iterator[ResNet]:
+        """Within the context, run the blocks in `order` (a permutation of
+        `block_names`). Position p may hold only a block with the same
+        (in, out, stride) signature as the original block at p."""
+        order = list(order)
+        if sorted(order) != sorted(self._names):
+            raise ValueError(
+                f"order must be a permutation of model.block_names ({len(self._names)} blocks); "
+                f"got {len(order)} names, unknown: {sorted(set(order) - set(self._names))}"
+            )
+        new = tuple(self._index(n) for n in order)
+        for pos, i in enumerate(new):
+            if self._blocks[i].signature != self._blocks[pos].signature:
+                raise ValueError(
+                    f"block {self._names[i]} (in, out, stride)={self._blocks[i].signature} cannot run at "
+                    f"position {pos}, which needs {self._blocks[pos].signature}; see model.swappable_groups()"
+                )
+        saved = self._order
+        try:
+            self._order = new
+            yield self
+        finally:
+            self._order = saved
+
+    def swappable_groups(self) -> list[list[str]]:
+        """Groups of block names that may be permuted among themselves."""
+        groups: dict[tuple[int, int, int], list[str]] = {}
+        for n, b in zip(self._names, self._blocks):
+            groups.setdefault(b.signature, []).append(n)
+        return [g for g in groups.values() if len(g) > 1]
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec}"
