@@ -9,6 +9,7 @@ Subcommands are dispatched before Lightning is imported, so `models` starts fast
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .models import count_macs, count_params, create_model, list_models
@@ -46,15 +47,33 @@ def models_main(argv: list[str]) -> int:
     return 0
 
 
+# Large eval batches make glibc return freed memory with munmap and fault it back in
+# on every batch; keeping it mapped was measured 2.5x faster on this kind of machine.
+GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000"
+
+
+def _reexec_with_malloc_tunables() -> None:
+    """glibc reads GLIBC_TUNABLES only at process start, so restart once with it set."""
+    if sys.platform.startswith("linux") and "GLIBC_TUNABLES" not in os.environ:
+        os.environ["GLIBC_TUNABLES"] = GLIBC_TUNABLES
+        try:
+            os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+        except OSError:
+            pass  # keep going without the tunables
+
+
 def main(argv: list[str] | None = None) -> int:
+    from_console = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     cmd = argv[0] if argv else ""
     if cmd == "models":
         return models_main(argv[1:])
     if cmd in LIGHTNING_COMMANDS:
+        if from_console:
+            _reexec_with_malloc_tunables()
         from .train import cli_main
 
-        cli_main(argv)
+        cli_main(None if from_console else argv)
         return 0
     print(
         "usage: resnet-lab {models,fit,validate,test,predict} ...\n"

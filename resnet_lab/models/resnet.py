@@ -335,5 +335,30 @@ class ResNet(nn.Module):
             groups.setdefault(b.signature, []).append(n)
         return [g for g in groups.values() if len(g) > 1]
 
+    def response_layers(self) -> list[tuple[str, nn.BatchNorm2d]]:
+        """The BN after every 3x3 conv, in forward order (He et al. Fig. 7 plots
+        these responses: after BN, before the ReLU or the addition)."""
+        out = [("conv1", self.bn1)] if self.spec.family == "cifar" else []
+        for name, blk in zip(self._names, self._blocks):
+            bns = blk.branch_bns if isinstance(blk, BasicBlock) else [blk.bn2]
+            idx = (1, 2) if isinstance(blk, BasicBlock) else (2,)
+            out += [(f"{name}.bn{i}", bn) for i, bn in zip(idx, bns)]
+        return out
+
+    @torch.no_grad()
+    def response_stds(self, x: Tensor) -> dict[str, float]:
+        """Std over all elements of each 3x3 layer's response to the batch x."""
+        stds: dict[str, float] = {}
+        hooks = [
+            bn.register_forward_hook(lambda _m, _i, out, n=name: stds.__setitem__(n, out.float().std().item()))
+            for name, bn in self.response_layers()
+        ]
+        try:
+            self(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return stds
+
     def extra_repr(self) -> str:
         return f"spec={self.spec}"

@@ -1,0 +1,131 @@
+"""ImageNet (and anything in its layout): ImageFolder train/<wnid>/..., val/<wnid>/...
+
+Training uses the paper's scale augmentation (Sec. 3.4): the shorter side is
+sampled in [256, 480], then a random 224 crop and a horizontal flip; colour
+jitter is optional. Evaluation resizes the shorter side to 256 and takes the
+centre 224 crop, or ten crops (`ten_crop=True`, logits averaged by the module).
+Sizes are options so that small-image stand-ins (tiny-imagenet, 64 px) run too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
+
+from .common import DataError, extract_archive, find_split_root, is_archive
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _checked_loader(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f, Image.open(f) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"corrupt or non-image file {path}: {e}. Delete or replace it.") from e
+
+
+class ImageNetDataModule(pl.LightningDataModule):
+    """Args:
+    path: a folder or .tar/.tar.gz holding train/<class>/ and val/<class>/.
+    batch_size / eval_batch_size: per device.
+    num_workers: DataLoader worker processes.
+    scale: shorter-side range for training (paper: 256..480).
+    crop: training and evaluation crop (paper: 224).
+    eval_resize: shorter side before the centre crop (paper: 256).
+    ten_crop: evaluate on 10 crops (4 corners + centre, and their flips).
+    color_jitter: strength of optional colour augmentation (0 = off).
+    cache_dir: where archives are extracted (never next to the data).
+    """
+
+    def __init__(
+        self,
+        path: str = "data/imagenet",
+        batch_size: int = 256,
+        eval_batch_size: int = 256,
+        num_workers: int = 8,
+        scale: tuple[int, int] = (256, 480),
+        crop: int = 224,
+        eval_resize: int = 256,
+        ten_crop: bool = False,
+        color_jitter: float = 0.0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.hp = self.hparams
+        self.root: Path | None = None
+        self.classes: list[str] = []
+        self.num_classes = self._count_classes()
+
+    def _resolve(self) -> Path:
+        if self.root is None:
+            p = Path(self.hp.path)
+            if not p.exists():
+                raise DataError(
+                    f"no ImageNet data at {p}. Set --data.path to a folder or .tar.gz with train/<wnid>/ and "
+                    "val/<wnid>/ (e.g. ../shared/data/tiny-imagenet-10.tar.gz)"
+                )
+            self.root = find_split_root(extract_archive(p, self.hp.cache_dir) if is_archive(p) else p, ("train", "val"))
+        return self.root
+
+    def _count_classes(self) -> int:
+        # Known at construction so the CLI can link it into model.num_classes.
+        train = self._resolve() / "train"
+        self.classes = sorted(d.name for d in train.iterdir() if d.is_dir())
+        if not self.classes:
+            raise DataError(f"{train} has no class folders")
+        return len(self.classes)
+
+    def _transforms(self, train: bool):
+        hp = self.hp
+        norm = [T.ToTensor(), T.Normalize(MEAN, STD)]
+        if train:
+            lo, hi = hp.scale
+            aug = [
+                T.RandomChoice([T.Resize(s) for s in range(lo, hi + 1)]) if hi > lo else T.Resize(lo),
+                T.RandomCrop(hp.crop),
+                T.RandomHorizontalFlip(),
+            ]
+            if hp.color_jitter:
+                aug.append(T.ColorJitter(hp.color_jitter, hp.color_jitter, hp.color_jitter))
+            return T.Compose(aug + norm)
+        if hp.ten_crop:
+            crops = T.Lambda(lambda cs: torch.stack([T.Normalize(MEAN, STD)(T.ToTensor()(c)) for c in cs]))
+            return T.Compose([T.Resize(hp.eval_resize), T.TenCrop(hp.crop), crops])  # (10, 3, crop, crop)
+        return T.Compose([T.Resize(hp.eval_resize), T.CenterCrop(hp.crop), *norm])
+
+    def setup(self, stage: str | None = None) -> None:
+        root = self._resolve()
+        self.train_set = ImageFolder(str(root / "train"), self._transforms(True), loader=_checked_loader)
+        self.val_set = ImageFolder(str(root / "val"), self._transforms(False), loader=_checked_loader)
+        if self.train_set.classes != self.val_set.classes:
+            raise DataError(f"{root}: val/ classes differ from train/ classes")
+
+    def _loader(self, ds, train: bool) -> DataLoader:
+        hp = self.hp
+        return DataLoader(
+            ds,
+            batch_size=hp.batch_size if train else hp.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=hp.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=hp.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False)  # ImageNet's test labels are not public: val is the test

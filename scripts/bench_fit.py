@@ -1,0 +1,134 @@
+"""Images/s of `resnet-lab fit` vs a plain PyTorch loop with torchvision's PIL DataLoader.
+
+Both train the same ResNet-20 on the CIFAR-10 archive with the paper's augmentation
+(pad 4 + random crop + flip), batch 128, SGD. Rounds are interleaved (ours, baseline,
+ours, ...) so drift on the machine hits both; each round times `--steps` steps after
+`--warmup` untimed ones, and the medians are compared.
+
+    GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000 \\
+    python scripts/bench_fit.py --rounds 3 --steps 60 [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
+
+from resnet_lab.data.cifar import CIFAR10DataModule
+from resnet_lab.data.common import extract_archive, find_split_root
+from resnet_lab.models import create_model
+from resnet_lab.module import ResNetClassifier
+
+ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+class _Timer(pl.Callback):
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.t0, self.n = warmup, None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.warmup:
+            self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.t0 is not None:
+            self.n += len(batch[1])
+
+
+def bench_ours(dm: CIFAR10DataModule, steps: int, warmup: int, compile: bool) -> float:
+    model = ResNetClassifier("resnet20", compile=compile)
+    timer = _Timer(warmup)
+    trainer = pl.Trainer(
+        max_steps=warmup + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[timer],
+        accelerator="cpu",
+    )
+    trainer.fit(model, datamodule=dm)
+    return timer.n / (time.perf_counter() - timer.t0)
+
+
+def bench_baseline(root: Path, steps: int, warmup: int, workers: int) -> float:
+    tf = T.Compose(
+        [
+            T.RandomCrop(32, padding=4),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize((0.491, 0.482, 0.447), (0.247, 0.243, 0.262)),
+        ]
+    )
+    loader = DataLoader(
+        ImageFolder(str(root / "train"), tf),
+        batch_size=128,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
+    model = create_model("resnet20").train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    n, t0 = 0, None
+    for i, (x, y) in enumerate(loader):
+        if i == warmup:
+            t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if t0 is not None:
+            n += len(y)
+        if i + 1 == warmup + steps:
+            break
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archive", default=str(ARCHIVE))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--workers", type=int, default=2, help="baseline DataLoader workers")
+    p.add_argument("--compile", action="store_true", help="also time fit with model.compile=true")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    root = find_split_root(extract_archive(args.archive), ("train", "test"))
+    dm = CIFAR10DataModule(folder=args.archive, download=False)
+    variants = {"fit": False, **({"fit+compile": True} if args.compile else {})}
+    res: dict[str, list[float]] = {k: [] for k in [*variants, "baseline"]}
+    for r in range(args.rounds):
+        for name, comp in variants.items():
+            # compile's one-off cost is excluded by the warm-up steps (and its cache after round 1)
+            res[name].append(bench_ours(dm, args.steps, args.warmup + (30 if comp else 0), comp))
+        res["baseline"].append(bench_baseline(root, args.steps, args.warmup, args.workers))
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} img/s" for k, v in res.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in res.items()}
+    print(
+        json.dumps(
+            {
+                "median_img_per_s": {k: round(v, 1) for k, v in med.items()},
+                "ratio_vs_baseline": {k: round(med[k] / med["baseline"], 3) for k in variants},
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
