@@ -31,6 +31,7 @@ from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, ReduceLROnPlateau
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
+from torch.optim.lr_scheduler import OneCycleLR
 
 from .models import ResNetSpec, resolve_spec
 from .module import CheckpointMismatchError, ResNetClassifier
@@ -142,9 +143,10 @@ class ResNetLabCLI(LightningCLI):
         if isinstance(lr_scheduler, ReduceLROnPlateau):
             cfg = {"scheduler": lr_scheduler, "monitor": lr_scheduler.monitor, "interval": "epoch"}
         else:
-            # PaperLR counts iterations (the paper's milestones); other torch schedulers
-            # keep Lightning's per-epoch stepping.
-            cfg = {"scheduler": lr_scheduler, "interval": "step" if isinstance(lr_scheduler, PaperLR) else "epoch"}
+            # PaperLR counts iterations (the paper's milestones), OneCycleLR is per step by
+            # definition; other torch schedulers keep Lightning's per-epoch stepping.
+            per_step = isinstance(lr_scheduler, PaperLR | OneCycleLR)
+            cfg = {"scheduler": lr_scheduler, "interval": "step" if per_step else "epoch"}
         return {"optimizer": optimizer, "lr_scheduler": cfg}
 
     # -- the run directory --------------------------------------------------

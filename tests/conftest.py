@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -27,3 +28,17 @@ def cache_dir(tmp_path_factory) -> Path:
     d = Path(os.environ.get("RESNET_LAB_TEST_CACHE") or tmp_path_factory.mktemp("cache"))
     os.environ["RESNET_LAB_CACHE"] = str(d)
     return d
+
+
+def trained_like(name: str = "resnet20", **overrides):
+    """A model in eval mode with non-trivial BN statistics, as after training."""
+    from resnet_lab.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model(name, **overrides)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.bias.data.uniform_(-0.2, 0.2)
+    return m.eval()

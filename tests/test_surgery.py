@@ -5,19 +5,13 @@ import torch
 
 from resnet_lab.models import create_model, list_models
 
+from .conftest import trained_like as _trained_like
+
 SMALL = ["resnet20", "plain20", "resnet18", "plain18", "resnet50"]
 
 
 def trained_like(name, **kw):
-    """A model in eval mode with non-trivial BN statistics, as after training."""
-    torch.manual_seed(0)
-    m = create_model(name, num_classes=10, **kw)
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.2, 0.2)
-            mod.running_var.uniform_(0.5, 2.0)
-            mod.bias.data.uniform_(-0.2, 0.2)
-    return m.eval()
+    return _trained_like(name, num_classes=10, **kw)
 
 
 def inputs(m, b=3):

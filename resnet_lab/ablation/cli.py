@@ -1,0 +1,186 @@
+"""`resnet-lab ablate`: lesion studies on one or more checkpoints, written as a report.
+
+    resnet-lab ablate runs/resnet20/*/checkpoints/last.ckpt runs/plain20/*/checkpoints/last.ckpt \\
+        --out reports/r20-vs-p20 --studies single k reorder responses --k-max 5 --samples 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from .report import PLOTS, write_report
+from .runner import (
+    STUDIES,
+    AblationError,
+    Store,
+    build_datamodule,
+    check_compatible,
+    load_checkpoint,
+    manifest_for,
+    run_units,
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="resnet-lab ablate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "checkpoints", nargs="+", help="checkpoints written by `resnet-lab fit` (e.g. a resnet and its plain twin)"
+    )
+    p.add_argument("--out", required=True, help="report directory (resumable; refuses a different configuration)")
+    p.add_argument("--split", choices=["val", "test"], default="test")
+    p.add_argument("--studies", nargs="+", choices=STUDIES, default=["single", "k", "responses"])
+    p.add_argument("--k-max", type=int, default=5, help="k-block lesion: k = 1..K")
+    p.add_argument("--samples", type=int, default=10, help="random subsets / permutations per k or swap level")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images of the split")
+    p.add_argument("--batch-size", type=int, default=500, help="images per chunk (bounds memory)")
+    p.add_argument(
+        "--bn-recalib",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also report single-block removal with BN re-estimated on N training images",
+    )
+    p.add_argument("--data-folder", default=None, help="override the data location stored with the run")
+    p.add_argument("--overwrite", action="store_true", help="replace a report of a different configuration")
+    p.add_argument("--wandb", action="store_true", help="log tables and plots to a W&B run (offline without a key)")
+    p.add_argument("--wandb-project", default="resnet-lab")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    try:
+        run(args, argv)
+    except AblationError as e:
+        print(f"resnet-lab ablate: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> Path:
+    torch.set_grad_enabled(False)
+    ckpts = [load_checkpoint(c) for c in args.checkpoints]
+    check_compatible(ckpts)
+    for c in ckpts:
+        n = len(c.model.block_names)
+        if "k" in args.studies and args.k_max > n:
+            raise AblationError(f"--k-max {args.k_max} exceeds the {n} removable blocks of {c.spec.name}")
+    opts = {k: getattr(args, k) for k in ("split", "studies", "k_max", "samples", "seed", "limit", "bn_recalib")}
+    manifest = manifest_for(ckpts, opts)
+    out = Path(args.out)
+    store = Store(out, manifest, args.overwrite)
+
+    dm = build_datamodule(
+        ckpts[0].data,
+        folder=args.data_folder,
+        augment=False,
+        eval_batch_size=args.batch_size,
+        batch_size=args.batch_size,
+    )
+    dm.setup("test")
+    n_images = len(dm.splits[args.split][1]) if hasattr(dm, "splits") else len(dm.val_set)
+    n_images = min(n_images, args.limit or n_images)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="lesion evaluations", unit="img", disable=args.no_progress, unit_scale=True)
+    for c in ckpts:
+        bar.set_postfix_str(c.label)
+        run_units(
+            c,
+            dm,
+            store,
+            args.split,
+            args.studies,
+            args.k_max,
+            args.samples,
+            args.seed,
+            args.limit,
+            args.bn_recalib,
+            progress=bar.update,
+        )
+    bar.close()
+    rows = store.rows()
+    meta = {
+        "command": "resnet-lab ablate " + shlex.join(argv),
+        "split": args.split,
+        "n_images": n_images,
+        "bn_recalib": args.bn_recalib,
+        "checkpoints": [
+            {"label": c.label, "path": c.path, "spec": c.spec.to_dict(), "train_metrics": c.train_metrics}
+            for c in ckpts
+        ],
+    }
+    write_report(rows, out, meta)
+    if args.wandb:
+        log_to_wandb(rows, out, ckpts, args)
+    print(f"report: {out / 'report.html'}")
+    return out
+
+
+def log_to_wandb(rows, out: Path, ckpts, args) -> None:
+    """One W&B run of job_type 'ablation', grouped and tagged with the training runs."""
+    import json
+
+    import wandb
+
+    from ..train import wandb_offline
+
+    groups = set()
+    for c in ckpts:
+        if c.run_dir and (Path(c.run_dir) / "config.yaml").exists():
+            import yaml
+
+            cfg = yaml.safe_load((Path(c.run_dir) / "config.yaml").read_text())
+            groups.add((cfg.get("run") or {}).get("wandb_group") or "")
+    group = next(iter(groups - {""}), None) or "ablation"
+    run = wandb.init(
+        project=args.wandb_project,
+        job_type="ablation",
+        group=group,
+        dir=str(out),
+        tags=["ablation", *[c.spec.name for c in ckpts]],
+        mode="offline" if wandb_offline() else "online",
+        config={
+            "checkpoints": [c.path for c in ckpts],
+            "split": args.split,
+            "studies": args.studies,
+            "k_max": args.k_max,
+            "samples": args.samples,
+            "seed": args.seed,
+        },
+        reinit="finish_previous",
+    )
+    cols = sorted({k for r in rows for k in r})
+    table = wandb.Table(
+        columns=cols,
+        data=[[json.dumps(r.get(k)) if isinstance(r.get(k), list | dict) else r.get(k) for k in cols] for r in rows],
+    )
+    payload = {"ablation/results": table}
+    for study, name in PLOTS.items():
+        if (out / name).exists():
+            payload[f"ablation/{study}"] = wandb.Image(str(out / name))
+    run.log(payload)
+    for c in ckpts:
+        base = [r for r in rows if r["checkpoint"] == c.label and r["study"] == "single" and r["key"] == "intact"]
+        drops = [
+            r["error"]
+            for r in rows
+            if r["checkpoint"] == c.label
+            and r["study"] == "single"
+            and r["key"] != "intact"
+            and r["condition"] == "eval-bn"
+        ]
+        if base and drops:
+            run.summary[f"{c.spec.name}/intact_error"] = base[0]["error"]
+            run.summary[f"{c.spec.name}/mean_single_drop_error"] = sum(drops) / len(drops)
+    run.finish()

@@ -1,0 +1,226 @@
+"""Turn ablation rows into CSV/JSON tables, PNG plots, report.md and a self-contained report.html."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+PLOTS = {
+    "single": "single_block.png",
+    "k": "k_lesion.png",
+    "reorder": "reorder.png",
+    "responses": "responses.png",
+}
+
+
+def _mean_std(v: list[float]) -> tuple[float, float]:
+    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+
+def summarize(rows: list[dict]) -> dict[str, Any]:
+    """Tables keyed by study: per-block errors, k curve (mean±std), reorder (tau, error)."""
+    out: dict[str, Any] = {
+        "single": defaultdict(list),
+        "k": defaultdict(dict),
+        "reorder": defaultdict(list),
+        "responses": defaultdict(list),
+        "baseline": {},
+    }
+    kvals: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    for r in rows:
+        tag = (r["checkpoint"], r["condition"])
+        if r["study"] == "single":
+            if r["key"] == "intact":
+                out["baseline"][r["checkpoint"]] = r["error"]
+            else:
+                out["single"][tag].append(r)
+        elif r["study"] == "k":
+            kvals[(r["checkpoint"], r["condition"], r["k"])].append(r["error"])
+        elif r["study"] == "reorder":
+            out["reorder"][tag].append(r)
+        elif r["study"] == "responses":
+            out["responses"][r["checkpoint"]].append(r)
+    for (ck, cond, k), errs in sorted(kvals.items()):
+        out["k"][(ck, cond)][k] = _mean_std(errs) + (len(errs),)
+    return out
+
+
+def write_tables(rows: list[dict], out: Path) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+
+
+def plot_all(rows: list[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = summarize(rows)
+    made = []
+    if s["single"]:
+        fig, ax = plt.subplots(figsize=(9, 4))
+        for (ck, cond), rs in s["single"].items():
+            rs = sorted(rs, key=lambda r: r["position"])
+            (line,) = ax.plot([r["position"] for r in rs], [r["error"] for r in rs], "o-", label=f"{ck} [{cond}]")
+            down = [r for r in rs if r["downsample"]]
+            ax.scatter(
+                [r["position"] for r in down],
+                [r["error"] for r in down],
+                s=140,
+                facecolors="none",
+                edgecolors=line.get_color(),
+                linewidths=1.5,
+            )
+            if ck in s["baseline"]:
+                ax.axhline(s["baseline"][ck], color=line.get_color(), ls="--", lw=1)
+        ax.axhline(90, color="gray", ls=":", lw=1, label="chance (10 classes)")
+        names = [r["block"] for r in sorted(next(iter(s["single"].values())), key=lambda r: r["position"])]
+        ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
+        ax.set(ylabel="test error (%)", title="Error with one block removed (dashed: intact; circled: downsampling)")
+        ax.legend(fontsize=7)
+        made.append(_save(fig, out / PLOTS["single"]))
+    if s["k"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for (ck, cond), curve in s["k"].items():
+            ks = sorted(curve)
+            m = [curve[k][0] for k in ks]
+            sd = [curve[k][1] for k in ks]
+            ax.plot(ks, m, "o-", label=f"{ck} [{cond}]")
+            ax.fill_between(ks, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], alpha=0.2)
+        ax.set(xlabel="blocks removed (k)", ylabel="error (%)", title="Random k-block lesions (mean ± std)")
+        ax.legend(fontsize=7)
+        made.append(_save(fig, out / PLOTS["k"]))
+    if s["reorder"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for (ck, cond), rs in s["reorder"].items():
+            ax.scatter([r["tau"] for r in rs], [r["error"] for r in rs], s=12, label=f"{ck} [{cond}]")
+        ax.set(xlabel="Kendall tau to the original order", ylabel="error (%)", title="Error vs block reordering")
+        ax.invert_xaxis()
+        ax.legend(fontsize=7)
+        made.append(_save(fig, out / PLOTS["reorder"]))
+    if s["responses"]:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for ck, rs in s["responses"].items():
+            rs = sorted(rs, key=lambda r: r["layer_index"])
+            ax.plot([r["layer_index"] for r in rs], [r["std"] for r in rs], "o-", ms=3, label=ck)
+        ax.set(xlabel="3x3 layer index", ylabel="std of response", title="Layer responses (after BN, He et al. Fig. 7)")
+        ax.legend(fontsize=7)
+        made.append(_save(fig, out / PLOTS["responses"]))
+    return made
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path.name
+
+
+def single_block_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Rows: baseline, then each block; one error column per checkpoint (eval-BN)."""
+    s = summarize(rows)
+    cols = [ck for (ck, cond) in s["single"] if cond == "eval-bn"]
+    if not cols:
+        return [], []
+    per = {ck: {r["block"]: r for r in s["single"][(ck, "eval-bn")]} for ck in cols}
+    names = [r["block"] for r in sorted(s["single"][(cols[0], "eval-bn")], key=lambda r: r["position"])]
+    body = [["intact (baseline)", *[f"{s['baseline'].get(ck, float('nan')):.2f}" for ck in cols]]]
+    for n in names:
+        mark = " (downsample)" if per[cols[0]][n]["downsample"] else ""
+        body.append([f"drop {n}{mark}", *[f"{per[ck][n]['error']:.2f}" if n in per[ck] else "-" for ck in cols]])
+    return ["condition", *cols], body
+
+
+def k_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    s = summarize(rows)
+    series = list(s["k"])
+    if not series:
+        return [], []
+    ks = sorted({k for c in s["k"].values() for k in c})
+    head = ["k", *[f"{ck} [{cond}]" for ck, cond in series]]
+    body = [
+        [str(k), *[f"{s['k'][t][k][0]:.2f} ± {s['k'][t][k][1]:.2f}" if k in s["k"][t] else "-" for t in series]]
+        for k in ks
+    ]
+    return head, body
+
+
+def _md_table(head: list[str], body: list[list[str]]) -> str:
+    if not head:
+        return "_not run_\n"
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines) + "\n"
+
+
+def _html_table(head: list[str], body: list[list[str]]) -> str:
+    if not head:
+        return "<p><em>not run</em></p>"
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+    return f"<table><tr>{th}</tr>{trs}</table>"
+
+
+def write_report(rows: list[dict], out: Path, meta: dict[str, Any]) -> None:
+    """results.csv/json, plots, report.md and report.html (images inlined)."""
+    write_tables(rows, out)
+    plots = plot_all(rows, out)
+    sb, kt = single_block_table(rows), k_table(rows)
+    ck_lines = [
+        f"- `{c['label']}`: `{c['path']}`; spec `{json.dumps(c['spec'])}`; training: "
+        + ", ".join(f"{k} {v:g}" for k, v in c["train_metrics"].items())
+        for c in meta["checkpoints"]
+    ]
+    md = [
+        "# Test-time lesion report\n",
+        f"Command: `{meta['command']}`\n",
+        f"Split: **{meta['split']}** ({meta['n_images']} images). BN: trained running statistics (eval mode)"
+        + (
+            f"; 'recalibrated-bn' rows re-estimate BN on {meta['bn_recalib']} training images."
+            if meta["bn_recalib"]
+            else "."
+        )
+        + "\n",
+        "## Checkpoints\n",
+        *ck_lines,
+        "",
+        "## Single-block removal (top-1 error, %)\n",
+        _md_table(*sb),
+        "## Random k-block removal (error %, mean ± std over samples)\n",
+        _md_table(*kt),
+        "## Plots\n",
+        *[f"![{p}]({p})\n" for p in plots],
+        "Full results: `results.csv`, `results.json`.\n",
+    ]
+    (out / "report.md").write_text("\n".join(md))
+    imgs = "".join(
+        f'<h3>{html.escape(p)}</h3><img alt="{html.escape(p)}" src="data:image/png;base64,'
+        f'{base64.b64encode((out / p).read_bytes()).decode()}"/>'
+        for p in plots
+    )
+    cks = "".join(f"<li><code>{html.escape(line[2:])}</code></li>" for line in ck_lines)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>resnet-lab lesion report</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
+<h1>Test-time lesion report</h1><p>Command: <code>{html.escape(meta["command"])}</code></p>
+<p>Split: <b>{html.escape(meta["split"])}</b> ({meta["n_images"]} images)</p>
+<h2>Checkpoints</h2><ul>{cks}</ul>
+<h2>Single-block removal (top-1 error, %)</h2>{_html_table(*sb)}
+<h2>Random k-block removal (error %, mean ± std)</h2>{_html_table(*kt)}
+<h2>Plots</h2>{imgs}</body></html>"""
+    (out / "report.html").write_text(page)

@@ -1,0 +1,265 @@
+"""Run lesion studies on checkpoints into an output directory, resumably.
+
+Layout of `out/`:
+    manifest.json   what was asked (checkpoints, data, studies, seeds); a different
+                    manifest in the same directory is refused unless --overwrite
+    results.jsonl   one line per finished evaluation unit, appended and fsynced as it
+                    completes; a rerun skips units already there, so a kill loses at
+                    most the unit in progress
+    results.csv / results.json / *.png / report.md / report.html   (report.py)
+
+A unit is (checkpoint, study, condition set): the single-block sweep of one net, one
+k of the k-lesion study, one swap level of the reorder study, the response stds.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models import ResNet, ResNetSpec
+from . import engine
+from .engine import Condition
+
+STUDIES = ("single", "k", "reorder", "responses")
+
+
+class AblationError(RuntimeError):
+    """Bad ablation input; the message says how to fix it."""
+
+
+@dataclass
+class Loaded:
+    """A checkpoint's network (eval mode) and what it was trained on."""
+
+    path: str
+    label: str
+    model: ResNet
+    spec: ResNetSpec
+    data: dict[str, Any]  # {"class_path": ..., "init_args": {...}}
+    train_metrics: dict[str, float]
+    run_dir: str | None
+
+
+def load_checkpoint(path: str | os.PathLike) -> Loaded:
+    p = Path(path)
+    if not p.is_file():
+        raise AblationError(f"checkpoint {p} does not exist")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise AblationError(f"{p} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not hp or "spec" not in hp or "state_dict" not in ckpt:
+        raise AblationError(
+            f"{p} is not a resnet-lab checkpoint (no spec in its hyperparameters); "
+            "pass a checkpoints/*.ckpt written by `resnet-lab fit`"
+        )
+    spec = ResNetSpec.from_dict(hp["spec"])
+    model = ResNet(spec)
+    sd = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    model.load_state_dict(sd)
+    model.eval()
+    run_dir = p.parent.parent if p.parent.name == "checkpoints" else None
+    data = _data_config(run_dir, ckpt)
+    metrics = {}
+    for key, state in (ckpt.get("callbacks") or {}).items():
+        if "best_model_score" in state and state.get("best_model_score") is not None and "val/error" in key:
+            metrics["best val/error"] = float(state["best_model_score"])
+    metrics["global_step"] = float(ckpt.get("global_step", 0))
+    label = spec.name if run_dir is None else f"{spec.name} ({run_dir.name})"
+    return Loaded(str(p), label, model, spec, data, metrics, str(run_dir) if run_dir else None)
+
+
+def _data_config(run_dir: Path | None, ckpt: dict) -> dict[str, Any]:
+    import yaml
+
+    if run_dir is not None and (run_dir / "config.yaml").exists():
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        if isinstance(cfg.get("data"), dict) and "class_path" in cfg["data"]:
+            return cfg["data"]
+    hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    return {"class_path": "resnet_lab.data.cifar.CIFAR10DataModule", "init_args": hp}
+
+
+def build_datamodule(data: dict[str, Any], **overrides: Any):
+    import importlib
+
+    mod, _, cls = data["class_path"].rpartition(".")
+    kwargs = {**(data.get("init_args") or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    dm_cls = getattr(importlib.import_module(mod), cls)
+    import inspect
+
+    accepted = set(inspect.signature(dm_cls).parameters)
+    return dm_cls(**{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def batches(dm, split: str, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalized, unaugmented (x, y) batches of a split, at most `limit` images."""
+    loader = {"val": dm.val_dataloader, "test": dm.test_dataloader, "train": dm.train_dataloader}[split]()
+    seen = 0
+    for x, y in loader:
+        x, y = dm.on_after_batch_transfer((x, y), 0)  # no trainer: normalization only
+        if limit is not None:
+            x, y = x[: limit - seen], y[: limit - seen]
+        yield x, y
+        seen += len(y)
+        if limit is not None and seen >= limit:
+            return
+
+
+class Store:
+    """Append-only, fsynced record of finished units."""
+
+    def __init__(self, out: Path, manifest: dict[str, Any], overwrite: bool) -> None:
+        self.out = out
+        self.path = out / "results.jsonl"
+        mpath = out / "manifest.json"
+        if mpath.exists():
+            old = json.loads(mpath.read_text())
+            if old.get("hash") != manifest["hash"]:
+                if not overwrite:
+                    raise AblationError(
+                        f"{out} holds a report of a different configuration; pass --overwrite to replace it, "
+                        "or choose another --out"
+                    )
+                shutil.rmtree(out)
+        elif out.exists() and any(out.iterdir()) and not overwrite:
+            raise AblationError(f"{out} is not empty and is not an ablation report; choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = mpath.with_suffix(".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, mpath)
+        self.done: dict[str, list[dict]] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line torn by a kill: that unit reruns
+                    continue
+                self.done[rec["unit"]] = rec["rows"]
+
+    def add(self, unit: str, rows: list[dict]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"unit": unit, "rows": rows}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[unit] = rows
+
+    def rows(self) -> list[dict]:
+        return [r for rows in self.done.values() for r in rows]
+
+
+def manifest_for(ckpts: list[Loaded], opts: dict[str, Any]) -> dict[str, Any]:
+    ids = []
+    for c in ckpts:
+        st = Path(c.path).stat()
+        ids.append({"path": str(Path(c.path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    body = {"checkpoints": ids, "data": ckpts[0].data, **opts}
+    body["hash"] = hashlib.sha1(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return body
+
+
+def check_compatible(ckpts: list[Loaded]) -> None:
+    a = ckpts[0]
+    for b in ckpts[1:]:
+        if b.spec.num_classes != a.spec.num_classes:
+            raise AblationError(f"{a.path} has {a.spec.num_classes} classes but {b.path} has {b.spec.num_classes}")
+        da, db = a.data.get("class_path"), b.data.get("class_path")
+        key = ("folder", "source", "path", "root")
+        ia = {k: (a.data.get("init_args") or {}).get(k) for k in key}
+        ib = {k: (b.data.get("init_args") or {}).get(k) for k in key}
+        if da != db or ia != ib:
+            raise AblationError(
+                f"{a.path} and {b.path} were trained on different datasets ({da} {ia} vs {db} {ib}); "
+                "compare checkpoints of the same data"
+            )
+
+
+def run_units(
+    ckpt: Loaded,
+    dm,
+    store: Store,
+    split: str,
+    studies: Iterable[str],
+    k_max: int,
+    samples: int,
+    seed: int,
+    limit: int | None,
+    bn_recalib: int,
+    progress=None,
+) -> None:
+    """Run every unfinished unit of one checkpoint."""
+    model, name = ckpt.model, ckpt.label
+    studies = list(studies)
+    n_blocks = len(model.block_names)
+
+    def unit(u: str, conds: list[Condition], study: str, condition: str = "eval-bn") -> None:
+        key = f"{name}|{study}|{u}|{condition}"
+        if key in store.done:
+            return
+        if condition == "eval-bn":
+            tallies = engine.evaluate(model, batches(dm, split, limit), conds, progress)
+        else:  # re-estimate BN after each change: one pass of training batches per condition
+            tallies = {}
+            for c in conds:
+                m = copy.deepcopy(model)
+                with m.remove_blocks(c.removed):
+                    engine.recalibrate_bn(m, batches(dm, "train", bn_recalib), engine.first_changed(m, c))
+                    tallies.update(engine.evaluate(m, batches(dm, split, limit), [c], progress))
+        rows = [
+            {
+                "checkpoint": name,
+                "spec": ckpt.spec.name,
+                "plain": ckpt.spec.plain,
+                "study": study,
+                "condition": condition,
+                "key": c.key,
+                "error": tallies[c.key].error,
+                "loss": tallies[c.key].mean_loss,
+                "n": tallies[c.key].n,
+                **c.meta,
+            }
+            for c in conds
+        ]
+        store.add(key, rows)
+
+    if "single" in studies:
+        unit("all", engine.single_block_conditions(model), "single")
+        if bn_recalib:
+            unit("all", engine.single_block_conditions(model)[1:], "single", "recalibrated-bn")
+    if "k" in studies:
+        if k_max > n_blocks:
+            raise AblationError(f"--k-max {k_max} exceeds the {n_blocks} removable blocks of {ckpt.spec.name}")
+        for k in range(1, k_max + 1):
+            unit(f"k{k}", engine.k_conditions(model, k, samples, seed), "k")
+    if "reorder" in studies and model.swappable_groups():
+        for swaps in (1, 2, 4, 8, 16, 32)[: max(1, min(6, n_blocks // 2))]:
+            unit(f"swaps{swaps}", engine.reorder_conditions(model, swaps, samples, seed), "reorder")
+    if "responses" in studies:
+        key = f"{name}|responses|all|eval-bn"
+        if key not in store.done:
+            stds = engine.response_stds(model, batches(dm, split, limit))
+            rows = [
+                {
+                    "checkpoint": name,
+                    "spec": ckpt.spec.name,
+                    "plain": ckpt.spec.plain,
+                    "study": "responses",
+                    "condition": "eval-bn",
+                    "key": layer,
+                    "layer_index": i,
+                    "std": v,
+                }
+                for i, (layer, v) in enumerate(stds.items())
+            ]
+            store.add(key, rows)

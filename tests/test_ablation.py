@@ -1,0 +1,213 @@
+"""Lesion engine and `resnet-lab ablate`: equivalences, reproducibility, resume, report, bad input."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from resnet_lab.ablation import engine
+from resnet_lab.ablation.cli import main as ablate_main
+from resnet_lab.ablation.engine import Condition
+from resnet_lab.models import create_model
+from resnet_lab.train import cli_main
+from resnet_lab.wandb_offline import read_offline_run
+
+from .conftest import REPO, trained_like
+
+
+@pytest.mark.parametrize("name", ["resnet20", "plain20", "resnet18"])
+def test_prefix_shared_equals_naive(name):
+    m = trained_like(name, num_classes=10)
+    x = torch.randn(4, 3, 32, 32)
+    conds = engine.single_block_conditions(m)
+    conds += engine.k_conditions(m, 3, 5, seed=0)
+    if m.swappable_groups():
+        conds += engine.reorder_conditions(m, 2, 3, seed=0)
+    fast = engine.condition_logits(m, x, conds)
+    assert set(fast) == {c.key for c in conds}
+    for c in conds:
+        torch.testing.assert_close(fast[c.key], engine.naive_logits(m, x, c), rtol=1e-5, atol=1e-5)
+    # A lesion actually changes something (the comparison is not vacuous).
+    assert not torch.allclose(fast["drop:layer2.1"], fast["intact"])
+
+
+def test_removing_nothing_equals_intact():
+    m = trained_like()
+    x = torch.randn(4, 3, 32, 32)
+    out = engine.condition_logits(m, x, [Condition("none"), Condition("same", order=tuple(m.block_names))])
+    torch.testing.assert_close(out["none"], m(x), rtol=0, atol=0)
+    torch.testing.assert_close(out["same"], m(x), rtol=0, atol=0)
+
+
+def test_k_subsets_reproducible_from_seed():
+    blocks = [f"b{i}" for i in range(27)]
+    a = engine.k_subsets(blocks, 4, 20, seed=7)
+    assert a == engine.k_subsets(blocks, 4, 20, seed=7)
+    assert a != engine.k_subsets(blocks, 4, 20, seed=8)
+    assert len(set(a)) == 20 and all(len(s) == 4 and len(set(s)) == 4 for s in a)
+    assert engine.k_subsets(blocks, 1, 100, 0) == [(b,) for b in blocks]  # fewer than asked: all
+    with pytest.raises(ValueError, match="between 1 and the 27"):
+        engine.k_subsets(blocks, 28, 5, 0)
+
+
+def test_kendall_tau():
+    ref = list("abcde")
+    assert engine.kendall_tau(ref, ref) == 1.0
+    assert engine.kendall_tau(ref[::-1], ref) == -1.0
+    assert engine.kendall_tau(list("bacde"), ref) == pytest.approx(1 - 2 * 1 / 10)
+    # Against a brute-force count on random permutations.
+    rng = random.Random(0)
+    for _ in range(20):
+        perm = ref[:]
+        rng.shuffle(perm)
+        pos = {b: i for i, b in enumerate(perm)}
+        conc = sum(1 for i in range(5) for j in range(i + 1, 5) if pos[ref[i]] < pos[ref[j]])
+        assert engine.kendall_tau(perm, ref) == pytest.approx((conc - (10 - conc)) / 10)
+    m = create_model("resnet56")
+    order = engine.random_reorder(m, 5, random.Random(0))
+    with m.reorder_blocks(order):  # shape-compatible by construction
+        pass
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """A tiny resnet and its plain twin, trained a few steps on the synthetic set."""
+    root = tmp_path_factory.mktemp("runs")
+    paths = []
+    for plain in ("false", "true"):
+        cli_main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "sweeps" / "depth.yaml"),
+                "--data.init_args.source",
+                "synthetic",
+                "--data.init_args.val_size",
+                "200",
+                "--model.depth",
+                "14",
+                "--model.plain",
+                plain,
+                "--trainer.max_steps",
+                "8",
+                "--trainer.enable_progress_bar",
+                "false",
+                "--run.root",
+                str(root),
+                "--run.logger",
+                "none",
+                "--run.test_after_fit",
+                "false",
+            ]
+        )
+    for d in ("resnet14", "plain14"):
+        (p,) = (root / d).glob("*/checkpoints/last.ckpt")
+        paths.append(str(p))
+    return paths
+
+
+ARGS = [
+    "--studies",
+    "single",
+    "k",
+    "reorder",
+    "responses",
+    "--k-max",
+    "2",
+    "--samples",
+    "3",
+    "--limit",
+    "300",
+    "--batch-size",
+    "100",
+    "--no-progress",
+]
+
+
+def test_ablate_report_and_resume(two_checkpoints, tmp_path):
+    out = tmp_path / "rep"
+    assert ablate_main([*two_checkpoints, "--out", str(out), *ARGS]) == 0
+    for f in (
+        "results.csv",
+        "results.json",
+        "report.md",
+        "report.html",
+        "single_block.png",
+        "k_lesion.png",
+        "reorder.png",
+        "responses.png",
+        "manifest.json",
+    ):
+        assert (out / f).exists(), f
+    rows = json.loads((out / "results.json").read_text())
+    csv_text = (out / "results.csv").read_text()
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    single = [r for r in rows if r["study"] == "single" and r["checkpoint"].startswith("resnet14")]
+    assert len(single) == 1 + 6  # intact + 6 blocks
+    for r in single:
+        assert f"{r['error']:.2f}" in md and f"{r['error']:.2f}" in page
+        assert repr(r["error"]) in csv_text or str(r["error"]) in csv_text
+    assert "data:image/png;base64," in page and "resnet-lab ablate" in page
+    assert {r["k"] for r in rows if r["study"] == "k"} == {1, 2}
+
+    # Interrupted run: keep the first two units only, then rerun: same final results.
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:25])  # a torn last line
+    assert ablate_main([*two_checkpoints, "--out", str(out), *ARGS]) == 0
+    assert json.loads((out / "results.json").read_text()) == rows
+
+
+def test_ablate_logs_table_to_wandb_offline(two_checkpoints, tmp_path):
+    out = tmp_path / "rep"
+    assert (
+        ablate_main(
+            [*two_checkpoints, "--out", str(out), "--studies", "single", "--limit", "100", "--no-progress", "--wandb"]
+        )
+        == 0
+    )
+    run = read_offline_run(out)
+    logged = {k for row in run["history"] for k in row}
+    assert {"ablation/results/_type", "ablation/single/_type"} <= logged
+    assert "ablation" in run["tags"] and run["group"] == "ablation"
+    (table,) = list(out.rglob("ablation/results_*.table.json"))
+    data = json.loads(table.read_text())
+    rows = json.loads((out / "results.json").read_text())
+    assert len(data["data"]) == len(rows)
+    err = data["columns"].index("error")
+    assert sorted(r[err] for r in data["data"]) == sorted(r["error"] for r in rows)
+
+
+def test_bad_inputs(two_checkpoints, tmp_path, capsys):
+    res, plain = two_checkpoints
+    junk = tmp_path / "junk.ckpt"
+    torch.save({"state_dict": {}}, junk)
+    assert ablate_main([str(junk), "--out", str(tmp_path / "a"), "--no-progress"]) == 2
+    assert "not a resnet-lab checkpoint" in capsys.readouterr().err
+    assert ablate_main([res, "--out", str(tmp_path / "b"), "--k-max", "7", "--studies", "k", "--no-progress"]) == 2
+    assert "exceeds the 6 removable blocks" in capsys.readouterr().err
+    # Different class counts.
+    other = tmp_path / "other.ckpt"
+    ck = torch.load(plain, weights_only=False)
+    ck["hyper_parameters"]["spec"]["num_classes"] = 5
+    ck["state_dict"]["net.fc.weight"] = ck["state_dict"]["net.fc.weight"][:5]
+    ck["state_dict"]["net.fc.bias"] = ck["state_dict"]["net.fc.bias"][:5]
+    torch.save(ck, other)
+    assert ablate_main([res, str(other), "--out", str(tmp_path / "c"), "--no-progress"]) == 2
+    assert "10 classes but" in capsys.readouterr().err
+    # An output directory holding another configuration's report.
+    out = tmp_path / "d"
+    assert ablate_main([res, "--out", str(out), "--studies", "single", "--limit", "100", "--no-progress"]) == 0
+    assert ablate_main([res, "--out", str(out), "--studies", "single", "--limit", "200", "--no-progress"]) == 2
+    assert "different configuration" in capsys.readouterr().err
+    assert (
+        ablate_main([res, "--out", str(out), "--studies", "single", "--limit", "200", "--no-progress", "--overwrite"])
+        == 0
+    )
+    assert all(r["n"] == 200 for r in json.loads((out / "results.json").read_text()))
+
+
+def test_unknown_block_name_in_condition():
+    m = create_model("resnet20")
+    with pytest.raises(KeyError, match="unknown block name"):
+        engine.condition_logits(m, torch.randn(1, 3, 32, 32), [Condition("x", removed=("layer9.9",))])
