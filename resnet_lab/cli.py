@@ -3,6 +3,7 @@
     resnet-lab models                      # the model zoo
     resnet-lab fit|validate|test|predict   # LightningCLI (see resnet_lab/train.py)
     resnet-lab ablate CKPT [CKPT ...]      # lesion studies (see resnet_lab/ablation/)
+    resnet-lab sweep --config EXP.yaml     # Optuna studies (see resnet_lab/sweep/)
 
 Subcommands are dispatched before Lightning is imported, so `models` starts fast.
 """
@@ -75,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         from .ablation.cli import main as ablate_main
 
         return ablate_main(argv[1:])
+    if cmd == "sweep":
+        if from_console:
+            _reexec_with_malloc_tunables()
+        from .sweep.cli import main as sweep_main
+
+        return sweep_main(argv[1:])
     if cmd in LIGHTNING_COMMANDS:
         if from_console:
             _reexec_with_malloc_tunables()
@@ -83,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         cli_main(None if from_console else argv)
         return 0
     print(
-        "usage: resnet-lab {models,fit,validate,test,predict,ablate} ...\n"
+        "usage: resnet-lab {models,fit,validate,test,predict,ablate,sweep} ...\n"
         "  models     list the model zoo (params, MACs, blocks, shortcut)\n"
         "  ablate     test-time block removal / reordering studies and reports\n"
+        "  sweep      Optuna study over the sweep: section of an experiment file\n"
         "  fit ...    train with LightningCLI: resnet-lab fit --config sweeps/depth.yaml\n"
         "Run `resnet-lab COMMAND --help` for a command's options.",
         file=sys.stderr if cmd not in ("-h", "--help") else sys.stdout,

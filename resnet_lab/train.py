@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning import LightningModule, Trainer
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, ReduceLROnPlateau
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from torch.optim.lr_scheduler import OneCycleLR
@@ -61,6 +61,18 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class FirstStepMark(Callback):
+    """Writes the wall time of the first training batch to a file (scripts/bench_trial.py)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.path:
+            Path(self.path).write_text(repr(time.time()))
+            self.path = ""
 
 
 def git_commit() -> str:
@@ -131,6 +143,8 @@ class ResNetLabCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def after_fit(self) -> None:
+        # Keep fit's final metrics (train/, val/): test() replaces callback_metrics.
+        self.fit_metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
         cfg = self.config[self.subcommand]
         if cfg.run.test_after_fit and not self.trainer.interrupted:
             # The final weights, as the paper reports; best-by-val is in checkpoints/.
@@ -175,7 +189,7 @@ class ResNetLabCLI(LightningCLI):
         info.setdefault("wandb_id", run_dir.name.replace("-", "")[:32])
         info.update(git_commit=git_commit(), seed=cfg.get("seed_everything"), argv=sys.argv, run_dir=str(run_dir))
 
-        trainer_cfg = cfg.get("trainer", {})
+        trainer_cfg = self._get(self.config_init, "trainer", default={})  # instantiated objects
         loggers: list[Any] = []
         if trainer_cfg.get("logger") in (None, True):  # the user did not pick loggers: ours
             if cfg.run.logger in ("wandb", "both"):
@@ -210,7 +224,10 @@ class ResNetLabCLI(LightningCLI):
         ]
         if loggers:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
-        kwargs["callbacks"] = callbacks
+        if os.environ.get("RESNET_LAB_FIRST_STEP_FILE"):
+            callbacks.append(FirstStepMark(os.environ["RESNET_LAB_FIRST_STEP_FILE"]))
+        user_cbs = trainer_cfg.get("callbacks") or []
+        kwargs["callbacks"] = [*(user_cbs if isinstance(user_cbs, list) else [user_cbs]), *callbacks]
         plugins = trainer_cfg.get("plugins") or []
         kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
         if trainer_cfg.get("default_root_dir") is None:
@@ -274,23 +291,48 @@ def define_wandb_metrics(run) -> None:
         run.define_metric(f"{stage}/loss", summary="min")
 
 
-def cli_main(args: list[str] | None = None, run: bool = True) -> ResNetLabCLI:
+def expand_args_json(args: list[str]) -> list[str]:
+    """`--args_json FILE` (what a W&B sweep's ${args_json_file} points to) becomes one
+    `--key=value` per entry, values JSON-encoded so that nulls and booleans survive."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if a == "--args_json" or a.startswith("--args_json="):
+            path = a.split("=", 1)[1] if "=" in a else args[i + 1]
+            i += 1 if "=" in a else 2
+            params = json.loads(Path(path).read_text())
+            out += [f"--{k}={json.dumps(v)}" for k, v in params.items()]
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
+def cli_main(args: list[str] | None = None, run: bool = True, extra_callbacks: list[Any] | None = None) -> ResNetLabCLI:
     """Run the CLI (in-process callers pass `args`). Any W&B run it opened is
-    finished on return, so in-process callers (sweeps, tests) get one run each."""
+    finished on return, so in-process callers (sweeps, tests) get one run each.
+    `extra_callbacks` are added to the Trainer (a sweep's pruning callback)."""
+    if args is None and any(a.startswith("--args_json") for a in sys.argv):
+        args = expand_args_json(sys.argv[1:])
+    elif args is not None:
+        args = expand_args_json(args)
     try:
-        return _make_cli(args, run)
+        return _make_cli(args, run, extra_callbacks or [])
     finally:
         if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
             sys.modules["wandb"].finish()
 
 
-def _make_cli(args: list[str] | None, run: bool) -> ResNetLabCLI:
+def _make_cli(args: list[str] | None, run: bool, extra_callbacks: list[Any]) -> ResNetLabCLI:
     return ResNetLabCLI(
         ResNetClassifier,
         None,  # any LightningDataModule: data.class_path picks CIFAR10DataModule or ImageNetDataModule
         subclass_mode_data=True,
         save_config_callback=None,  # saved per run directory above
-        trainer_defaults={"precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"},
+        trainer_defaults={
+            "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
+            "callbacks": extra_callbacks,
+        },
         args=args,
         run=run,
     )

@@ -70,11 +70,20 @@ def plot_all(rows: list[dict], out: Path) -> list[str]:
 
     s = summarize(rows)
     made = []
+    # One colour per checkpoint across all plots, in command-line order.
+    order = list(dict.fromkeys(r["checkpoint"] for r in rows))
+    colour = {ck: f"C{i}" for i, ck in enumerate(order)}
     if s["single"]:
         fig, ax = plt.subplots(figsize=(9, 4))
         for (ck, cond), rs in s["single"].items():
             rs = sorted(rs, key=lambda r: r["position"])
-            (line,) = ax.plot([r["position"] for r in rs], [r["error"] for r in rs], "o-", label=f"{ck} [{cond}]")
+            (line,) = ax.plot(
+                [r["position"] for r in rs],
+                [r["error"] for r in rs],
+                "o-" if cond == "eval-bn" else "s:",
+                color=colour[ck],
+                label=f"{ck} [{cond}]",
+            )
             down = [r for r in rs if r["downsample"]]
             ax.scatter(
                 [r["position"] for r in down],
@@ -89,8 +98,8 @@ def plot_all(rows: list[dict], out: Path) -> list[str]:
         ax.axhline(90, color="gray", ls=":", lw=1, label="chance (10 classes)")
         names = [r["block"] for r in sorted(next(iter(s["single"].values())), key=lambda r: r["position"])]
         ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
-        ax.set(ylabel="test error (%)", title="Error with one block removed (dashed: intact; circled: downsampling)")
-        ax.legend(fontsize=7)
+        ax.set(ylabel="error (%)", title="Error with one block removed (dashed: intact; circled: downsampling)")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         made.append(_save(fig, out / PLOTS["single"]))
     if s["k"]:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -98,15 +107,18 @@ def plot_all(rows: list[dict], out: Path) -> list[str]:
             ks = sorted(curve)
             m = [curve[k][0] for k in ks]
             sd = [curve[k][1] for k in ks]
-            ax.plot(ks, m, "o-", label=f"{ck} [{cond}]")
-            ax.fill_between(ks, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], alpha=0.2)
+            ax.plot(ks, m, "o-", color=colour[ck], label=f"{ck} [{cond}]")
+            ax.fill_between(
+                ks, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], alpha=0.2, color=colour[ck]
+            )
         ax.set(xlabel="blocks removed (k)", ylabel="error (%)", title="Random k-block lesions (mean ± std)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=7)
         made.append(_save(fig, out / PLOTS["k"]))
     if s["reorder"]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for (ck, cond), rs in s["reorder"].items():
-            ax.scatter([r["tau"] for r in rs], [r["error"] for r in rs], s=12, label=f"{ck} [{cond}]")
+            ax.scatter([r["tau"] for r in rs], [r["error"] for r in rs], s=12, color=colour[ck], label=f"{ck} [{cond}]")
         ax.set(xlabel="Kendall tau to the original order", ylabel="error (%)", title="Error vs block reordering")
         ax.invert_xaxis()
         ax.legend(fontsize=7)
@@ -115,7 +127,7 @@ def plot_all(rows: list[dict], out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(7, 4))
         for ck, rs in s["responses"].items():
             rs = sorted(rs, key=lambda r: r["layer_index"])
-            ax.plot([r["layer_index"] for r in rs], [r["std"] for r in rs], "o-", ms=3, label=ck)
+            ax.plot([r["layer_index"] for r in rs], [r["std"] for r in rs], "o-", ms=3, color=colour[ck], label=ck)
         ax.set(xlabel="3x3 layer index", ylabel="std of response", title="Layer responses (after BN, He et al. Fig. 7)")
         ax.legend(fontsize=7)
         made.append(_save(fig, out / PLOTS["responses"]))

@@ -68,7 +68,7 @@ def load_checkpoint(path: str | os.PathLike) -> Loaded:
     model = ResNet(spec)
     sd = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     model.load_state_dict(sd)
-    model.eval()
+    model.eval().to(memory_format=torch.channels_last)  # as trained; x1.15 on CPU
     run_dir = p.parent.parent if p.parent.name == "checkpoints" else None
     data = _data_config(run_dir, ckpt)
     metrics = {}

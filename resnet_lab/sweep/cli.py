@@ -1,0 +1,161 @@
+"""`resnet-lab sweep`: run (or summarize) the study in an experiment file's `sweep:` section.
+
+resnet-lab sweep --config sweeps/depth.yaml --config sweeps/presets/depth-cpu.yaml
+resnet-lab sweep --config sweeps/depth.yaml --sweep.storage postgresql://u:p@db:5432/optuna
+resnet-lab sweep --config sweeps/depth.yaml --summary
+optuna-dashboard sqlite:///runs/sweeps/depth/study.db
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import io
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .space import SweepError, SweepSpec, overrides_to_args
+
+
+def merged_sweep_section(configs: list[str]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for c in configs:
+        p = Path(c)
+        if not p.is_file():
+            raise SweepError(f"config file {c} does not exist")
+        d = yaml.safe_load(p.read_text()) or {}
+        # A later file replaces whole options (a preset's `space:` is the space, not a patch).
+        merged.update(d.get("sweep") or {})
+    return merged
+
+
+def fit_keys(configs: list[str]) -> set[str]:
+    """Every dotted option the fit parser accepts with these configs (via --print_config)."""
+    from ..train import cli_main
+
+    buf, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(buf), redirect_stderr(err):
+        try:
+            cli_main(["fit", *[a for c in configs for a in ("--config", c)], "--print_config"])
+        except SystemExit as e:
+            if e.code not in (0, None):
+                raise SweepError(f"the fit config does not parse: {err.getvalue().strip()[-1000:]}") from None
+
+    def walk(d: Any, prefix: str = "") -> set[str]:
+        keys = set()
+        if isinstance(d, dict):
+            for k, v in d.items():
+                keys.add(prefix + k)
+                keys |= walk(v, prefix + k + ".")
+        return keys
+
+    return walk(yaml.safe_load(buf.getvalue()))
+
+
+def check_space_keys(spec: SweepSpec, configs: list[str]) -> None:
+    from ..train import cli_main
+
+    keys = fit_keys(configs)
+    for k in spec.space:
+        if k.startswith("ablation."):
+            continue
+        if k not in keys:
+            close = difflib.get_close_matches(k, sorted(keys), n=3, cutoff=0.6)
+            raise SweepError(f"unknown parameter {k!r} in sweep.space; close matches: {close or 'none'}")
+    # Each value must parse too (types, choices): check the first cell / range ends.
+    probe = {
+        k: (v[0] if isinstance(v, list) else v["low"]) for k, v in spec.space.items() if not k.startswith("ablation.")
+    }
+    err = io.StringIO()
+    with redirect_stdout(io.StringIO()), redirect_stderr(err):
+        try:
+            cli_main(
+                ["fit", *[a for c in configs for a in ("--config", c)], *overrides_to_args(probe), "--print_config"]
+            )
+        except SystemExit as e:
+            if e.code not in (0, None):
+                raise SweepError(f"sweep.space values do not parse: {err.getvalue().strip()[-800:]}") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="resnet-lab sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", action="append", required=True, help="experiment YAML(s), stacked like fit's")
+    p.add_argument("--sweep.storage", dest="storage", default=None, help="sqlite:///... or postgresql://...")
+    p.add_argument("--sweep.study_name", dest="study_name", default=None)
+    p.add_argument("--sweep.n_trials", dest="n_trials", type=int, default=None)
+    p.add_argument("--max-trials", type=int, default=None, help="this worker runs at most N trials")
+    p.add_argument("--summary", action="store_true", help="print the trial table and write plots; run nothing")
+    p.add_argument("--force", action="store_true", help="reuse a study name whose space differs")
+    return p
+
+
+def load_spec(args: argparse.Namespace) -> SweepSpec:
+    section = merged_sweep_section(args.config)
+    for k in ("storage", "study_name", "n_trials"):
+        if getattr(args, k) is not None:
+            section[k] = getattr(args, k)
+    return SweepSpec.from_dict(section)
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    try:
+        spec = load_spec(args)
+        from .run import open_study, run_worker
+        from .summary import summarize
+
+        if args.summary:
+            study, _, _ = open_study(spec, force=True)
+        else:
+            check_space_keys(spec, args.config)
+            n = run_worker(spec, args.config, force=args.force, max_trials=args.max_trials)
+            print(
+                f"worker ran {n} trial(s); study {spec.study_name!r} has no more work"
+                if args.max_trials is None or n < args.max_trials
+                else f"worker ran {n} trial(s)"
+            )
+            study, _, _ = open_study(spec, force=True)
+        print(summarize(study, Path(spec.root) / spec.study_name / "summary", spec.metric))
+    except SweepError as e:
+        print(f"resnet-lab sweep: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def wandb_agent_command(
+    sweep_config: dict[str, Any],
+    params: dict[str, Any],
+    workdir: Path,
+    run_id: str = "testrun",
+    sweep_id: str = "testsweep",
+) -> list[str]:
+    """The command line `wandb agent` runs for one parameter set: wandb's own
+    `create_sweep_command` / `create_sweep_command_args` and the agent's macro loop."""
+    from wandb.sdk.launch.sweeps import utils as sweep_utils
+
+    command = sweep_utils.create_sweep_command(sweep_config.get("command"))
+    sweep_vars = sweep_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})
+    json_file = workdir / "wandb" / f"sweep-{sweep_id}" / f"config-{run_id}.json"
+    if "${args_json_file}" in command:
+        json_file.parent.mkdir(parents=True, exist_ok=True)
+        json_file.write_text(sweep_vars["args_json"][0])
+    sweep_vars.update(
+        interpreter=["python"],
+        program=[sweep_config.get("program", "")],
+        args_json_file=[str(json_file)],
+        env=["/usr/bin/env"],
+    )
+    out: list[str] = []
+    for c in map(str, command):  # the agent's own expansion (wandb_agent.Agent._command_run)
+        out += (sweep_vars.get(c[2:-1]) or []) if c.startswith("${") and c.endswith("}") else [c]
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,344 @@
+"""Optuna studies of `resnet-lab fit` trials, safe for many workers.
+
+Each worker runs the same command; they share the study through its storage (SQLite
+file by default, PostgreSQL for many machines):
+
+  - grid cells are enqueued once, under a study lock, and taken with `study.ask()`,
+    which claims a waiting trial atomically: every cell runs exactly once;
+  - a heartbeat marks the running trial alive; a worker killed mid-trial stops
+    beating, and the next worker to ask fails it as stale and re-enqueues the same
+    cell (`RetryHeartbeatStaleTrialCallback`), so no cell is lost;
+  - a finished trial is committed by `study.tell` and never rewritten.
+
+A trial is one in-process `fit` (its own run directory and W&B run, grouped by the
+study name and tagged with the parameters), optionally followed by a test-time
+ablation of its checkpoint. Trials that differ only in `ablation.*` parameters reuse
+the checkpoint of an identical finished training config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytorch_lightning as pl
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.trial import TrialState
+
+from .space import SweepError, SweepSpec, overrides_to_args, split_params, train_key
+
+
+class OptunaPruning(pl.Callback):
+    """Report `monitor` after each validation; stop training when the pruner says so.
+
+    Written against pytorch_lightning (optuna-integration's callback imports the
+    separate `lightning` package, which resnet-lab does not use)."""
+
+    def __init__(self, trial: optuna.Trial, monitor: str = "val/error") -> None:
+        self.trial, self.monitor, self.pruned = trial, monitor, False
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        self.trial.report(float(trainer.callback_metrics[self.monitor]), step=trainer.global_step)
+        if self.trial.should_prune():
+            self.pruned = True
+            trainer.should_stop = True
+
+
+def make_storage(spec: SweepSpec) -> tuple[RDBStorage, str]:
+    url = spec.storage or f"sqlite:///{Path(spec.root) / spec.study_name / 'study.db'}"
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError as e:
+        raise SweepError(
+            f"malformed storage URL {url!r}: use sqlite:///path/study.db or postgresql://user:password@host:5432/dbname"
+        ) from e
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise SweepError(f"unsupported storage {parsed.get_backend_name()!r}; use sqlite:/// or postgresql://")
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        storage = RDBStorage(
+            url,
+            heartbeat_interval=spec.heartbeat_interval,
+            grace_period=spec.grace_period,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retry),
+            engine_kwargs={"pool_pre_ping": True} if parsed.get_backend_name() == "postgresql" else None,
+        )
+    except Exception as e:  # OperationalError, missing driver, ...
+        raise SweepError(
+            f"cannot open storage {parsed.render_as_string(hide_password=True)}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0]}. Is the server running and reachable?"
+        ) from e
+    return storage, url
+
+
+@contextlib.contextmanager
+def study_lock(url: str, name: str):
+    """A lock all workers of a study share: a file lock next to a SQLite file, a
+    PostgreSQL advisory lock for a server."""
+    if url.startswith("sqlite"):
+        from filelock import FileLock
+
+        db = url.split("///", 1)[1]
+        with FileLock(f"{db}.{name}.lock"):
+            yield
+        return
+    import zlib
+
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url, poolclass=__import__("sqlalchemy.pool", fromlist=["NullPool"]).NullPool)
+    key = zlib.crc32(f"resnet-lab:{name}".encode())
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn.commit()
+    engine.dispose()
+
+
+class Heartbeat:
+    """Record the trial's heartbeat every `interval` s from a daemon thread."""
+
+    def __init__(self, storage: RDBStorage, trial: optuna.Trial, interval: int) -> None:
+        self.storage, self.trial_id, self.interval = storage, trial._trial_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):
+                self.storage.record_heartbeat(self.trial_id)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def open_study(spec: SweepSpec, force: bool = False) -> tuple[optuna.Study, RDBStorage, str]:
+    storage, url = make_storage(spec)
+    with study_lock(url, spec.study_name):
+        study = optuna.create_study(
+            study_name=spec.study_name,
+            storage=storage,
+            direction=spec.direction,
+            load_if_exists=True,
+            sampler=spec.make_sampler(),
+            pruner=spec.make_pruner(),
+        )
+        old = study.user_attrs.get("space")
+        if old is not None and old != spec.space_json() and not force:
+            raise SweepError(
+                f"study {spec.study_name!r} exists with a different space ({old}); pick another "
+                "sweep.study_name, or pass --force to add trials of the new space to it"
+            )
+        if old is None or force:
+            study.set_user_attr("space", spec.space_json())
+            study.set_user_attr("metric", spec.metric)
+        if spec.sampler == "grid" and not study.user_attrs.get("grid_enqueued"):
+            for cell in spec.grid():
+                study.enqueue_trial(cell, skip_if_exists=True)
+            study.set_user_attr("grid_enqueued", True)
+    return study, storage, url
+
+
+def next_trial(study: optuna.Study, spec: SweepSpec, url: str) -> optuna.Trial | None:
+    """Claim the next trial, or None when the study is exhausted."""
+    with study_lock(url, spec.study_name):
+        fail_stale_trials(study)  # a killed worker's trial: failed, its cell re-enqueued
+        trials = study.get_trials(deepcopy=False)
+        if spec.sampler == "grid":
+            if not any(t.state == TrialState.WAITING for t in trials):
+                return None
+        elif sum(t.state != TrialState.FAIL for t in trials) >= spec.n_trials:
+            return None
+        return study.ask()
+
+
+def find_checkpoint(study: optuna.Study, key: str) -> dict[str, Any] | None:
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.user_attrs.get("train_key") == key and Path(t.user_attrs.get("ckpt_path", "")).exists():
+            return dict(t.user_attrs)
+    return None
+
+
+def run_fit(
+    configs: list[str], overrides: dict[str, Any], spec: SweepSpec, trial: optuna.Trial, tags: list[str]
+) -> dict[str, Any]:
+    from ..train import cli_main
+
+    args = [
+        "fit",
+        *[a for c in configs for a in ("--config", c)],
+        *overrides_to_args(overrides),
+        "--run.root",
+        str(Path(spec.root) / spec.study_name / "runs"),
+        "--run.name",
+        f"trial{trial.number}",
+        "--run.wandb_group",
+        spec.study_name,
+        "--run.tags",
+        json.dumps(tags),
+        "--sweep",
+        "null",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    pruning = OptunaPruning(trial, monitor=spec.metric if spec.metric.startswith("val/") else "val/error")
+    cli = cli_main(args, extra_callbacks=[pruning])
+    if pruning.pruned:
+        raise optuna.TrialPruned()
+    metrics = {**getattr(cli, "fit_metrics", {}), **{k: float(v) for k, v in cli.trainer.callback_metrics.items()}}
+    metrics = {k: v for k, v in metrics.items() if k.split("/")[0] in ("train", "val", "test")}
+    ckpt = Path(cli.run_dir) / "checkpoints" / "last.ckpt"
+    return {"ckpt_path": str(ckpt), "run_dir": str(cli.run_dir), "metrics": metrics, "spec": cli.model.spec.to_dict()}
+
+
+def run_lesions(ckpt_path: str, ablation: dict[str, Any], out: Path) -> dict[str, float]:
+    """A test-time ablation of one checkpoint; returns lesion/* summaries."""
+    from ..ablation.cli import parser, run
+
+    a = {
+        "studies": ["single"],
+        "k_max": 1,
+        "samples": 5,
+        "seed": 0,
+        "split": "test",
+        "limit": None,
+        "bn_recalib": 0,
+        **ablation,
+    }
+    argv = [
+        ckpt_path,
+        "--out",
+        str(out),
+        "--studies",
+        *a["studies"],
+        "--k-max",
+        str(a["k_max"]),
+        "--samples",
+        str(a["samples"]),
+        "--seed",
+        str(a["seed"]),
+        "--split",
+        a["split"],
+        "--no-progress",
+        "--bn-recalib",
+        str(a["bn_recalib"]),
+        *(["--limit", str(a["limit"])] if a["limit"] else []),
+    ]
+    run(parser().parse_args(argv), argv)
+    rows = json.loads((out / "results.json").read_text())
+    out_m: dict[str, float] = {}
+    single = [r for r in rows if r["study"] == "single" and r["condition"] == "eval-bn"]
+    for r in single:
+        if r["key"] == "intact":
+            out_m["lesion/intact_error"] = r["error"]
+    drops = [r["error"] for r in single if r["key"] != "intact"]
+    if drops:
+        out_m["lesion/mean_single_error"] = sum(drops) / len(drops)
+        out_m["lesion/max_single_error"] = max(drops)
+    for k in sorted({r["k"] for r in rows if r["study"] == "k"}):
+        errs = [r["error"] for r in rows if r["study"] == "k" and r["k"] == k]
+        out_m[f"lesion/k{k}_error"] = out_m["lesion/kmax_error"] = sum(errs) / len(errs)
+    return out_m
+
+
+def log_lesions_to_wandb(spec: SweepSpec, trial: optuna.Trial, params: dict, summary: dict, run_dir: Path) -> None:
+    import wandb
+
+    from ..train import wandb_offline
+
+    run = wandb.init(
+        project="resnet-lab",
+        group=spec.study_name,
+        job_type="lesion",
+        dir=str(run_dir),
+        name=f"{spec.study_name}/trial{trial.number}/lesion",
+        config={**params, "trial": trial.number},
+        tags=[f"{k}={v}" for k, v in params.items()][:20],
+        mode="offline" if wandb_offline() else "online",
+        reinit="finish_previous",
+    )
+    for k, v in summary.items():
+        run.summary[k] = v
+    run.finish()
+
+
+def objective(trial: optuna.Trial, spec: SweepSpec, configs: list[str], study: optuna.Study) -> float:
+    params = spec.suggest(trial)
+    train, test = split_params(params)
+    key = train_key(configs, train)
+    trial.set_user_attr("train_key", key)
+    reuse = find_checkpoint(study, key) if test else None
+    if reuse:
+        trial.set_user_attr("reused_from", reuse.get("trial"))
+        info = {
+            "ckpt_path": reuse["ckpt_path"],
+            "run_dir": reuse["run_dir"],
+            "metrics": {k: v for k, v in reuse.items() if k.startswith(("train/", "val/", "test/"))},
+            "spec": reuse.get("spec"),
+        }
+    else:
+        tags = [f"{k}={v}" for k, v in params.items()][:20]
+        info = run_fit(configs, train, spec, trial, tags)
+    trial.set_user_attr("trial", trial.number)
+    for k in ("ckpt_path", "run_dir", "spec"):
+        trial.set_user_attr(k, info[k])
+    for k, v in info["metrics"].items():
+        trial.set_user_attr(k, v)
+    values = dict(info["metrics"])
+    ablation = {**(spec.ablation or {}), **test}
+    if ablation:
+        lesions = run_lesions(info["ckpt_path"], ablation, Path(info["run_dir"]) / f"lesion-trial{trial.number}")
+        for k, v in lesions.items():
+            trial.set_user_attr(k, v)
+        values.update(lesions)
+        log_lesions_to_wandb(spec, trial, params, lesions, Path(info["run_dir"]))
+    if spec.metric not in values:
+        raise SweepError(f"objective metric {spec.metric!r} was not produced; available: {sorted(values)}")
+    return values[spec.metric]
+
+
+def run_worker(spec: SweepSpec, configs: list[str], force: bool = False, max_trials: int | None = None) -> int:
+    """Run trials until the study is exhausted (or `max_trials`); returns how many ran."""
+    study, storage, url = open_study(spec, force)
+    done = 0
+    while max_trials is None or done < max_trials:
+        trial = next_trial(study, spec, url)
+        if trial is None:
+            break
+        with Heartbeat(storage, trial, spec.heartbeat_interval):
+            try:
+                value = objective(trial, spec, configs, study)
+            except optuna.TrialPruned:
+                study.tell(trial, state=TrialState.PRUNED)
+            except SweepError:
+                study.tell(trial, state=TrialState.FAIL)
+                raise
+            except Exception as e:
+                trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
+                study.tell(trial, state=TrialState.FAIL)
+                print(f"trial {trial.number} failed: {type(e).__name__}: {e}", flush=True)
+            else:
+                study.tell(trial, value)
+        done += 1
+        time.sleep(0)  # let a stopping heartbeat thread finish
+    return done

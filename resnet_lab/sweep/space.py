@@ -1,0 +1,159 @@
+"""The `sweep:` section of an experiment file: search space, sampler, objective, storage.
+
+    sweep:
+      study_name: depth
+      sampler: grid                # grid | random | tpe
+      metric: test/error           # any logged metric, or a lesion summary (lesion/...)
+      direction: minimize
+      n_trials: null               # grid: every cell; random/tpe: required
+      storage: null                # default sqlite:///<root>/<study_name>/study.db
+      root: runs/sweeps
+      pruner: null                 # {class_path: optuna.pruners.MedianPruner, init_args: {...}}
+      ablation: null               # {studies: [single, k], k_max: 3, samples: 5, split: test, limit: null}
+      space:
+        model.depth: [20, 32, 44, 56, 110]        # a list: categorical (grid cells)
+        model.plain: [false, true]
+        optimizer.init_args.lr: {low: 0.01, high: 0.3, log: true}   # a range (random/tpe)
+        ablation.k_max: [1, 3]                    # test-time parameters: no retraining
+
+Keys under `ablation.` are test-time removal parameters; every other key is a dotted
+`resnet-lab fit` option, checked against the real fit parser.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+
+ABLATION_KEYS = ("studies", "k_max", "samples", "seed", "split", "limit", "bn_recalib")
+
+
+class SweepError(ValueError):
+    """Bad sweep configuration; the message names the fix."""
+
+
+@dataclass
+class SweepSpec:
+    study_name: str
+    space: dict[str, Any]
+    sampler: str = "grid"
+    metric: str = "test/error"
+    direction: str = "minimize"
+    n_trials: int | None = None
+    storage: str | None = None
+    root: str = "runs/sweeps"
+    pruner: dict[str, Any] | None = None
+    ablation: dict[str, Any] | None = None
+    seed: int = 0
+    heartbeat_interval: int = 10
+    grace_period: int = 30
+    max_retry: int = 2
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> SweepSpec:
+        if not d:
+            raise SweepError("the config has no `sweep:` section; add one (see sweeps/depth.yaml)")
+        d = dict(d)
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        unknown = set(d) - known
+        if unknown:
+            hints = {k: difflib.get_close_matches(k, known, n=2) for k in unknown}
+            raise SweepError(f"unknown sweep option(s) {sorted(unknown)}; did you mean {hints}? valid: {sorted(known)}")
+        if not d.get("study_name"):
+            raise SweepError("sweep.study_name is required")
+        spec = cls(**d)
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        if not self.space:
+            raise SweepError("sweep.space is empty: give at least one parameter, e.g. `model.depth: [20, 32]`")
+        if self.sampler not in ("grid", "random", "tpe"):
+            raise SweepError(f"unknown sampler {self.sampler!r}; valid: grid, random, tpe")
+        if self.direction not in ("minimize", "maximize"):
+            raise SweepError(f"direction must be minimize or maximize, got {self.direction!r}")
+        for k, v in self.space.items():
+            if isinstance(v, list):
+                if not v:
+                    raise SweepError(f"sweep.space.{k} is an empty list")
+            elif isinstance(v, dict):
+                if self.sampler == "grid":
+                    raise SweepError(f"sweep.space.{k} is a range; a grid needs a list of values")
+                if not {"low", "high"} <= set(v):
+                    raise SweepError(f"sweep.space.{k} needs low and high (and optionally log, step, type)")
+            else:
+                raise SweepError(f"sweep.space.{k} must be a list of values or a {{low, high}} range, got {v!r}")
+            if k.startswith("ablation.") and k.split(".", 1)[1] not in ABLATION_KEYS:
+                close = difflib.get_close_matches(k.split(".", 1)[1], ABLATION_KEYS, n=2)
+                raise SweepError(f"unknown test-time parameter {k!r}; close: {close}; valid: {list(ABLATION_KEYS)}")
+        if self.sampler != "grid" and not self.n_trials:
+            raise SweepError(f"sweep.n_trials is required with the {self.sampler} sampler")
+
+    # -- derived ----------------------------------------------------------------
+    def grid(self) -> list[dict[str, Any]]:
+        keys = list(self.space)
+        return [dict(zip(keys, vals)) for vals in itertools.product(*(self.space[k] for k in keys))]
+
+    def space_json(self) -> str:
+        return json.dumps(self.space, sort_keys=True)
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        params = {}
+        for k, v in self.space.items():
+            if isinstance(v, list):
+                params[k] = trial.suggest_categorical(k, v)
+            elif v.get("type") == "int" or (
+                isinstance(v["low"], int) and isinstance(v["high"], int) and "step" not in v and not v.get("log")
+            ):
+                params[k] = trial.suggest_int(k, int(v["low"]), int(v["high"]), log=bool(v.get("log")))
+            else:
+                params[k] = trial.suggest_float(
+                    k, float(v["low"]), float(v["high"]), log=bool(v.get("log")), step=v.get("step")
+                )
+        return params
+
+    def make_sampler(self) -> optuna.samplers.BaseSampler:
+        if self.sampler == "tpe":
+            return optuna.samplers.TPESampler(seed=self.seed)
+        # grid cells are enqueued explicitly (see run.py); random fills any non-enqueued trial
+        return optuna.samplers.RandomSampler(seed=self.seed)
+
+    def make_pruner(self) -> optuna.pruners.BasePruner:
+        if not self.pruner:
+            return optuna.pruners.NopPruner()
+        import importlib
+
+        path = self.pruner.get("class_path", "")
+        mod, _, name = path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(mod or "optuna.pruners"), name)
+        except (ImportError, AttributeError) as e:
+            raise SweepError(f"unknown pruner {path!r}; e.g. optuna.pruners.MedianPruner") from e
+        return cls(**(self.pruner.get("init_args") or {}))
+
+
+def split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(training overrides, test-time ablation parameters)."""
+    train = {k: v for k, v in params.items() if not k.startswith("ablation.")}
+    test = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith("ablation.")}
+    return train, test
+
+
+def overrides_to_args(overrides: dict[str, Any]) -> list[str]:
+    """JSON-encoded values, so that null and booleans reach the parser intact."""
+    return [f"--{k}={json.dumps(v)}" for k, v in overrides.items()]
+
+
+def train_key(configs: list[str], overrides: dict[str, Any]) -> str:
+    """Identity of a training config: trials sharing it share one checkpoint."""
+    from pathlib import Path
+
+    body = json.dumps({"configs": [Path(c).read_text() for c in configs], "overrides": overrides}, sort_keys=True)
+    return hashlib.sha1(body.encode()).hexdigest()[:16]

@@ -1,0 +1,81 @@
+"""Per-trial overhead: process start to the first training step of `resnet-lab fit`,
+with a warm data cache (the cost every sweep trial pays before it learns anything).
+
+    python scripts/bench_trial.py --rounds 5 [--logger wandb]
+
+Each round starts a fresh `resnet-lab fit` process on the CIFAR-10 archive (ResNet-20,
+one step) with RESNET_LAB_FIRST_STEP_FILE set: the process writes the wall time of its
+first training batch there. Median over rounds, per logger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def one(logger: str, tmp: Path) -> float:
+    mark = tmp / "first_step"
+    mark.unlink(missing_ok=True)
+    env = {**os.environ, "RESNET_LAB_FIRST_STEP_FILE": str(mark), "WANDB_MODE": "offline"}
+    t0 = time.time()
+    subprocess.run(
+        [
+            str(Path(sys.executable).parent / "resnet-lab"),
+            "fit",
+            "--config",
+            str(REPO / "sweeps/depth.yaml"),
+            "--data.init_args.folder",
+            str(ARCHIVE),
+            "--trainer.max_steps",
+            "1",
+            "--trainer.limit_val_batches",
+            "0",
+            "--run.test_after_fit",
+            "false",
+            "--run.logger",
+            logger,
+            "--run.root",
+            str(tmp / "runs"),
+            "--trainer.enable_progress_bar",
+            "false",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    return float(mark.read_text()) - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--loggers", nargs="+", default=["none", "csv", "wandb"])
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        one("none", tmp)  # warms the data cache (first decode ~10 s) and the page cache
+        res = {lg: [] for lg in args.loggers}
+        for r in range(args.rounds):
+            for lg in args.loggers:
+                res[lg].append(one(lg, tmp))
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in res.items()), flush=True)
+    print(
+        json.dumps(
+            {"start_to_first_step_s_median": {k: round(statistics.median(v), 2) for k, v in res.items()}}, indent=2
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
