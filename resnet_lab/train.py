@@ -293,7 +293,8 @@ def define_wandb_metrics(run) -> None:
 
 def expand_args_json(args: list[str]) -> list[str]:
     """`--args_json FILE` (what a W&B sweep's ${args_json_file} points to) becomes one
-    `--key=value` per entry, values JSON-encoded so that nulls and booleans survive."""
+    `--key=value` per entry: null/true/false and numbers as JSON, so they survive, and
+    strings as plain text."""
     out, i = [], 0
     while i < len(args):
         a = args[i]
@@ -301,7 +302,7 @@ def expand_args_json(args: list[str]) -> list[str]:
             path = a.split("=", 1)[1] if "=" in a else args[i + 1]
             i += 1 if "=" in a else 2
             params = json.loads(Path(path).read_text())
-            out += [f"--{k}={json.dumps(v)}" for k, v in params.items()]
+            out += [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in params.items()]
             continue
         out.append(a)
         i += 1

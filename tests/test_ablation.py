@@ -211,3 +211,43 @@ def test_unknown_block_name_in_condition():
     m = create_model("resnet20")
     with pytest.raises(KeyError, match="unknown block name"):
         engine.condition_logits(m, torch.randn(1, 3, 32, 32), [Condition("x", removed=("layer9.9",))])
+
+
+def test_bn_recalibration_is_a_separate_condition(two_checkpoints, tmp_path):
+    out = tmp_path / "bn"
+    argv = [
+        two_checkpoints[0],
+        "--out",
+        str(out),
+        "--studies",
+        "single",
+        "--limit",
+        "100",
+        "--bn-recalib",
+        "64",
+        "--no-progress",
+    ]
+    assert ablate_main(argv) == 0
+    rows = json.loads((out / "results.json").read_text())
+    evalbn = {r["key"]: r for r in rows if r["condition"] == "eval-bn"}
+    recal = {r["key"]: r for r in rows if r["condition"] == "recalibrated-bn"}
+    assert set(recal) == set(evalbn) - {"intact"}  # one recalibrated row per removed block
+    assert any(recal[k]["loss"] != evalbn[k]["loss"] for k in recal)  # it changes the statistics
+    assert "recalibrated-bn" in (out / "report.md").read_text() or (out / "single_block.png").exists()
+
+
+def test_recalibrate_bn_matches_batch_statistics():
+    m = trained_like("resnet20")
+    bn = m.get_block("layer3.2").bn2
+    seen = []
+    h = bn.register_forward_hook(lambda mod, i, o: seen.append(i[0].detach().clone()))
+    x1, x2 = torch.randn(32, 3, 32, 32), torch.randn(32, 3, 32, 32)
+    early = m.get_block("layer1.0").bn1.running_mean.clone()
+    engine.recalibrate_bn(m, [(x1, None), (x2, None)], from_position=3)
+    h.remove()
+    assert not m.training
+    # Cumulative average over the two batches (momentum=None) of what the BN saw.
+    want = torch.stack([s.mean((0, 2, 3)) for s in seen]).mean(0)
+    torch.testing.assert_close(bn.running_mean, want, rtol=1e-4, atol=1e-5)
+    # BNs before the first changed block keep their trained statistics.
+    assert torch.equal(m.get_block("layer1.0").bn1.running_mean, early)

@@ -83,6 +83,10 @@ def test_cifar_archive_decodes_and_caches(cache_dir):
     all50k = CIFAR10DataModule(folder=str(CIFAR_ARCHIVE), download=False, val_size=0)
     all50k.setup()
     assert len(all50k.splits["train"][1]) == 50000 and all50k.val_dataloader() == []
+    # The archive lists test images class by class; a subset must still cover every class.
+    sub = CIFAR10DataModule(folder=str(CIFAR_ARCHIVE), download=False, eval_subset=500)
+    sub.setup()
+    assert torch.bincount(sub.splits["test"][1], minlength=10).min() > 20
 
 
 def test_no_data_found_names_sources_and_fix(tmp_path):

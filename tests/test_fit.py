@@ -132,10 +132,14 @@ def test_fit_tiny_imagenet(tmp_path, cache_dir):
 def test_wandb_offline_run_has_val_metrics_and_config(tmp_path):
     cli_main(fit_args(tmp_path, "--model.depth", "8", "--seed_everything", "123", logger="wandb", steps=14))
     run = only_run_dir(tmp_path)
-    rec = read_offline_run(run)
-    history, config = {}, rec["config"]
-    for row in rec["history"]:
-        history.update(row)
+    for _ in range(40):  # wandb-core may still be flushing the last records after finish()
+        rec = read_offline_run(run)
+        history, config = {}, rec["config"]
+        for row in rec["history"]:
+            history.update(row)
+        if "val/error" in history:
+            break
+        time.sleep(0.5)
     assert {"val/error", "val/acc", "val/acc5", "val/loss", "train/loss_step"} <= set(history)
     assert 0 <= history["val/error"] <= 100 and abs(history["val/error"] + history["val/acc"] - 100) < 1e-3
     assert config["model.depth"] == 8 and config["spec.depth"] == 8 and config["seed"] == 123
@@ -265,3 +269,22 @@ def test_print_config_shows_paper_recipe():
         "shortcut: A",
     ]:
         assert line in out, line
+
+
+def test_response_std_logging(tmp_path):
+    cli = cli_main(
+        fit_args(
+            tmp_path,
+            "--model.depth",
+            "8",
+            "--model.log_response_std",
+            "true",
+            "--run.test_after_fit",
+            "false",
+            steps=14,
+        )
+    )
+    stds = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("responses/")}
+    # conv1 + two 3x3 layers per basic block, after BN: positive, O(1).
+    assert len(stds) == 1 + 2 * 3 and "responses/layer2.0.bn2" in stds
+    assert all(0 < v < 10 for v in stds.values())

@@ -142,6 +142,8 @@ def test_wandb_agent_command_runs_fit(tmp_path):
         "--model.plain=true",
         "--lr_scheduler.init_args.warmup_lr=null",
     ]
+    (tmp_path / "s.json").write_text('{"model.shortcut": "B"}')
+    assert expand_args_json(["--args_json", str(tmp_path / "s.json")]) == ["--model.shortcut=B"]
     # Run it on a tiny config: the agent's exact command, with the synthetic set swapped in.
     cmd = [str(Path(sys.executable).parent / "resnet-lab") if c == "resnet-lab" else c for c in cmd]
     cmd = [str(REPO / c) if c.startswith("sweeps/") else c for c in cmd]

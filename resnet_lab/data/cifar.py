@@ -253,7 +253,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
             tr = tr[: hp.train_subset]
         if hp.eval_subset:
             va = va[: hp.eval_subset]
-        te = torch.arange(len(data["test_y"]))[: hp.eval_subset or None]
+        # Archives list the test set class by class: a seeded shuffle makes any prefix
+        # (eval_subset, an ablation's --limit) a fair sample of all classes.
+        te = torch.randperm(len(data["test_y"]), generator=torch.Generator().manual_seed(hp.split_seed))
+        te = te[: hp.eval_subset or None]
         self.splits = {
             "train": (x[tr].contiguous(), y[tr].contiguous()),
             "val": (x[va].contiguous(), y[va].contiguous()),

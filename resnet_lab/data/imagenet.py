@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
@@ -105,9 +105,13 @@ class ImageNetDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         root = self._resolve()
         self.train_set = ImageFolder(str(root / "train"), self._transforms(True), loader=_checked_loader)
-        self.val_set = ImageFolder(str(root / "val"), self._transforms(False), loader=_checked_loader)
-        if self.train_set.classes != self.val_set.classes:
+        val = ImageFolder(str(root / "val"), self._transforms(False), loader=_checked_loader)
+        if self.train_set.classes != val.classes:
             raise DataError(f"{root}: val/ classes differ from train/ classes")
+        # ImageFolder lists images class by class; a fixed shuffle makes any prefix
+        # (limit_val_batches, an ablation's --limit) a fair sample of all classes.
+        perm = torch.randperm(len(val), generator=torch.Generator().manual_seed(0)).tolist()
+        self.val_set = Subset(val, perm)
 
     def _loader(self, ds, train: bool) -> DataLoader:
         hp = self.hp

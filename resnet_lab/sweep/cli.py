@@ -114,13 +114,12 @@ def main(argv: list[str]) -> int:
             study, _, _ = open_study(spec, force=True)
         else:
             check_space_keys(spec, args.config)
-            n = run_worker(spec, args.config, force=args.force, max_trials=args.max_trials)
-            print(
-                f"worker ran {n} trial(s); study {spec.study_name!r} has no more work"
-                if args.max_trials is None or n < args.max_trials
-                else f"worker ran {n} trial(s)"
-            )
+            n, failed = run_worker(spec, args.config, force=args.force, max_trials=args.max_trials)
+            more = args.max_trials is not None and n == args.max_trials
+            print(f"worker ran {n} trial(s), {failed} failed" + ("" if more else "; the study has no more work"))
             study, _, _ = open_study(spec, force=True)
+            print(summarize(study, Path(spec.root) / spec.study_name / "summary", spec.metric))
+            return 1 if failed else 0
         print(summarize(study, Path(spec.root) / spec.study_name / "summary", spec.metric))
     except SweepError as e:
         print(f"resnet-lab sweep: error: {e}", file=sys.stderr)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,10 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_s
 from optuna.trial import TrialState
 
 from .space import SweepError, SweepSpec, overrides_to_args, split_params, train_key
+
+# Heartbeats and stale-trial retries are marked experimental by Optuna, but they are the
+# documented way to survive killed workers; say it once here rather than on every call.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 class OptunaPruning(pl.Callback):
@@ -317,10 +321,12 @@ def objective(trial: optuna.Trial, spec: SweepSpec, configs: list[str], study: o
     return values[spec.metric]
 
 
-def run_worker(spec: SweepSpec, configs: list[str], force: bool = False, max_trials: int | None = None) -> int:
-    """Run trials until the study is exhausted (or `max_trials`); returns how many ran."""
+def run_worker(
+    spec: SweepSpec, configs: list[str], force: bool = False, max_trials: int | None = None
+) -> tuple[int, int]:
+    """Run trials until the study is exhausted (or `max_trials`); returns (ran, failed)."""
     study, storage, url = open_study(spec, force)
-    done = 0
+    done = failed = 0
     while max_trials is None or done < max_trials:
         trial = next_trial(study, spec, url)
         if trial is None:
@@ -336,9 +342,9 @@ def run_worker(spec: SweepSpec, configs: list[str], force: bool = False, max_tri
             except Exception as e:
                 trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
                 study.tell(trial, state=TrialState.FAIL)
+                failed += 1
                 print(f"trial {trial.number} failed: {type(e).__name__}: {e}", flush=True)
             else:
                 study.tell(trial, value)
         done += 1
-        time.sleep(0)  # let a stopping heartbeat thread finish
-    return done
+    return done, failed

@@ -146,9 +146,14 @@ def split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     return train, test
 
 
+def cli_value(v: Any) -> str:
+    """A value as the fit parser reads it: null/true/false and JSON for lists and
+    numbers, plain text for strings (JSON quotes would stay in a `str` option)."""
+    return v if isinstance(v, str) else json.dumps(v)
+
+
 def overrides_to_args(overrides: dict[str, Any]) -> list[str]:
-    """JSON-encoded values, so that null and booleans reach the parser intact."""
-    return [f"--{k}={json.dumps(v)}" for k, v in overrides.items()]
+    return [f"--{k}={cli_value(v)}" for k, v in overrides.items()]
 
 
 def train_key(configs: list[str], overrides: dict[str, Any]) -> str:
