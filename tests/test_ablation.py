@@ -2,9 +2,12 @@
 
 import json
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from resnet_lab.ablation import engine
 from resnet_lab.ablation.cli import main as ablate_main
@@ -186,6 +189,21 @@ def test_bad_inputs(two_checkpoints, tmp_path, capsys):
     assert "not a resnet-lab checkpoint" in capsys.readouterr().err
     assert ablate_main([res, "--out", str(tmp_path / "b"), "--k-max", "7", "--studies", "k", "--no-progress"]) == 2
     assert "exceeds the 6 removable blocks" in capsys.readouterr().err
+    # Unknown block names.
+    assert ablate_main([res, "--out", str(tmp_path / "u"), "--blocks", "layer1.0", "layer9.9", "--no-progress"]) == 2
+    assert "unknown block name(s) ['layer9.9']" in capsys.readouterr().err
+    # Trained on different datasets: same spec, another data source in the run's config.
+    other_run = tmp_path / "other_run"
+    shutil.copytree(Path(res).parent.parent, other_run, ignore=shutil.ignore_patterns("wandb", "csv"))
+    cfg = yaml.safe_load((other_run / "config.yaml").read_text())
+    cfg["data"]["init_args"]["source"] = "folder"
+    cfg["data"]["init_args"]["folder"] = "/data/other"
+    (other_run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert (
+        ablate_main([res, str(other_run / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "ds"), "--no-progress"])
+        == 2
+    )
+    assert "trained on different datasets" in capsys.readouterr().err
     # Different class counts.
     other = tmp_path / "other.ckpt"
     ck = torch.load(plain, weights_only=False)

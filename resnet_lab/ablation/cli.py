@@ -19,6 +19,7 @@ from .runner import (
     AblationError,
     Store,
     build_datamodule,
+    check_blocks,
     check_compatible,
     load_checkpoint,
     manifest_for,
@@ -36,6 +37,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="report directory (resumable; refuses a different configuration)")
     p.add_argument("--split", choices=["val", "test"], default="test")
     p.add_argument("--studies", nargs="+", choices=STUDIES, default=["single", "k", "responses"])
+    p.add_argument(
+        "--blocks",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="removable blocks for the single and k studies (default: all; see model.block_names)",
+    )
     p.add_argument("--k-max", type=int, default=5, help="k-block lesion: k = 1..K")
     p.add_argument("--samples", type=int, default=10, help="random subsets / permutations per k or swap level")
     p.add_argument("--seed", type=int, default=0)
@@ -71,10 +79,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
     ckpts = [load_checkpoint(c) for c in args.checkpoints]
     check_compatible(ckpts)
     for c in ckpts:
-        n = len(c.model.block_names)
+        n = len(check_blocks(c.model, args.blocks))
         if "k" in args.studies and args.k_max > n:
             raise AblationError(f"--k-max {args.k_max} exceeds the {n} removable blocks of {c.spec.name}")
-    opts = {k: getattr(args, k) for k in ("split", "studies", "k_max", "samples", "seed", "limit", "bn_recalib")}
+    keys = ("split", "studies", "blocks", "k_max", "samples", "seed", "limit", "bn_recalib")
+    opts = {k: getattr(args, k) for k in keys}
     manifest = manifest_for(ckpts, opts)
     out = Path(args.out)
     store = Store(out, manifest, args.overwrite)

@@ -126,12 +126,14 @@ def evaluate(
 # -- the studies ----------------------------------------------------------------
 
 
-def single_block_conditions(model: ResNet) -> list[Condition]:
+def single_block_conditions(model: ResNet, blocks: Sequence[str] | None = None) -> list[Condition]:
+    """The intact net, then each of `blocks` (default: all) removed alone."""
     down = set(model.downsample_blocks)
+    names = model.block_names
     conds = [Condition("intact", meta={"block": "none", "position": -1, "downsample": False})]
     conds += [
-        Condition(f"drop:{b}", removed=(b,), meta={"block": b, "position": i, "downsample": b in down})
-        for i, b in enumerate(model.block_names)
+        Condition(f"drop:{b}", removed=(b,), meta={"block": b, "position": names.index(b), "downsample": b in down})
+        for b in (blocks or names)
     ]
     return conds
 

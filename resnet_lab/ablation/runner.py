@@ -169,6 +169,18 @@ def manifest_for(ckpts: list[Loaded], opts: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+def check_blocks(model: ResNet, blocks: list[str] | None) -> list[str]:
+    """The removable blocks: all, or the named ones (which must exist)."""
+    if not blocks:
+        return model.block_names
+    unknown = [b for b in blocks if b not in model.block_names]
+    if unknown:
+        raise AblationError(
+            f"unknown block name(s) {unknown} for {model.spec.name}; valid: {', '.join(model.block_names)}"
+        )
+    return list(dict.fromkeys(blocks))
+
+
 def check_compatible(ckpts: list[Loaded]) -> None:
     a = ckpts[0]
     for b in ckpts[1:]:
@@ -197,11 +209,13 @@ def run_units(
     limit: int | None,
     bn_recalib: int,
     progress=None,
+    blocks: list[str] | None = None,
 ) -> None:
-    """Run every unfinished unit of one checkpoint."""
+    """Run every unfinished unit of one checkpoint; `blocks` limits the removable set."""
     model, name = ckpt.model, ckpt.label
     studies = list(studies)
-    n_blocks = len(model.block_names)
+    blocks = check_blocks(model, blocks)
+    n_blocks = len(blocks)
 
     def unit(u: str, conds: list[Condition], study: str, condition: str = "eval-bn") -> None:
         key = f"{name}|{study}|{u}|{condition}"
@@ -234,14 +248,14 @@ def run_units(
         store.add(key, rows)
 
     if "single" in studies:
-        unit("all", engine.single_block_conditions(model), "single")
+        unit("all", engine.single_block_conditions(model, blocks), "single")
         if bn_recalib:
-            unit("all", engine.single_block_conditions(model)[1:], "single", "recalibrated-bn")
+            unit("all", engine.single_block_conditions(model, blocks)[1:], "single", "recalibrated-bn")
     if "k" in studies:
         if k_max > n_blocks:
             raise AblationError(f"--k-max {k_max} exceeds the {n_blocks} removable blocks of {ckpt.spec.name}")
         for k in range(1, k_max + 1):
-            unit(f"k{k}", engine.k_conditions(model, k, samples, seed), "k")
+            unit(f"k{k}", engine.k_conditions(model, k, samples, seed, blocks), "k")
     if "reorder" in studies and model.swappable_groups():
         for swaps in (1, 2, 4, 8, 16, 32)[: max(1, min(6, n_blocks // 2))]:
             unit(f"swaps{swaps}", engine.reorder_conditions(model, swaps, samples, seed), "reorder")
