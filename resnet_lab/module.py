@@ -167,16 +167,22 @@ class ResNetClassifier(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("hyper_parameters", {}).get("spec")
-        if saved is None:
-            raise CheckpointMismatchError("checkpoint has no resnet-lab spec; it was not written by resnet-lab fit")
-        if ResNetSpec.from_dict(saved) != self.spec:
-            diff = "; ".join(
-                f"{k}: checkpoint {v!r} vs config {getattr(self.spec, k)!r}"
-                for k, v in saved.items()
-                if getattr(self.spec, k) != v
-            )
-            raise CheckpointMismatchError(
-                f"checkpoint architecture differs from the config ({diff}). "
-                "Set the model.* options to the checkpoint's values, or drop --ckpt_path to start fresh."
-            )
+        check_spec_matches(checkpoint.get("hyper_parameters", {}).get("spec"), self.spec, "the checkpoint")
+
+
+def check_spec_matches(saved: dict[str, Any] | None, want: ResNetSpec, source: str, ignore: tuple = ()) -> None:
+    """Raise CheckpointMismatchError unless `saved` (a checkpoint's spec dict) is `want`,
+    naming each differing field; fields in `ignore` are not compared."""
+    if saved is None:
+        raise CheckpointMismatchError(f"{source} has no resnet-lab spec; it was not written by `resnet-lab fit`")
+    have = ResNetSpec.from_dict(saved)
+    diff = [
+        f"{k}: checkpoint {getattr(have, k)!r} vs config {getattr(want, k)!r}"
+        for k in have.to_dict()
+        if k not in ignore and getattr(have, k) != getattr(want, k)
+    ]
+    if diff:
+        raise CheckpointMismatchError(
+            f"{source} holds a different architecture than the config ({'; '.join(diff)}). "
+            "Set the model.* options to the checkpoint's values, or drop --ckpt_path to start fresh."
+        )

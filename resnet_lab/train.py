@@ -34,7 +34,7 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from torch.optim.lr_scheduler import OneCycleLR
 
 from .models import ResNetSpec, resolve_spec
-from .module import CheckpointMismatchError, ResNetClassifier
+from .module import CheckpointMismatchError, ResNetClassifier, check_spec_matches
 from .schedules import PaperLR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -260,26 +260,15 @@ def check_checkpoint_matches(ckpt_path: str, model_cfg) -> None:
         hp = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
     except Exception as e:
         raise CheckpointMismatchError(f"{ckpt_path} is not a readable checkpoint: {e}") from e
-    saved = hp.get("spec")
-    if saved is None:
-        raise CheckpointMismatchError(f"{ckpt_path} has no resnet-lab spec; it was not written by `resnet-lab fit`")
     m = dict(model_cfg)
     if m.get("spec"):
         want = ResNetSpec.from_dict(m["spec"])
     else:
         fields = ("depth", "shortcut", "plain", "num_classes", "stride_on", "zero_init_residual", "base_width")
         want = resolve_spec(m.get("arch") or "resnet20", **{k: m.get(k) for k in fields})
-    have = ResNetSpec.from_dict(saved)
-    diff = [
-        f"{k}: checkpoint {getattr(have, k)!r} vs config {getattr(want, k)!r}"
-        for k in have.to_dict()
-        if getattr(have, k) != getattr(want, k) and not (k == "num_classes" and m.get("num_classes") is None)
-    ]
-    if diff:
-        raise CheckpointMismatchError(
-            f"{ckpt_path} holds a different architecture than the config ({'; '.join(diff)}). "
-            "Set the model.* options to the checkpoint's values, or drop --ckpt_path to start fresh."
-        )
+    # num_classes comes from the data (linked at instantiation) unless set explicitly.
+    ignore = ("num_classes",) if m.get("num_classes") is None else ()
+    check_spec_matches(hp.get("spec"), want, ckpt_path, ignore)
 
 
 def define_wandb_metrics(run) -> None:

@@ -141,14 +141,13 @@ def log_to_wandb(rows, out: Path, ckpts, args) -> None:
     import json
 
     import wandb
+    import yaml
 
     from ..train import wandb_offline
 
     groups = set()
     for c in ckpts:
         if c.run_dir and (Path(c.run_dir) / "config.yaml").exists():
-            import yaml
-
             cfg = yaml.safe_load((Path(c.run_dir) / "config.yaml").read_text())
             groups.add((cfg.get("run") or {}).get("wandb_group") or "")
     group = next(iter(groups - {""}), None) or "ablation"

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
+import inspect
 import json
 import os
 import shutil
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from ..models import ResNet, ResNetSpec
 from . import engine
@@ -81,8 +84,6 @@ def load_checkpoint(path: str | os.PathLike) -> Loaded:
 
 
 def _data_config(run_dir: Path | None, ckpt: dict) -> dict[str, Any]:
-    import yaml
-
     if run_dir is not None and (run_dir / "config.yaml").exists():
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
         if isinstance(cfg.get("data"), dict) and "class_path" in cfg["data"]:
@@ -92,13 +93,10 @@ def _data_config(run_dir: Path | None, ckpt: dict) -> dict[str, Any]:
 
 
 def build_datamodule(data: dict[str, Any], **overrides: Any):
-    import importlib
-
+    """The run's DataModule, with the overrides its class accepts (None = keep)."""
     mod, _, cls = data["class_path"].rpartition(".")
-    kwargs = {**(data.get("init_args") or {}), **{k: v for k, v in overrides.items() if v is not None}}
     dm_cls = getattr(importlib.import_module(mod), cls)
-    import inspect
-
+    kwargs = {**(data.get("init_args") or {}), **{k: v for k, v in overrides.items() if v is not None}}
     accepted = set(inspect.signature(dm_cls).parameters)
     return dm_cls(**{k: v for k, v in kwargs.items() if k in accepted})
 
