@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .report import PLOTS, write_report
+from .report import PLOTS, lesion_summary, write_report
 from .runner import (
     STUDIES,
     AblationError,
@@ -179,16 +179,6 @@ def log_to_wandb(rows, out: Path, ckpts, args) -> None:
             payload[f"ablation/{study}"] = wandb.Image(str(out / name))
     run.log(payload)
     for c in ckpts:
-        base = [r for r in rows if r["checkpoint"] == c.label and r["study"] == "single" and r["key"] == "intact"]
-        drops = [
-            r["error"]
-            for r in rows
-            if r["checkpoint"] == c.label
-            and r["study"] == "single"
-            and r["key"] != "intact"
-            and r["condition"] == "eval-bn"
-        ]
-        if base and drops:
-            run.summary[f"{c.spec.name}/intact_error"] = base[0]["error"]
-            run.summary[f"{c.spec.name}/mean_single_drop_error"] = sum(drops) / len(drops)
+        for k, v in lesion_summary(rows, c.label).items():
+            run.summary[f"{c.spec.name}/{k}"] = v
     run.finish()

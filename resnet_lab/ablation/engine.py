@@ -17,6 +17,7 @@ running statistics (Veit et al.); `recalibrate_bn` is a separate, labelled condi
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -144,7 +145,7 @@ def k_subsets(blocks: Sequence[str], k: int, samples: int, seed: int) -> list[tu
     if not 1 <= k <= len(blocks):
         raise ValueError(f"k={k} must be between 1 and the {len(blocks)} removable blocks")
     rng = random.Random(f"{seed}:{k}")
-    total = _n_choose_k(len(blocks), k)
+    total = math.comb(len(blocks), k)
     if total <= samples:
         return [tuple(s) for s in itertools.combinations(blocks, k)]
     seen: dict[tuple[str, ...], None] = {}
@@ -152,12 +153,6 @@ def k_subsets(blocks: Sequence[str], k: int, samples: int, seed: int) -> list[tu
         idx = sorted(rng.sample(range(len(blocks)), k))
         seen.setdefault(tuple(blocks[i] for i in idx), None)
     return list(seen)
-
-
-def _n_choose_k(n: int, k: int) -> int:
-    from math import comb
-
-    return comb(n, k)
 
 
 def k_conditions(

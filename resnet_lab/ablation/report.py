@@ -51,6 +51,29 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
     return out
 
 
+def lesion_summary(rows: list[dict], checkpoint: str | None = None) -> dict[str, float]:
+    """Scalar summaries of one checkpoint's eval-BN rows (all rows if None):
+    lesion/intact_error, mean/max single-block error, lesion/k{k}_error and
+    lesion/kmax_error (the largest k run)."""
+    rows = [r for r in rows if r["condition"] == "eval-bn" and checkpoint in (None, r["checkpoint"])]
+    out: dict[str, float] = {}
+    drops = []
+    for r in rows:
+        if r["study"] == "single":
+            if r["key"] == "intact":
+                out["lesion/intact_error"] = r["error"]
+            else:
+                drops.append(r["error"])
+    if drops:
+        out["lesion/mean_single_error"] = statistics.fmean(drops)
+        out["lesion/max_single_error"] = max(drops)
+    for k in sorted({r["k"] for r in rows if r["study"] == "k"}):
+        out[f"lesion/k{k}_error"] = out["lesion/kmax_error"] = statistics.fmean(
+            r["error"] for r in rows if r["study"] == "k" and r["k"] == k
+        )
+    return out
+
+
 def write_tables(rows: list[dict], out: Path) -> None:
     keys: list[str] = []
     for r in rows:

@@ -189,14 +189,13 @@ class CIFAR10DataModule(pl.LightningDataModule):
         if source not in ("auto", "torchvision", "folder", "synthetic"):
             raise DataError(f"unknown CIFAR source {source!r}; valid: auto, torchvision, folder, synthetic")
         self.save_hyperparameters()
-        self.hp = self.hparams
         self.num_classes = 10
         self.classes: list[str] = list(CLASSES)
         self.mean: Tensor | None = None  # (3, 32, 32), of the training split
 
     # -- loading ------------------------------------------------------------
     def _load_source(self) -> tuple[dict[str, Tensor], str]:
-        hp, tried = self.hp, []
+        hp, tried = self.hparams, []
         cache = cache_root(hp.cache_dir)
         if hp.source == "synthetic":
             return synthetic_cifar(), "synthetic"
@@ -239,7 +238,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         if self.mean is not None:
             return
         data, self.source_name = self._load_source()
-        hp = self.hp
+        hp = self.hparams
         if "classes" in data:
             self.classes = list(data["classes"])  # type: ignore[arg-type]
             self.num_classes = len(self.classes)
@@ -269,7 +268,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.mean = self.mean.to(device)
 
     def _device(self) -> torch.device:
-        on = self.hp.on_device
+        on = self.hparams.on_device
         trainer = self.trainer
         dev = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         if on is None:
@@ -281,8 +280,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
         x, y = self.splits[split]
         t = self.trainer
         rank, world = (t.global_rank, t.world_size) if t is not None else (0, 1)
-        bs = self.hp.batch_size if train else self.hp.eval_batch_size
-        return TensorLoader(x, y, bs, shuffle=train, drop_last=train, seed=self.hp.split_seed, rank=rank, world=world)
+        bs = self.hparams.batch_size if train else self.hparams.eval_batch_size
+        return TensorLoader(
+            x, y, bs, shuffle=train, drop_last=train, seed=self.hparams.split_seed, rank=rank, world=world
+        )
 
     def train_dataloader(self) -> TensorLoader:
         return self._loader("train", True)
@@ -304,7 +305,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch
         x = self.normalize(x)
-        if self.hp.augment and self.trainer is not None and self.trainer.training:
+        if self.hparams.augment and self.trainer is not None and self.trainer.training:
             x = random_crop_flip(x)
         return x, y
 

@@ -60,20 +60,21 @@ class ImageNetDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.hp = self.hparams
         self.root: Path | None = None
         self.classes: list[str] = []
         self.num_classes = self._count_classes()
 
     def _resolve(self) -> Path:
         if self.root is None:
-            p = Path(self.hp.path)
+            p = Path(self.hparams.path)
             if not p.exists():
                 raise DataError(
                     f"no ImageNet data at {p}. Set --data.path to a folder or .tar.gz with train/<wnid>/ and "
                     "val/<wnid>/ (e.g. ../shared/data/tiny-imagenet-10.tar.gz)"
                 )
-            self.root = find_split_root(extract_archive(p, self.hp.cache_dir) if is_archive(p) else p, ("train", "val"))
+            self.root = find_split_root(
+                extract_archive(p, self.hparams.cache_dir) if is_archive(p) else p, ("train", "val")
+            )
         return self.root
 
     def _count_classes(self) -> int:
@@ -85,7 +86,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         return len(self.classes)
 
     def _transforms(self, train: bool):
-        hp = self.hp
+        hp = self.hparams
         norm = [T.ToTensor(), T.Normalize(MEAN, STD)]
         if train:
             lo, hi = hp.scale
@@ -114,7 +115,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.val_set = Subset(val, perm)
 
     def _loader(self, ds, train: bool) -> DataLoader:
-        hp = self.hp
+        hp = self.hparams
         return DataLoader(
             ds,
             batch_size=hp.batch_size if train else hp.eval_batch_size,

@@ -100,8 +100,9 @@ def study_lock(url: str, name: str):
     import zlib
 
     from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
 
-    engine = create_engine(url, poolclass=__import__("sqlalchemy.pool", fromlist=["NullPool"]).NullPool)
+    engine = create_engine(url, poolclass=NullPool)
     key = zlib.crc32(f"resnet-lab:{name}".encode())
     with engine.connect() as conn:
         conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
@@ -218,6 +219,7 @@ def run_fit(
 def run_lesions(ckpt_path: str, ablation: dict[str, Any], out: Path) -> dict[str, float]:
     """A test-time ablation of one checkpoint; returns lesion/* summaries."""
     from ..ablation.cli import parser, run
+    from ..ablation.report import lesion_summary
 
     a = {
         "studies": ["single"],
@@ -249,20 +251,7 @@ def run_lesions(ckpt_path: str, ablation: dict[str, Any], out: Path) -> dict[str
         *(["--limit", str(a["limit"])] if a["limit"] else []),
     ]
     run(parser().parse_args(argv), argv)
-    rows = json.loads((out / "results.json").read_text())
-    out_m: dict[str, float] = {}
-    single = [r for r in rows if r["study"] == "single" and r["condition"] == "eval-bn"]
-    for r in single:
-        if r["key"] == "intact":
-            out_m["lesion/intact_error"] = r["error"]
-    drops = [r["error"] for r in single if r["key"] != "intact"]
-    if drops:
-        out_m["lesion/mean_single_error"] = sum(drops) / len(drops)
-        out_m["lesion/max_single_error"] = max(drops)
-    for k in sorted({r["k"] for r in rows if r["study"] == "k"}):
-        errs = [r["error"] for r in rows if r["study"] == "k" and r["k"] == k]
-        out_m[f"lesion/k{k}_error"] = out_m["lesion/kmax_error"] = sum(errs) / len(errs)
-    return out_m
+    return lesion_summary(json.loads((out / "results.json").read_text()))
 
 
 def log_lesions_to_wandb(spec: SweepSpec, trial: optuna.Trial, params: dict, summary: dict, run_dir: Path) -> None:
