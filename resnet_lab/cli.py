@@ -14,7 +14,8 @@ import argparse
 import os
 import sys
 
-from .models import count_macs, count_params, create_model, list_models
+from .errors import UserError
+from .models import SpecError, count_macs, count_params, create_model, list_models
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -42,6 +43,8 @@ def models_main(argv: list[str]) -> int:
                 str(s.num_classes),
             )
         )
+    if not rows:
+        raise SpecError(f"no model name contains {args.filter!r}; names: {', '.join(list_models())}")
     head = ("model", "family", "params", "MACs/img", "input", "blocks", "block", "shortcut", "classes")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
@@ -67,35 +70,44 @@ def _reexec_with_malloc_tunables() -> None:
 def main(argv: list[str] | None = None) -> int:
     from_console = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("RESNET_LAB_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     cmd = argv[0] if argv else ""
+    try:
+        return _dispatch(cmd, argv, from_console)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"resnet-lab {cmd}: error: {e}", file=sys.stderr)
+        print("(run again with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+def _dispatch(cmd: str, argv: list[str], from_console: bool) -> int:
     if cmd == "models":
         return models_main(argv[1:])
+    if cmd in ("ablate", "sweep", *LIGHTNING_COMMANDS) and from_console:
+        _reexec_with_malloc_tunables()
     if cmd == "ablate":
-        if from_console:
-            _reexec_with_malloc_tunables()
         from .ablation.cli import main as ablate_main
 
         return ablate_main(argv[1:])
     if cmd == "sweep":
-        if from_console:
-            _reexec_with_malloc_tunables()
         from .sweep.cli import main as sweep_main
 
         return sweep_main(argv[1:])
     if cmd in LIGHTNING_COMMANDS:
-        if from_console:
-            _reexec_with_malloc_tunables()
         from .train import cli_main
 
-        cli_main(None if from_console else argv)
+        cli_main(argv)
         return 0
     print(
-        "usage: resnet-lab {models,fit,validate,test,predict,ablate,sweep} ...\n"
+        "usage: resnet-lab {models,fit,validate,test,predict,ablate,sweep} ... [--debug]\n"
         "  models     list the model zoo (params, MACs, blocks, shortcut)\n"
         "  ablate     test-time block removal / reordering studies and reports\n"
         "  sweep      Optuna study over the sweep: section of an experiment file\n"
         "  fit ...    train with LightningCLI: resnet-lab fit --config sweeps/depth.yaml\n"
-        "Run `resnet-lab COMMAND --help` for a command's options.",
+        "Run `resnet-lab COMMAND --help` for a command's options; --debug shows tracebacks.",
         file=sys.stderr if cmd not in ("-h", "--help") else sys.stdout,
     )
     return 0 if cmd in ("-h", "--help") else 2

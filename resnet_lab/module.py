@@ -13,15 +13,17 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from .errors import DivergenceError, UserError
 from .models import ResNet, ResNetSpec, resolve_spec
 from .schedules import PaperLR
 
 STAGES = ("train", "val", "test")
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(UserError, RuntimeError):
     """A checkpoint whose architecture differs from the configured one."""
 
 
@@ -87,6 +89,7 @@ class ResNetClassifier(pl.LightningModule):
                     {  # "train" is a reserved nn.Module attribute
                         "acc": MulticlassAccuracy(self.spec.num_classes, top_k=1, average="micro"),
                         "acc5": MulticlassAccuracy(self.spec.num_classes, top_k=top5, average="micro"),
+                        "loss": MeanMetric(),
                     }
                 )
                 for s in STAGES
@@ -94,38 +97,43 @@ class ResNetClassifier(pl.LightningModule):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> logits; (B, crops, C, H, W) -> logits averaged over the crops."""
+        crops = x.shape[1] if x.ndim == 5 else 0
+        if crops:
+            x = x.flatten(0, 1)
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if x.ndim == 5:  # (B, crops, C, H, W): average the logits over the crops
-            b, n = x.shape[:2]
-            return self.net(x.flatten(0, 1)).view(b, n, -1).mean(1)
-        return self.net(x)
+        logits = self.net(x)
+        return logits.view(-1, crops, logits.shape[-1]).mean(1) if crops else logits
 
     def _step(self, stage: str, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        for m in self.metrics[f"{stage}_"].values():
-            m.update(logits, y)
-        on_step = stage == "train"
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=on_step,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=len(y),
-            sync_dist=stage != "train",
-        )
+        metrics = self.metrics[f"{stage}_"]
+        metrics["acc"].update(logits, y)
+        metrics["acc5"].update(logits, y)
+        if stage == "train":
+            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        else:
+            # A metric object, synced once per epoch: DDP ranks may hold different numbers of
+            # eval batches (every image is evaluated exactly once), so no per-step collective.
+            metrics["loss"].update(loss.detach(), weight=len(y))
         return loss, logits
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         loss, logits = self._step("train", batch)
+        if not torch.isfinite(loss):
+            raise DivergenceError(
+                f"training diverged: the loss is {loss.item()} at step {self.global_step}; the last finite "
+                "last.ckpt is kept. Lower optimizer.init_args.lr (or use lr_scheduler.init_args.warmup_lr)."
+            )
         sched = self.lr_schedulers() if self.trainer is not None and self.trainer.lr_scheduler_configs else None
         if isinstance(sched, PaperLR) and sched.warming_up:
-            # The paper's warm-up ends on the training error, not on a step count.
-            err = (logits.argmax(1) != batch[1]).float().mean().item() * 100
-            sched.observe_train_error(err)
+            # The paper's warm-up ends on the training error, not on a step count. Under DDP
+            # the error is averaged over ranks, so every rank leaves the warm-up together.
+            err = (logits.argmax(1) != batch[1]).float().mean() * 100
+            sched.observe_train_error(float(self.trainer.strategy.reduce(err, reduce_op="mean")))
             self.log("train/warmup", 1.0)
         return loss
 
@@ -143,13 +151,19 @@ class ResNetClassifier(pl.LightningModule):
         return self(x).softmax(-1)
 
     def _log_epoch(self, stage: str) -> None:
-        for key, m in self.metrics[f"{stage}_"].items():
-            if not m.update_called:
-                return
-            acc = m.compute() * 100
-            suffix = "" if key == "acc" else "5"
-            self.log(f"{stage}/acc{suffix}", acc, prog_bar=stage == "val" and not suffix)
-            self.log(f"{stage}/error{suffix}", 100 - acc, prog_bar=stage == "val" and not suffix)
+        metrics = self.metrics[f"{stage}_"]
+        if not metrics["acc"].update_called and self.trainer.world_size == 1:
+            return
+        for key, m in metrics.items():
+            if key == "loss" and stage == "train":
+                continue  # train/loss is logged per step
+            value = m.compute()  # synced across DDP ranks
+            if key == "loss":
+                self.log(f"{stage}/loss", value, prog_bar=True)
+            else:
+                suffix = "" if key == "acc" else "5"
+                self.log(f"{stage}/acc{suffix}", value * 100, prog_bar=stage == "val" and not suffix)
+                self.log(f"{stage}/error{suffix}", 100 - value * 100, prog_bar=stage == "val" and not suffix)
             m.reset()
 
     def on_train_epoch_end(self) -> None:

@@ -15,10 +15,12 @@ same W&B run) at the saved global step, with optimizer, LR schedule and warm-up 
 
 from __future__ import annotations
 
+import csv
 import json
 import netrc
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -31,8 +33,11 @@ from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, ReduceLROnPlateau
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 from torch.optim.lr_scheduler import OneCycleLR
 
+from .errors import DivergenceError, UserError
 from .models import ResNetSpec, resolve_spec
 from .module import CheckpointMismatchError, ResNetClassifier, check_spec_matches
 from .schedules import PaperLR
@@ -42,12 +47,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to a temporary file, then rename: a kill mid-save never corrupts the
-    previous last.ckpt."""
+    previous last.ckpt. Temporary files left by an earlier killed save are removed."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        for stale in path.parent.glob(f".{path.name}.tmp*"):
+            if stale != tmp:
+                stale.unlink(missing_ok=True)
         with open(tmp, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
@@ -55,24 +63,72 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
+def check_finite_weights(module: torch.nn.Module, step: int) -> None:
+    """Raise DivergenceError when any parameter or buffer is NaN or infinite."""
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise DivergenceError(
+                f"training diverged: {name} is not finite at step {step}; the last finite last.ckpt is kept. "
+                "Lower optimizer.init_args.lr (or use the warm-up, lr_scheduler.init_args.warmup_lr)."
+            )
+
+
 class LastCheckpoint(ModelCheckpoint):
-    """last.ckpt every N steps, and once more when training ends."""
+    """last.ckpt every N steps, and once more when training ends; never with
+    non-finite weights (a diverged run keeps its last good checkpoint)."""
+
+    def _save_last_checkpoint(self, trainer: Trainer, monitor_candidates: dict) -> None:
+        check_finite_weights(trainer.lightning_module, trainer.global_step)
+        super()._save_last_checkpoint(trainer, monitor_candidates)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-class FirstStepMark(Callback):
-    """Writes the wall time of the first training batch to a file (scripts/bench_trial.py)."""
+class HistoryCSVLogger(CSVLogger):
+    """CSVLogger that keeps the metrics history of a resumed run.
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    Lightning's CSV writer deletes an existing metrics.csv when it starts. This one
+    keeps every row logged before `resume_step` (the checkpoint's global step) and
+    drops the later ones, which the resumed run logs again. Rows are flushed as they
+    are logged, so a kill loses none of them.
+    """
 
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.path:
-            Path(self.path).write_text(repr(time.time()))
-            self.path = ""
+    def __init__(self, save_dir: str, resume_step: int | None = None) -> None:
+        super().__init__(save_dir, name="csv", version="", flush_logs_every_n_steps=1)
+        self.resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _HistoryWriter(self.log_dir, self.resume_step)
+        return self._experiment
+
+
+class _HistoryWriter(ExperimentWriter):
+    def __init__(self, log_dir: str, resume_step: int | None) -> None:
+        self.resume_step = resume_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:  # called by __init__: trim instead of delete
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header, rows = list(reader.fieldnames or []), list(reader)
+        if self.resume_step is not None:
+            rows = [r for r in rows if r.get("step") in ("", None) or int(float(r["step"])) < self.resume_step]
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+        self.metrics_keys = sorted(header)
 
 
 def git_commit() -> str:
@@ -135,12 +191,55 @@ class ResNetLabCLI(LightningCLI):
         # Lightning would silently replace the configured model with the checkpoint's
         # hyperparameters; a mismatch is almost always a mistake, so refuse it.
         sub = self.config.get("subcommand")
-        ckpt = self.config[sub].get("ckpt_path") if sub else None
-        if ckpt and ckpt not in ("last", "best", "hpc", "registry"):
+        cfg = self.config[sub] if sub else None
+        ckpt = cfg.get("ckpt_path") if cfg else None
+        if ckpt:
+            if ckpt == "last":
+                cfg.ckpt_path = ckpt = str(latest_checkpoint(cfg))
+            elif ckpt in ("best", "hpc", "registry"):
+                raise CheckpointMismatchError(
+                    f"--ckpt_path {ckpt} is not supported: pass a checkpoint file "
+                    "(runs/NAME/RUN/checkpoints/last.ckpt or best-*.ckpt), or `last` for the newest run of this model"
+                )
             if not Path(ckpt).is_file():
-                raise FileNotFoundError(f"--ckpt_path {ckpt} does not exist (use a run's checkpoints/last.ckpt)")
-            check_checkpoint_matches(ckpt, self.config[sub].model)
+                raise CheckpointMismatchError(f"--ckpt_path {ckpt} does not exist (use a run's checkpoints/last.ckpt)")
+            check_checkpoint_matches(ckpt, cfg.model)
         super()._parse_ckpt_path()
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        if cfg.get("data") is None:
+            raise UserError(
+                f"no data configured. Start from an experiment file: resnet-lab {self.subcommand} "
+                "--config sweeps/depth.yaml --config sweeps/presets/cpu-quick.yaml"
+            )
+        if self.subcommand == "fit":
+            t = cfg.trainer
+            if t.get("max_steps") is not None and (t.max_steps == 0 or t.max_steps < -1):
+                raise UserError(f"trainer.max_steps={t.max_steps} must be a positive count (or -1 for no limit)")
+            if t.get("max_epochs") is not None and (t.max_epochs == 0 or t.max_epochs < -1):
+                raise UserError(f"trainer.max_epochs={t.max_epochs} must be a positive count (or -1 for no limit)")
+        if cfg.run.checkpoint_every_n_steps < 1:
+            raise UserError(f"run.checkpoint_every_n_steps={cfg.run.checkpoint_every_n_steps} must be >= 1")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            self._remove_if_empty()
+            raise
+
+    def _remove_if_empty(self) -> None:
+        """A fit that fails before its first step leaves no run directory behind."""
+        run_dir = getattr(self, "run_dir", None)
+        if (
+            self.subcommand == "fit"
+            and getattr(self, "created_run_dir", False)
+            and run_dir is not None
+            and self.trainer.global_step == 0
+            and not any((run_dir / "checkpoints").glob("*.ckpt"))
+        ):
+            shutil.rmtree(run_dir, ignore_errors=True)
 
     def after_fit(self) -> None:
         # Keep fit's final metrics (train/, val/): test() replaces callback_metrics.
@@ -169,12 +268,7 @@ class ResNetLabCLI(LightningCLI):
         if int(os.environ.get("LOCAL_RANK", "0")) > 0 and os.environ.get("RESNET_LAB_RUN_DIR"):
             return Path(os.environ["RESNET_LAB_RUN_DIR"])
         ckpt = cfg.get("ckpt_path")
-        if (
-            ckpt
-            and ckpt not in ("last", "best")
-            and Path(ckpt).parent.name == "checkpoints"
-            and (Path(ckpt).parent.parent / "run.json").exists()
-        ):
+        if ckpt and Path(ckpt).parent.name == "checkpoints" and (Path(ckpt).parent.parent / "run.json").exists():
             return Path(ckpt).parent.parent  # resuming: same run directory, same W&B run
         name = cfg.run.name or self.model.spec.name
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
@@ -183,33 +277,50 @@ class ResNetLabCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         self.run_dir = run_dir = self._run_dir(cfg).resolve()
+        self.created_run_dir = not run_dir.exists()
         os.environ["RESNET_LAB_RUN_DIR"] = str(run_dir)
+        trainer_cfg = self._get(self.config_init, "trainer", default={})  # instantiated objects
+        if trainer_cfg.get("logger") in (None, True):  # the user did not pick loggers: ours
+            kwargs["logger"] = self._loggers(cfg, run_dir) or False
+        kwargs["callbacks"] = [*_as_list(trainer_cfg.get("callbacks")), *self._callbacks(run_dir, kwargs["logger"])]
+        kwargs["plugins"] = [*_as_list(trainer_cfg.get("plugins")), AtomicCheckpointIO()]
+        if trainer_cfg.get("default_root_dir") is None:
+            kwargs["default_root_dir"] = str(run_dir)
+        trainer = super().instantiate_trainer(**kwargs)
+        if trainer.is_global_zero:
+            self._write_run_files(cfg, run_dir, trainer)
+        return trainer
+
+    def _run_info(self, cfg, run_dir: Path) -> dict[str, Any]:
         info_path = run_dir / "run.json"
         info = json.loads(info_path.read_text()) if info_path.exists() else {}
         info.setdefault("wandb_id", run_dir.name.replace("-", "")[:32])
         info.update(git_commit=git_commit(), seed=cfg.get("seed_everything"), argv=sys.argv, run_dir=str(run_dir))
+        return info
 
-        trainer_cfg = self._get(self.config_init, "trainer", default={})  # instantiated objects
+    def _loggers(self, cfg, run_dir: Path) -> list[Any]:
         loggers: list[Any] = []
-        if trainer_cfg.get("logger") in (None, True):  # the user did not pick loggers: ours
-            if cfg.run.logger in ("wandb", "both"):
-                loggers.append(
-                    WandbLogger(
-                        project=cfg.run.wandb_project,
-                        save_dir=str(run_dir),
-                        id=info["wandb_id"],
-                        group=cfg.run.wandb_group,
-                        tags=list(cfg.run.tags) or None,
-                        offline=wandb_offline(),
-                        resume="allow",
-                        name=f"{run_dir.parent.name}/{run_dir.name}",
-                    )
+        if cfg.run.logger in ("wandb", "both"):
+            loggers.append(
+                WandbLogger(
+                    project=cfg.run.wandb_project,
+                    save_dir=str(run_dir),
+                    id=self._run_info(cfg, run_dir)["wandb_id"],
+                    group=cfg.run.wandb_group,
+                    tags=list(cfg.run.tags) or None,
+                    offline=wandb_offline(),
+                    resume="allow",
+                    name=f"{run_dir.parent.name}/{run_dir.name}",
                 )
-            if cfg.run.logger in ("csv", "both"):
-                loggers.append(CSVLogger(str(run_dir), name="csv", version=""))
-            kwargs["logger"] = loggers or False
+            )
+        if cfg.run.logger in ("csv", "both"):
+            loggers.append(HistoryCSVLogger(str(run_dir), resume_step=resume_step(cfg.get("ckpt_path"))))
+        return loggers
+
+    def _callbacks(self, run_dir: Path, loggers: Any) -> list[Callback]:
+        cfg = self.config[self.subcommand]
         ckpt_dir = run_dir / "checkpoints"
-        callbacks = [
+        callbacks: list[Callback] = [
             LastCheckpoint(
                 dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=cfg.run.checkpoint_every_n_steps
             ),
@@ -224,34 +335,65 @@ class ResNetLabCLI(LightningCLI):
         ]
         if loggers:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
-        if os.environ.get("RESNET_LAB_FIRST_STEP_FILE"):
-            callbacks.append(FirstStepMark(os.environ["RESNET_LAB_FIRST_STEP_FILE"]))
-        user_cbs = trainer_cfg.get("callbacks") or []
-        kwargs["callbacks"] = [*(user_cbs if isinstance(user_cbs, list) else [user_cbs]), *callbacks]
-        plugins = trainer_cfg.get("plugins") or []
-        kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
-        if trainer_cfg.get("default_root_dir") is None:
-            kwargs["default_root_dir"] = str(run_dir)
-        trainer = super().instantiate_trainer(**kwargs)
+        return callbacks
 
-        if trainer.is_global_zero:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            # Our own config save: one file per run directory, so a second run (or a
-            # W&B logger, whose log_dir is shared) never collides with the first.
-            # validate/test/predict on a run's checkpoint add their own file beside it.
-            name = "config.yaml" if self.subcommand == "fit" else f"config-{self.subcommand}.yaml"
-            self._parser(self.subcommand).save(cfg, run_dir / name, overwrite=True, skip_none=False)
-            if self.subcommand == "fit":
-                info_path.write_text(json.dumps(info, indent=2, default=str))
-            flat = flatten(cfg.clone().as_dict())
-            flat.pop("config", None)
-            flat.update({f"spec.{k}": v for k, v in self.model.spec.to_dict().items()})
-            flat.update(git_commit=info["git_commit"], seed=info["seed"], run_dir=str(run_dir))
-            for lg in trainer.loggers:
-                lg.log_hyperparams(flat)
-                if isinstance(lg, WandbLogger):
-                    define_wandb_metrics(lg.experiment)
-        return trainer
+    def _write_run_files(self, cfg, run_dir: Path, trainer: Trainer) -> None:
+        """config.yaml (data paths resolved), run.json, and the hyperparameters of every logger."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = cfg.clone()
+        for key, value in getattr(self.datamodule, "resolved_paths", dict)().items():
+            cfg.data.init_args[key] = value  # absolute: `ablate` works from any directory
+        # One file per run directory, so a second run (or a W&B logger, whose log_dir is
+        # shared) never collides with the first. validate/test/predict add their own file.
+        name = "config.yaml" if self.subcommand == "fit" else f"config-{self.subcommand}.yaml"
+        self._parser(self.subcommand).save(cfg, run_dir / name, overwrite=True, skip_none=False)
+        info = self._run_info(cfg, run_dir)
+        if self.subcommand == "fit":
+            (run_dir / "run.json").write_text(json.dumps(info, indent=2, default=str))
+        flat = flatten(cfg.as_dict())
+        flat.pop("config", None)
+        flat.update({f"spec.{k}": v for k, v in self.model.spec.to_dict().items()})
+        flat.update(git_commit=info["git_commit"], seed=info["seed"], run_dir=str(run_dir))
+        for lg in trainer.loggers:
+            lg.log_hyperparams(flat)
+            if isinstance(lg, WandbLogger):
+                define_wandb_metrics(lg.experiment)
+
+
+def _as_list(x: Any) -> list[Any]:
+    return [] if x is None else list(x) if isinstance(x, list) else [x]
+
+
+def resume_step(ckpt_path: str | None) -> int | None:
+    """The global step a fit resumes at, or None for a fresh fit."""
+    if not ckpt_path or not Path(ckpt_path).is_file():
+        return None
+    return int(torch.load(ckpt_path, map_location="cpu", weights_only=False).get("global_step", 0))
+
+
+def latest_checkpoint(cfg) -> Path:
+    """`--ckpt_path last`: the newest last.ckpt among this experiment's runs."""
+    m = dict(cfg.model)
+    name = (
+        cfg.run.name
+        or (
+            ResNetSpec.from_dict(m["spec"])
+            if m.get("spec")
+            else resolve_spec(m.get("arch") or "resnet20", **_spec_fields(m))
+        ).name
+    )
+    found = sorted(Path(cfg.run.root).glob(f"{name}/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise CheckpointMismatchError(
+            f"--ckpt_path last: no {Path(cfg.run.root) / name}/*/checkpoints/last.ckpt to resume; "
+            "drop --ckpt_path to start a new run, or pass a checkpoint file"
+        )
+    return found[-1]
+
+
+def _spec_fields(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    fields = ("depth", "shortcut", "plain", "num_classes", "stride_on", "zero_init_residual", "base_width")
+    return {k: model_cfg.get(k) for k in fields}
 
 
 def check_checkpoint_matches(ckpt_path: str, model_cfg) -> None:
@@ -261,11 +403,11 @@ def check_checkpoint_matches(ckpt_path: str, model_cfg) -> None:
     except Exception as e:
         raise CheckpointMismatchError(f"{ckpt_path} is not a readable checkpoint: {e}") from e
     m = dict(model_cfg)
-    if m.get("spec"):
-        want = ResNetSpec.from_dict(m["spec"])
-    else:
-        fields = ("depth", "shortcut", "plain", "num_classes", "stride_on", "zero_init_residual", "base_width")
-        want = resolve_spec(m.get("arch") or "resnet20", **{k: m.get(k) for k in fields})
+    want = (
+        ResNetSpec.from_dict(m["spec"])
+        if m.get("spec")
+        else resolve_spec(m.get("arch") or "resnet20", **_spec_fields(m))
+    )
     # num_classes comes from the data (linked at instantiation) unless set explicitly.
     ignore = ("num_classes",) if m.get("num_classes") is None else ()
     check_spec_matches(hp.get("spec"), want, ckpt_path, ignore)
@@ -323,6 +465,7 @@ def _make_cli(args: list[str] | None, run: bool, extra_callbacks: list[Any]) -> 
             "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
             "callbacks": extra_callbacks,
         },
+        parser_kwargs={"allow_abbrev": False},
         args=args,
         run=run,
     )

@@ -3,9 +3,10 @@ with a warm data cache (the cost every sweep trial pays before it learns anythin
 
     python scripts/bench_trial.py --rounds 5 [--logger wandb]
 
-Each round starts a fresh `resnet-lab fit` process on the CIFAR-10 archive (ResNet-20,
-one step) with RESNET_LAB_FIRST_STEP_FILE set: the process writes the wall time of its
-first training batch there. Median over rounds, per logger.
+Each round starts a fresh fit process on the CIFAR-10 archive (ResNet-20, one step):
+this script re-run as `--child MARK fit ...`, which is `resnet-lab fit` plus a callback
+that writes the wall time of the first training batch to MARK. Median over rounds, per
+logger.
 """
 
 from __future__ import annotations
@@ -24,14 +25,33 @@ REPO = Path(__file__).resolve().parents[1]
 ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
+def child(mark: str, argv: list[str]) -> None:
+    """`resnet-lab fit` with a callback that marks the first training batch."""
+    from pytorch_lightning.callbacks import Callback
+
+    from resnet_lab.train import cli_main
+
+    class FirstStepMark(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if not Path(mark).exists():
+                Path(mark).write_text(repr(time.time()))
+
+    cli_main(argv, extra_callbacks=[FirstStepMark()])
+
+
 def one(logger: str, tmp: Path) -> float:
     mark = tmp / "first_step"
     mark.unlink(missing_ok=True)
-    env = {**os.environ, "RESNET_LAB_FIRST_STEP_FILE": str(mark), "WANDB_MODE": "offline"}
+    from resnet_lab.cli import GLIBC_TUNABLES
+
+    env = {**os.environ, "WANDB_MODE": "offline", "GLIBC_TUNABLES": GLIBC_TUNABLES}
     t0 = time.time()
     subprocess.run(
         [
-            str(Path(sys.executable).parent / "resnet-lab"),
+            sys.executable,
+            __file__,
+            "--child",
+            str(mark),
             "fit",
             "--config",
             str(REPO / "sweeps/depth.yaml"),
@@ -58,6 +78,8 @@ def one(logger: str, tmp: Path) -> float:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        return child(sys.argv[2], sys.argv[3:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--loggers", nargs="+", default=["none", "csv", "wandb"])

@@ -42,3 +42,13 @@ def trained_like(name: str = "resnet20", **overrides):
             mod.running_var.uniform_(0.5, 2.0)
             mod.bias.data.uniform_(-0.2, 0.2)
     return m.eval()
+
+
+@torch.no_grad()
+def naive_logits(model, x, cond):
+    """The lesion reference: one full forward pass of the modified network."""
+    with model.remove_blocks(cond.removed):
+        if cond.order is None:
+            return model(x)
+        with model.reorder_blocks(cond.order):
+            return model(x)

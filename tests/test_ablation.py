@@ -14,9 +14,9 @@ from resnet_lab.ablation.cli import main as ablate_main
 from resnet_lab.ablation.engine import Condition
 from resnet_lab.models import create_model
 from resnet_lab.train import cli_main
-from resnet_lab.wandb_offline import read_offline_run
 
-from .conftest import REPO, trained_like
+from .conftest import REPO, naive_logits, trained_like
+from .wandb_offline import read_offline_run
 
 
 @pytest.mark.parametrize("name", ["resnet20", "plain20", "resnet18"])
@@ -30,7 +30,7 @@ def test_prefix_shared_equals_naive(name):
     fast = engine.condition_logits(m, x, conds)
     assert set(fast) == {c.key for c in conds}
     for c in conds:
-        torch.testing.assert_close(fast[c.key], engine.naive_logits(m, x, c), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast[c.key], naive_logits(m, x, c), rtol=1e-5, atol=1e-5)
     # A lesion actually changes something (the comparison is not vacuous).
     assert not torch.allclose(fast["drop:layer2.1"], fast["intact"])
 

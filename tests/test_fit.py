@@ -14,9 +14,9 @@ import torch
 from resnet_lab.module import CheckpointMismatchError, ResNetClassifier
 from resnet_lab.schedules import PaperLR
 from resnet_lab.train import cli_main
-from resnet_lab.wandb_offline import read_offline_run
 
 from .conftest import CIFAR_ARCHIVE, REPO, TINY_IMAGENET, need
+from .wandb_offline import read_offline_run
 
 DEPTH = str(REPO / "sweeps" / "depth.yaml")
 

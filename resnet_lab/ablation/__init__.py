@@ -1,6 +1,6 @@
 """Test-time lesion studies (Veit et al. 2016): engine, resumable runner, reports."""
 
-from .engine import Condition, condition_logits, evaluate, k_subsets, kendall_tau, naive_logits
+from .engine import Condition, condition_logits, evaluate, k_subsets, kendall_tau
 from .runner import AblationError, load_checkpoint
 
 __all__ = [
@@ -11,5 +11,4 @@ __all__ = [
     "k_subsets",
     "kendall_tau",
     "load_checkpoint",
-    "naive_logits",
 ]

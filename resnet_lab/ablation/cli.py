@@ -13,18 +13,36 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from .report import PLOTS, lesion_summary, write_report
 from .runner import (
     STUDIES,
     AblationError,
     Store,
+    StudyOptions,
+    UnitRunner,
     build_datamodule,
     check_blocks,
     check_compatible,
-    load_checkpoint,
+    load_checkpoints,
     manifest_for,
-    run_units,
 )
+
+
+def count(minimum: int):
+    """An argparse type: an integer >= minimum, or one clear error."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{v} must be >= {minimum}")
+        return v
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,14 +62,14 @@ def parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="removable blocks for the single and k studies (default: all; see model.block_names)",
     )
-    p.add_argument("--k-max", type=int, default=5, help="k-block lesion: k = 1..K")
-    p.add_argument("--samples", type=int, default=10, help="random subsets / permutations per k or swap level")
+    p.add_argument("--k-max", type=count(1), default=5, help="k-block lesion: k = 1..K")
+    p.add_argument("--samples", type=count(1), default=10, help="random subsets / permutations per k or swap level")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N images of the split")
-    p.add_argument("--batch-size", type=int, default=500, help="images per chunk (bounds memory)")
+    p.add_argument("--limit", type=count(1), default=None, help="use only the first N images of the split")
+    p.add_argument("--batch-size", type=count(1), default=500, help="images per chunk (bounds memory)")
     p.add_argument(
         "--bn-recalib",
-        type=int,
+        type=count(0),
         default=0,
         metavar="N",
         help="also report single-block removal with BN re-estimated on N training images",
@@ -68,26 +86,37 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     try:
         run(args, argv)
-    except AblationError as e:
+    except UserError as e:
         print(f"resnet-lab ablate: error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> Path:
-    torch.set_grad_enabled(False)
-    ckpts = [load_checkpoint(c) for c in args.checkpoints]
+    with torch.no_grad():  # scoped: an in-process sweep goes on to train
+        return _run(args, argv)
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> Path:
+    ckpts = load_checkpoints(args.checkpoints)
     check_compatible(ckpts)
+    opts = StudyOptions(
+        split=args.split,
+        studies=tuple(args.studies),
+        blocks=tuple(args.blocks) if args.blocks else None,
+        k_max=args.k_max,
+        samples=args.samples,
+        seed=args.seed,
+        limit=args.limit,
+        bn_recalib=args.bn_recalib,
+    )
     for c in ckpts:
         n = len(check_blocks(c.model, args.blocks))
-        if "k" in args.studies and args.k_max > n:
-            raise AblationError(f"--k-max {args.k_max} exceeds the {n} removable blocks of {c.spec.name}")
+        if "k" in opts.studies and opts.k_max > n:
+            raise AblationError(f"--k-max {opts.k_max} exceeds the {n} removable blocks of {c.spec.name}")
     keys = ("split", "studies", "blocks", "k_max", "samples", "seed", "limit", "bn_recalib")
-    opts = {k: getattr(args, k) for k in keys}
-    manifest = manifest_for(ckpts, opts)
-    out = Path(args.out)
-    store = Store(out, manifest, args.overwrite)
-
+    store = Store(Path(args.out), manifest_for(ckpts, {k: getattr(args, k) for k in keys}), args.overwrite)
+    out = store.out
     dm = build_datamodule(
         ckpts[0].data,
         folder=args.data_folder,
@@ -96,29 +125,20 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         batch_size=args.batch_size,
     )
     dm.setup("test")
-    n_images = len(dm.splits[args.split][1]) if hasattr(dm, "splits") else len(dm.val_set)
-    n_images = min(n_images, args.limit or n_images)
+    n_split = len(dm.splits[args.split][1]) if hasattr(dm, "splits") else len(dm.val_set)
+    n_images = min(n_split, args.limit or n_split)
 
     from tqdm.auto import tqdm
 
     bar = tqdm(desc="lesion evaluations", unit="img", disable=args.no_progress, unit_scale=True)
     for c in ckpts:
         bar.set_postfix_str(c.label)
-        run_units(
-            c,
-            dm,
-            store,
-            args.split,
-            args.studies,
-            args.k_max,
-            args.samples,
-            args.seed,
-            args.limit,
-            args.bn_recalib,
-            progress=bar.update,
-        )
+        UnitRunner(c, dm, store, opts, progress=bar.update).run()
     bar.close()
     rows = store.rows()
+    evaluated = {r["n"] for r in rows if "n" in r}
+    if evaluated and evaluated != {n_images}:
+        raise AblationError(f"internal check failed: units evaluated {sorted(evaluated)} images, expected {n_images}")
     meta = {
         "command": "resnet-lab ablate " + shlex.join(argv),
         "split": args.split,

@@ -98,16 +98,6 @@ def condition_logits(model: ResNet, x: Tensor, conds: Sequence[Condition]) -> di
     return out
 
 
-@torch.no_grad()
-def naive_logits(model: ResNet, x: Tensor, cond: Condition) -> Tensor:
-    """The reference: a full forward pass of the modified network."""
-    with model.remove_blocks(cond.removed):
-        if cond.order is None:
-            return model(x)
-        with model.reorder_blocks(cond.order):
-            return model(x)
-
-
 def evaluate(
     model: ResNet,
     batches: Iterable[tuple[Tensor, Tensor]],
@@ -131,9 +121,18 @@ def single_block_conditions(model: ResNet, blocks: Sequence[str] | None = None) 
     """The intact net, then each of `blocks` (default: all) removed alone."""
     down = set(model.downsample_blocks)
     names = model.block_names
-    conds = [Condition("intact", meta={"block": "none", "position": -1, "downsample": False})]
+    conds = [Condition("intact", meta={"block": "none", "position": -1, "downsample": False, "removed_as": "-"})]
     conds += [
-        Condition(f"drop:{b}", removed=(b,), meta={"block": b, "position": names.index(b), "downsample": b in down})
+        Condition(
+            f"drop:{b}",
+            removed=(b,),
+            meta={
+                "block": b,
+                "position": names.index(b),
+                "downsample": b in down,
+                "removed_as": model.get_block(b).removed_as,
+            },
+        )
         for b in (blocks or names)
     ]
     return conds

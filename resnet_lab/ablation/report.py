@@ -85,76 +85,90 @@ def write_tables(rows: list[dict], out: Path) -> None:
     (out / "results.json").write_text(json.dumps(rows, indent=1))
 
 
-def plot_all(rows: list[dict], out: Path) -> list[str]:
+def chance_error(num_classes: int) -> float:
+    """Top-1 error (%) of a uniform guess over `num_classes` classes."""
+    return 100.0 * (1 - 1 / num_classes)
+
+
+def plot_all(rows: list[dict], out: Path, num_classes: int) -> list[str]:
+    """One PNG per study that has rows; returns the file names."""
     import matplotlib
 
     matplotlib.use("Agg")
+    s = summarize(rows)
+    # One colour per checkpoint across all plots, in command-line order.
+    colour = {ck: f"C{i}" for i, ck in enumerate(dict.fromkeys(r["checkpoint"] for r in rows))}
+    plots = (
+        ("single", lambda ax: _plot_single(ax, s, colour, num_classes), (9, 4)),
+        ("k", lambda ax: _plot_k(ax, s, colour), (6, 4)),
+        ("reorder", lambda ax: _plot_reorder(ax, s, colour), (6, 4)),
+        ("responses", lambda ax: _plot_responses(ax, s, colour), (7, 4)),
+    )
     import matplotlib.pyplot as plt
 
-    s = summarize(rows)
     made = []
-    # One colour per checkpoint across all plots, in command-line order.
-    order = list(dict.fromkeys(r["checkpoint"] for r in rows))
-    colour = {ck: f"C{i}" for i, ck in enumerate(order)}
-    if s["single"]:
-        fig, ax = plt.subplots(figsize=(9, 4))
-        for (ck, cond), rs in s["single"].items():
-            rs = sorted(rs, key=lambda r: r["position"])
-            (line,) = ax.plot(
-                [r["position"] for r in rs],
-                [r["error"] for r in rs],
-                "o-" if cond == "eval-bn" else "s:",
-                color=colour[ck],
-                label=f"{ck} [{cond}]",
-            )
-            down = [r for r in rs if r["downsample"]]
-            ax.scatter(
-                [r["position"] for r in down],
-                [r["error"] for r in down],
-                s=140,
-                facecolors="none",
-                edgecolors=line.get_color(),
-                linewidths=1.5,
-            )
-            if ck in s["baseline"]:
-                ax.axhline(s["baseline"][ck], color=line.get_color(), ls="--", lw=1)
-        ax.axhline(90, color="gray", ls=":", lw=1, label="chance (10 classes)")
-        names = [r["block"] for r in sorted(next(iter(s["single"].values())), key=lambda r: r["position"])]
-        ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
-        ax.set(ylabel="error (%)", title="Error with one block removed (dashed: intact; circled: downsampling)")
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        made.append(_save(fig, out / PLOTS["single"]))
-    if s["k"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for (ck, cond), curve in s["k"].items():
-            ks = sorted(curve)
-            m = [curve[k][0] for k in ks]
-            sd = [curve[k][1] for k in ks]
-            ax.plot(ks, m, "o-", color=colour[ck], label=f"{ck} [{cond}]")
-            ax.fill_between(
-                ks, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], alpha=0.2, color=colour[ck]
-            )
-        ax.set(xlabel="blocks removed (k)", ylabel="error (%)", title="Random k-block lesions (mean ± std)")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend(fontsize=7)
-        made.append(_save(fig, out / PLOTS["k"]))
-    if s["reorder"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for (ck, cond), rs in s["reorder"].items():
-            ax.scatter([r["tau"] for r in rs], [r["error"] for r in rs], s=12, color=colour[ck], label=f"{ck} [{cond}]")
-        ax.set(xlabel="Kendall tau to the original order", ylabel="error (%)", title="Error vs block reordering")
-        ax.invert_xaxis()
-        ax.legend(fontsize=7)
-        made.append(_save(fig, out / PLOTS["reorder"]))
-    if s["responses"]:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for ck, rs in s["responses"].items():
-            rs = sorted(rs, key=lambda r: r["layer_index"])
-            ax.plot([r["layer_index"] for r in rs], [r["std"] for r in rs], "o-", ms=3, color=colour[ck], label=ck)
-        ax.set(xlabel="3x3 layer index", ylabel="std of response", title="Layer responses (after BN, He et al. Fig. 7)")
-        ax.legend(fontsize=7)
-        made.append(_save(fig, out / PLOTS["responses"]))
+    for study, draw, size in plots:
+        if s[study]:
+            fig, ax = plt.subplots(figsize=size)
+            draw(ax)
+            made.append(_save(fig, out / PLOTS[study]))
     return made
+
+
+def _plot_single(ax, s: dict, colour: dict, num_classes: int) -> None:
+    for (ck, cond), rs in s["single"].items():
+        rs = sorted(rs, key=lambda r: r["position"])
+        (line,) = ax.plot(
+            [r["position"] for r in rs],
+            [r["error"] for r in rs],
+            "o-" if cond == "eval-bn" else "s:",
+            color=colour[ck],
+            label=f"{ck} [{cond}]",
+        )
+        down = [r for r in rs if r["downsample"]]
+        ax.scatter(
+            [r["position"] for r in down],
+            [r["error"] for r in down],
+            s=140,
+            facecolors="none",
+            edgecolors=line.get_color(),
+            linewidths=1.5,
+        )
+        if ck in s["baseline"]:
+            ax.axhline(s["baseline"][ck], color=line.get_color(), ls="--", lw=1)
+    ax.axhline(chance_error(num_classes), color="gray", ls=":", lw=1, label=f"chance ({num_classes} classes)")
+    names = [r["block"] for r in sorted(next(iter(s["single"].values())), key=lambda r: r["position"])]
+    ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
+    ax.set(ylabel="error (%)", title="Error with one block removed (dashed: intact; circled: downsampling)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def _plot_k(ax, s: dict, colour: dict) -> None:
+    for (ck, cond), curve in s["k"].items():
+        ks = sorted(curve)
+        m = [curve[k][0] for k in ks]
+        sd = [curve[k][1] for k in ks]
+        ax.plot(ks, m, "o-", color=colour[ck], label=f"{ck} [{cond}]")
+        ax.fill_between(ks, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], alpha=0.2, color=colour[ck])
+    ax.set(xlabel="blocks removed (k)", ylabel="error (%)", title="Random k-block lesions (mean ± std)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=7)
+
+
+def _plot_reorder(ax, s: dict, colour: dict) -> None:
+    for (ck, cond), rs in s["reorder"].items():
+        ax.scatter([r["tau"] for r in rs], [r["error"] for r in rs], s=12, color=colour[ck], label=f"{ck} [{cond}]")
+    ax.set(xlabel="Kendall tau to the original order", ylabel="error (%)", title="Error vs block reordering")
+    ax.invert_xaxis()
+    ax.legend(fontsize=7)
+
+
+def _plot_responses(ax, s: dict, colour: dict) -> None:
+    for ck, rs in s["responses"].items():
+        rs = sorted(rs, key=lambda r: r["layer_index"])
+        ax.plot([r["layer_index"] for r in rs], [r["std"] for r in rs], "o-", ms=3, color=colour[ck], label=ck)
+    ax.set(xlabel="3x3 layer index", ylabel="std of response", title="Layer responses (after BN, He et al. Fig. 7)")
+    ax.legend(fontsize=7)
 
 
 def _save(fig, path: Path) -> str:
@@ -176,7 +190,10 @@ def single_block_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     names = [r["block"] for r in sorted(s["single"][(cols[0], "eval-bn")], key=lambda r: r["position"])]
     body = [["intact (baseline)", *[f"{s['baseline'].get(ck, float('nan')):.2f}" for ck in cols]]]
     for n in names:
-        mark = " (downsample)" if per[cols[0]][n]["downsample"] else ""
+        r0 = per[cols[0]][n]
+        mark = " (downsample)" if r0["downsample"] else ""
+        if r0.get("removed_as", "identity") != "identity":
+            mark += f" → {r0['removed_as']}"
         body.append([f"drop {n}{mark}", *[f"{per[ck][n]['error']:.2f}" if n in per[ck] else "-" for ck in cols]])
     return ["condition", *cols], body
 
@@ -214,7 +231,18 @@ def _html_table(head: list[str], body: list[list[str]]) -> str:
 def write_report(rows: list[dict], out: Path, meta: dict[str, Any]) -> None:
     """results.csv/json, plots, report.md and report.html (images inlined)."""
     write_tables(rows, out)
-    plots = plot_all(rows, out)
+    num_classes = meta["checkpoints"][0]["spec"]["num_classes"]
+    plots = plot_all(rows, out, num_classes)
+    kept = sorted({r["removed_as"] for r in rows if r.get("removed_as") not in (None, "-", "identity")})
+    removal = (
+        "A removed block computes y = relu(shortcut(x)): y = x where its shortcut is the identity"
+        + (
+            f"; where it is not, its shortcut is kept ({', '.join(kept)}), so that removal is not y = x."
+            if kept
+            else "."
+        )
+        + f" Chance error: {chance_error(num_classes):.2f}% ({num_classes} classes)."
+    )
     sb, kt = single_block_table(rows), k_table(rows)
     ck_lines = [
         f"- `{c['label']}`: `{c['path']}`; spec `{json.dumps(c['spec'])}`; training: "
@@ -235,6 +263,7 @@ def write_report(rows: list[dict], out: Path, meta: dict[str, Any]) -> None:
         *ck_lines,
         "",
         "## Single-block removal (top-1 error, %)\n",
+        removal + "\n",
         _md_table(*sb),
         "## Random k-block removal (error %, mean ± std over samples)\n",
         _md_table(*kt),
@@ -255,7 +284,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}img{{max-width:10
 <h1>Test-time lesion report</h1><p>Command: <code>{html.escape(meta["command"])}</code></p>
 <p>Split: <b>{html.escape(meta["split"])}</b> ({meta["n_images"]} images)</p>
 <h2>Checkpoints</h2><ul>{cks}</ul>
-<h2>Single-block removal (top-1 error, %)</h2>{_html_table(*sb)}
+<h2>Single-block removal (top-1 error, %)</h2><p>{html.escape(removal)}</p>{_html_table(*sb)}
 <h2>Random k-block removal (error %, mean ± std)</h2>{_html_table(*kt)}
 <h2>Plots</h2>{imgs}</body></html>"""
     (out / "report.html").write_text(page)

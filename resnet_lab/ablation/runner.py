@@ -21,7 +21,7 @@ import inspect
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import yaml
 
+from ..errors import UserError
 from ..models import ResNet, ResNetSpec
 from . import engine
 from .engine import Condition
@@ -36,7 +37,7 @@ from .engine import Condition
 STUDIES = ("single", "k", "reorder", "responses")
 
 
-class AblationError(RuntimeError):
+class AblationError(UserError, RuntimeError):
     """Bad ablation input; the message says how to fix it."""
 
 
@@ -80,7 +81,30 @@ def load_checkpoint(path: str | os.PathLike) -> Loaded:
             metrics["best val/error"] = float(state["best_model_score"])
     metrics["global_step"] = float(ckpt.get("global_step", 0))
     label = spec.name if run_dir is None else f"{spec.name} ({run_dir.name})"
+    if p.stem != "last":
+        label += f" [{p.stem}]"  # best-*.ckpt beside last.ckpt: a row set of its own
     return Loaded(str(p), label, model, spec, data, metrics, str(run_dir) if run_dir else None)
+
+
+def load_checkpoints(paths: list[str]) -> list[Loaded]:
+    """Load every checkpoint, each with a label no other one shares (labels key the
+    results: two checkpoints under one label would silently merge into one net)."""
+    resolved = [Path(p).resolve() for p in paths]
+    twice = sorted({str(p) for p in resolved if resolved.count(p) > 1})
+    if twice:
+        raise AblationError(f"checkpoint(s) given more than once: {twice}; pass each file once")
+    ckpts = [load_checkpoint(p) for p in paths]
+    for label in {c.label for c in ckpts}:
+        same = [c for c in ckpts if c.label == label]
+        if len(same) > 1:
+            for c in same:
+                c.label = f"{label} <{Path(c.path).parent.name}/{Path(c.path).name}>"
+    for label in {c.label for c in ckpts}:
+        same = [c for c in ckpts if c.label == label]
+        if len(same) > 1:
+            for i, c in enumerate(same, 1):
+                c.label = f"{label} #{i}"
+    return ckpts
 
 
 def _data_config(run_dir: Path | None, ckpt: dict) -> dict[str, Any]:
@@ -92,13 +116,34 @@ def _data_config(run_dir: Path | None, ckpt: dict) -> dict[str, Any]:
     return {"class_path": "resnet_lab.data.cifar.CIFAR10DataModule", "init_args": hp}
 
 
-def build_datamodule(data: dict[str, Any], **overrides: Any):
-    """The run's DataModule, with the overrides its class accepts (None = keep)."""
+# The init argument that holds each DataModule's data location (`ablate --data-folder`).
+LOCATION_ARG = {"CIFAR10DataModule": "folder", "ImageNetDataModule": "path"}
+
+
+def build_datamodule(data: dict[str, Any], folder: str | None = None, **overrides: Any):
+    """The run's DataModule with `overrides` applied (None = keep); `folder` replaces
+    its data location (CIFAR's `folder`, ImageNet's `path`). An override the class
+    does not take is an error, never silently dropped."""
     mod, _, cls = data["class_path"].rpartition(".")
     dm_cls = getattr(importlib.import_module(mod), cls)
-    kwargs = {**(data.get("init_args") or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    init = dict(data.get("init_args") or {})
+    loc = LOCATION_ARG.get(cls)
+    if folder is not None:
+        if loc is None:
+            raise AblationError(f"--data-folder is not supported for {cls}; it has no data-location argument")
+        init[loc] = folder
     accepted = set(inspect.signature(dm_cls).parameters)
-    return dm_cls(**{k: v for k, v in kwargs.items() if k in accepted})
+    unknown = sorted(k for k, v in overrides.items() if v is not None and k not in accepted)
+    if unknown:
+        raise AblationError(f"{cls} takes no {unknown}; this ablation cannot run on its data")
+    init.update({k: v for k, v in overrides.items() if v is not None})
+    where = init.get(loc) if loc else None
+    if where and not Path(where).exists() and init.get("source", "folder") in ("auto", "folder"):
+        raise AblationError(
+            f"the data of this run, {where}, does not exist (moved, or stored relative to another directory); "
+            "pass its new location with --data-folder PATH"
+        )
+    return dm_cls(**{k: v for k, v in init.items() if k in accepted})
 
 
 def batches(dm, split: str, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -131,9 +176,14 @@ class Store:
                         "or choose another --out"
                     )
                 shutil.rmtree(out)
+        elif out.exists() and not out.is_dir():
+            raise AblationError(f"--out {out} is a file; give a directory for the report")
         elif out.exists() and any(out.iterdir()) and not overwrite:
             raise AblationError(f"{out} is not empty and is not an ablation report; choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise AblationError(f"cannot create --out {out}: {e.strerror}; choose another directory") from e
         tmp = mpath.with_suffix(".tmp")
         tmp.write_text(json.dumps(manifest, indent=2))
         os.replace(tmp, mpath)
@@ -147,8 +197,14 @@ class Store:
                 self.done[rec["unit"]] = rec["rows"]
 
     def add(self, unit: str, rows: list[dict]) -> None:
+        torn = False
+        if self.path.exists() and self.path.stat().st_size > 0:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
         with open(self.path, "a") as f:
-            f.write(json.dumps({"unit": unit, "rows": rows}) + "\n")
+            # A line torn by a kill must not swallow this record: start on a new line.
+            f.write(("\n" if torn else "") + json.dumps({"unit": unit, "rows": rows}) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.done[unit] = rows
@@ -195,83 +251,98 @@ def check_compatible(ckpts: list[Loaded]) -> None:
             )
 
 
-def run_units(
-    ckpt: Loaded,
-    dm,
-    store: Store,
-    split: str,
-    studies: Iterable[str],
-    k_max: int,
-    samples: int,
-    seed: int,
-    limit: int | None,
-    bn_recalib: int,
-    progress=None,
-    blocks: list[str] | None = None,
-) -> None:
-    """Run every unfinished unit of one checkpoint; `blocks` limits the removable set."""
-    model, name = ckpt.model, ckpt.label
-    studies = list(studies)
-    blocks = check_blocks(model, blocks)
-    n_blocks = len(blocks)
+@dataclass(frozen=True)
+class StudyOptions:
+    """What to run on each checkpoint (the `ablate` options that shape the results)."""
 
-    def unit(u: str, conds: list[Condition], study: str, condition: str = "eval-bn") -> None:
-        key = f"{name}|{study}|{u}|{condition}"
-        if key in store.done:
-            return
+    split: str = "test"
+    studies: tuple[str, ...] = ("single", "k", "responses")
+    blocks: tuple[str, ...] | None = None  # removable blocks of the single and k studies
+    k_max: int = 5
+    samples: int = 10
+    seed: int = 0
+    limit: int | None = None
+    bn_recalib: int = 0
+
+
+class UnitRunner:
+    """Runs the unfinished units of one checkpoint into the store."""
+
+    def __init__(self, ckpt: Loaded, dm, store: Store, opts: StudyOptions, progress=None) -> None:
+        self.ckpt, self.dm, self.store, self.opts, self.progress = ckpt, dm, store, opts, progress
+        self.blocks = check_blocks(ckpt.model, list(opts.blocks) if opts.blocks else None)
+
+    def run(self) -> None:
+        model, o = self.ckpt.model, self.opts
+        if "single" in o.studies:
+            self.unit("all", engine.single_block_conditions(model, self.blocks), "single")
+            if o.bn_recalib:
+                self.unit("all", engine.single_block_conditions(model, self.blocks)[1:], "single", "recalibrated-bn")
+        if "k" in o.studies:
+            if o.k_max > len(self.blocks):
+                raise AblationError(
+                    f"--k-max {o.k_max} exceeds the {len(self.blocks)} removable blocks of {self.ckpt.spec.name}"
+                )
+            for k in range(1, o.k_max + 1):
+                self.unit(f"k{k}", engine.k_conditions(model, k, o.samples, o.seed, self.blocks), "k")
+        if "reorder" in o.studies and model.swappable_groups():
+            for swaps in (1, 2, 4, 8, 16, 32)[: max(1, min(6, len(model.block_names) // 2))]:
+                self.unit(f"swaps{swaps}", engine.reorder_conditions(model, swaps, o.samples, o.seed), "reorder")
+        if "responses" in o.studies:
+            self.responses()
+
+    def _key(self, study: str, unit: str, condition: str) -> str:
+        return f"{self.ckpt.label}|{study}|{unit}|{condition}"
+
+    def _row(self, study: str, condition: str, **fields: Any) -> dict[str, Any]:
+        c = self.ckpt
+        return {
+            "checkpoint": c.label,
+            "spec": c.spec.name,
+            "plain": c.spec.plain,
+            "study": study,
+            "condition": condition,
+            **fields,
+        }
+
+    def _tallies(self, conds: list[Condition], condition: str) -> dict[str, engine.Tally]:
+        o, model = self.opts, self.ckpt.model
         if condition == "eval-bn":
-            tallies = engine.evaluate(model, batches(dm, split, limit), conds, progress)
-        else:  # re-estimate BN after each change: one pass of training batches per condition
-            tallies = {}
-            for c in conds:
-                m = copy.deepcopy(model)
-                with m.remove_blocks(c.removed):
-                    engine.recalibrate_bn(m, batches(dm, "train", bn_recalib), engine.first_changed(m, c))
-                    tallies.update(engine.evaluate(m, batches(dm, split, limit), [c], progress))
+            return engine.evaluate(model, batches(self.dm, o.split, o.limit), conds, self.progress)
+        tallies = {}  # re-estimate BN after each change: one pass of training batches per condition
+        for c in conds:
+            m = copy.deepcopy(model)
+            with m.remove_blocks(c.removed):
+                engine.recalibrate_bn(m, batches(self.dm, "train", o.bn_recalib), engine.first_changed(m, c))
+                tallies.update(engine.evaluate(m, batches(self.dm, o.split, o.limit), [c], self.progress))
+        return tallies
+
+    def unit(self, u: str, conds: list[Condition], study: str, condition: str = "eval-bn") -> None:
+        key = self._key(study, u, condition)
+        if key in self.store.done:
+            return
+        tallies = self._tallies(conds, condition)
         rows = [
-            {
-                "checkpoint": name,
-                "spec": ckpt.spec.name,
-                "plain": ckpt.spec.plain,
-                "study": study,
-                "condition": condition,
-                "key": c.key,
-                "error": tallies[c.key].error,
-                "loss": tallies[c.key].mean_loss,
-                "n": tallies[c.key].n,
+            self._row(
+                study,
+                condition,
+                key=c.key,
+                error=tallies[c.key].error,
+                loss=tallies[c.key].mean_loss,
+                n=tallies[c.key].n,
                 **c.meta,
-            }
+            )
             for c in conds
         ]
-        store.add(key, rows)
+        self.store.add(key, rows)
 
-    if "single" in studies:
-        unit("all", engine.single_block_conditions(model, blocks), "single")
-        if bn_recalib:
-            unit("all", engine.single_block_conditions(model, blocks)[1:], "single", "recalibrated-bn")
-    if "k" in studies:
-        if k_max > n_blocks:
-            raise AblationError(f"--k-max {k_max} exceeds the {n_blocks} removable blocks of {ckpt.spec.name}")
-        for k in range(1, k_max + 1):
-            unit(f"k{k}", engine.k_conditions(model, k, samples, seed, blocks), "k")
-    if "reorder" in studies and model.swappable_groups():
-        for swaps in (1, 2, 4, 8, 16, 32)[: max(1, min(6, n_blocks // 2))]:
-            unit(f"swaps{swaps}", engine.reorder_conditions(model, swaps, samples, seed), "reorder")
-    if "responses" in studies:
-        key = f"{name}|responses|all|eval-bn"
-        if key not in store.done:
-            stds = engine.response_stds(model, batches(dm, split, limit))
-            rows = [
-                {
-                    "checkpoint": name,
-                    "spec": ckpt.spec.name,
-                    "plain": ckpt.spec.plain,
-                    "study": "responses",
-                    "condition": "eval-bn",
-                    "key": layer,
-                    "layer_index": i,
-                    "std": v,
-                }
-                for i, (layer, v) in enumerate(stds.items())
-            ]
-            store.add(key, rows)
+    def responses(self) -> None:
+        key = self._key("responses", "all", "eval-bn")
+        if key in self.store.done:
+            return
+        stds = engine.response_stds(self.ckpt.model, batches(self.dm, self.opts.split, self.opts.limit))
+        rows = [
+            self._row("responses", "eval-bn", key=layer, layer_index=i, std=v)
+            for i, (layer, v) in enumerate(stds.items())
+        ]
+        self.store.add(key, rows)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -25,7 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import DataError, cache_root, decode_image, iter_image_members, source_key
+from .common import (
+    DataError,
+    absolute,
+    cache_root,
+    check_counts,
+    decode_image,
+    folder_classes,
+    iter_image_members,
+    source_key,
+)
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -46,6 +56,10 @@ def load_torchvision_files(root: str | os.PathLike, download: bool) -> dict[str,
         out[f"{split}_x"] = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
         out[f"{split}_y"] = torch.tensor(ds.targets, dtype=torch.int64)
     return out
+
+
+def torchvision_files_present(root: str | os.PathLike) -> bool:
+    return (Path(root) / "cifar-10-batches-py" / "batches.meta").is_file()
 
 
 def load_image_folder(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -110,8 +124,11 @@ def random_crop_flip(x: Tensor, pad: int = 4, generator: torch.Generator | None 
 class TensorLoader:
     """Batches of (uint8 images, labels) sliced from tensors on one device.
 
-    Sharded by (rank, world) like a DistributedSampler: every rank sees the same
-    number of batches, so DDP never deadlocks on a ragged last batch.
+    Sharded by (rank, world). Training (drop_last) gives every rank the same number
+    of images, like a DistributedSampler. Evaluation gives rank r the images
+    r, r + world, ...: every image exactly once, none repeated, so DDP metrics equal
+    the single-process ones (ranks may then hold one batch more or less; the
+    module syncs its metrics once per epoch, never per step).
     """
 
     def __init__(
@@ -130,7 +147,10 @@ class TensorLoader:
         self.rank, self.world, self.epoch = rank, world, 0
 
     def _per_rank(self) -> int:
-        return len(self.y) // self.world if self.world > 1 else len(self.y)
+        n = len(self.y)
+        if self.world == 1:
+            return n
+        return n // self.world if self.drop_last else len(range(self.rank, n, self.world))
 
     def __len__(self) -> int:
         n = self._per_rank()
@@ -171,7 +191,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        source: str = "auto",
+        source: Literal["auto", "torchvision", "folder", "synthetic"] = "auto",
         root: str | None = None,
         folder: str | None = None,
         download: bool = True,
@@ -188,10 +208,35 @@ class CIFAR10DataModule(pl.LightningDataModule):
         super().__init__()
         if source not in ("auto", "torchvision", "folder", "synthetic"):
             raise DataError(f"unknown CIFAR source {source!r}; valid: auto, torchvision, folder, synthetic")
+        check_counts(
+            "data.init_args",
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            train_subset=train_subset,
+            eval_subset=eval_subset,
+        )
+        if val_size < 0:
+            raise DataError(f"data.init_args.val_size={val_size} must be >= 0 (0 trains on all 50k images)")
+        # Absolute paths: a run's stored config works from any directory.
+        root, folder, cache_dir = (absolute(p) for p in (root, folder, cache_dir))
         self.save_hyperparameters()
-        self.num_classes = 10
-        self.classes: list[str] = list(CLASSES)
+        self.classes: list[str] = self._peek_classes()
+        self.num_classes = len(self.classes)  # known now: the CLI links it into the model
         self.mean: Tensor | None = None  # (3, 32, 32), of the training split
+
+    def resolved_paths(self) -> dict[str, str | None]:
+        """The data locations, as absolute paths (what a run's config.yaml stores)."""
+        return {k: self.hparams[k] for k in ("root", "folder", "cache_dir")}
+
+    def _peek_classes(self) -> list[str]:
+        """The class names of the source `setup` will load, without decoding images."""
+        hp = self.hparams
+        if not (hp.source in ("auto", "folder") and hp.folder and Path(hp.folder).exists()):
+            return list(CLASSES)
+        tv_root = hp.root or cache_root(hp.cache_dir) / "torchvision"
+        if hp.source == "folder" or not torchvision_files_present(tv_root):
+            return folder_classes(hp.folder)
+        return list(CLASSES)
 
     # -- loading ------------------------------------------------------------
     def _load_source(self) -> tuple[dict[str, Tensor], str]:
@@ -209,7 +254,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
             if not Path(hp.folder).exists():
                 tried.append(f"folder {hp.folder}: does not exist")
             else:
-                key = f"folder-{source_key(hp.folder)}"
+                key = f"folder-{source_key(hp.folder)}"  # changes with any file of the tree
                 path = cache / f"cifar10-{key}.pt"
                 if path.exists():
                     return torch.load(path, mmap=True), key
@@ -239,9 +284,12 @@ class CIFAR10DataModule(pl.LightningDataModule):
             return
         data, self.source_name = self._load_source()
         hp = self.hparams
-        if "classes" in data:
-            self.classes = list(data["classes"])  # type: ignore[arg-type]
-            self.num_classes = len(self.classes)
+        classes = list(data.get("classes", CLASSES))  # type: ignore[arg-type]
+        if classes != self.classes:
+            raise DataError(
+                f"{self.source_name} holds classes {classes}, but {self.classes} were expected when the model "
+                "was built; the data changed while loading, run again"
+            )
         x, y = data["train_x"], data["train_y"]
         n = len(y)
         if not 0 <= hp.val_size < n:
@@ -308,6 +356,3 @@ class CIFAR10DataModule(pl.LightningDataModule):
         if self.hparams.augment and self.trainer is not None and self.trainer.training:
             x = random_crop_flip(x)
         return x, y
-
-    def state_dict(self) -> dict:
-        return {"mean": None if self.mean is None else self.mean.cpu(), "classes": self.classes}

@@ -9,15 +9,16 @@ Sizes are options so that small-image stand-ins (tiny-imagenet, 64 px) run too.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
-from .common import DataError, extract_archive, find_split_root, is_archive
+from .common import DataError, absolute, check_counts, extract_archive, find_split_root, is_archive
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -32,6 +33,23 @@ def _checked_loader(path: str):
         raise DataError(f"corrupt or non-image file {path}: {e}. Delete or replace it.") from e
 
 
+class EvalShardSampler(DistributedSampler):
+    """Rank r evaluates images r, r + world, ...: every image exactly once.
+
+    Lightning's default DistributedSampler pads the last ranks with repeated images,
+    which biases DDP metrics; as a DistributedSampler subclass this one is kept as is.
+    """
+
+    def __init__(self, dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+
 class ImageNetDataModule(pl.LightningDataModule):
     """Args:
     path: a folder or .tar/.tar.gz holding train/<class>/ and val/<class>/.
@@ -42,6 +60,8 @@ class ImageNetDataModule(pl.LightningDataModule):
     eval_resize: shorter side before the centre crop (paper: 256).
     ten_crop: evaluate on 10 crops (4 corners + centre, and their flips).
     color_jitter: strength of optional colour augmentation (0 = off).
+    augment: random scale/crop/flip on training batches; False gives training
+        batches the evaluation transform (e.g. for BN re-estimation).
     cache_dir: where archives are extracted (never next to the data).
     """
 
@@ -56,13 +76,26 @@ class ImageNetDataModule(pl.LightningDataModule):
         eval_resize: int = 256,
         ten_crop: bool = False,
         color_jitter: float = 0.0,
+        augment: bool = True,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
+        check_counts(
+            "data.init_args", batch_size=batch_size, eval_batch_size=eval_batch_size, crop=crop, eval_resize=eval_resize
+        )
+        if num_workers < 0:
+            raise DataError(f"data.init_args.num_workers={num_workers} must be >= 0")
+        if not 1 <= scale[0] <= scale[1]:
+            raise DataError(f"data.init_args.scale={list(scale)} must be [low, high] with 1 <= low <= high")
+        path, cache_dir = absolute(path), absolute(cache_dir)  # a run's config works from any directory
         self.save_hyperparameters()
         self.root: Path | None = None
         self.classes: list[str] = []
         self.num_classes = self._count_classes()
+
+    def resolved_paths(self) -> dict[str, str | None]:
+        """The data locations, as absolute paths (what a run's config.yaml stores)."""
+        return {k: self.hparams[k] for k in ("path", "cache_dir")}
 
     def _resolve(self) -> Path:
         if self.root is None:
@@ -88,7 +121,7 @@ class ImageNetDataModule(pl.LightningDataModule):
     def _transforms(self, train: bool):
         hp = self.hparams
         norm = [T.ToTensor(), T.Normalize(MEAN, STD)]
-        if train:
+        if train and hp.augment:
             lo, hi = hp.scale
             aug = [
                 T.RandomChoice([T.Resize(s) for s in range(lo, hi + 1)]) if hi > lo else T.Resize(lo),
@@ -98,7 +131,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             if hp.color_jitter:
                 aug.append(T.ColorJitter(hp.color_jitter, hp.color_jitter, hp.color_jitter))
             return T.Compose(aug + norm)
-        if hp.ten_crop:
+        if hp.ten_crop and not train:
             crops = T.Lambda(lambda cs: torch.stack([T.Normalize(MEAN, STD)(T.ToTensor()(c)) for c in cs]))
             return T.Compose([T.Resize(hp.eval_resize), T.TenCrop(hp.crop), crops])  # (10, 3, crop, crop)
         return T.Compose([T.Resize(hp.eval_resize), T.CenterCrop(hp.crop), *norm])
@@ -116,10 +149,15 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     def _loader(self, ds, train: bool) -> DataLoader:
         hp = self.hparams
+        t = self.trainer
+        sampler = None
+        if not train and t is not None and t.world_size > 1:
+            sampler = EvalShardSampler(ds, t.world_size, t.global_rank)
         return DataLoader(
             ds,
             batch_size=hp.batch_size if train else hp.eval_batch_size,
             shuffle=train,
+            sampler=sampler,
             drop_last=train,
             num_workers=hp.num_workers,
             pin_memory=torch.cuda.is_available(),

@@ -87,8 +87,6 @@ class ResidualBlock(nn.Module):
     projections the ReLU after the addition is kept.
     """
 
-    expansion = 1
-
     def __init__(self, plain: bool) -> None:
         super().__init__()
         self.plain = plain
@@ -116,6 +114,17 @@ class ResidualBlock(nn.Module):
         return self.relu(out)
 
     @property
+    def removed_as(self) -> str:
+        """What the block computes when removed: 'identity', 'subsample+zero-pad'
+        (option A or a plain downsampling block) or 'relu(BN(conv1x1(x)))' (a B/C
+        projection, which is kept: a removed option-C block is not y = x)."""
+        if self.downsample is None:
+            return "identity"
+        if isinstance(self.downsample, ShortcutA):
+            return "subsample+zero-pad"
+        return "relu(BN(conv1x1(x)))"
+
+    @property
     def signature(self) -> tuple[int, int, int]:
         """(in channels, out channels, stride): blocks with equal signatures can swap."""
         return (self.in_planes, self.out_planes, self.stride)
@@ -130,7 +139,7 @@ class BasicBlock(ResidualBlock):
 
     expansion = 1
 
-    def __init__(self, cin: int, planes: int, stride: int, shortcut: str, plain: bool, **_: object) -> None:
+    def __init__(self, cin: int, planes: int, stride: int, shortcut: str, plain: bool) -> None:
         super().__init__(plain)
         self.conv1, self.bn1 = conv3x3(cin, planes, stride), nn.BatchNorm2d(planes)
         self.conv2, self.bn2 = conv3x3(planes, planes), nn.BatchNorm2d(planes)
@@ -200,7 +209,8 @@ class ResNet(nn.Module):
             stage = []
             for b in range(n):
                 stride = 2 if (s > 0 and b == 0) else 1  # downsample at each stage's first block
-                blk = block_cls(cin, planes, stride, spec.shortcut, spec.plain, stride_on=spec.stride_on)
+                extra = {"stride_on": spec.stride_on} if block_cls is Bottleneck else {}
+                blk = block_cls(cin, planes, stride, spec.shortcut, spec.plain, **extra)
                 stage.append(blk)
                 cin = blk.out_planes
                 names.append(f"layer{s + 1}.{b}")
@@ -208,7 +218,6 @@ class ResNet(nn.Module):
             blocks += stage
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, spec.num_classes)
-        self.num_features = cin
 
         # A plain tuple, not a ModuleList: the blocks are already registered under
         # layerK, and a second registration would duplicate state-dict keys.

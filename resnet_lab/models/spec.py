@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..errors import UserError
+
 Family = Literal["cifar", "imagenet"]
 Shortcut = Literal["A", "B", "C"]
 StrideOn = Literal["3x3", "1x1"]
@@ -33,7 +35,7 @@ IMAGENET_LAYOUTS: dict[int, tuple[str, tuple[int, ...]]] = {
 }
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """An impossible architecture; the message names the valid choices."""
 
 
@@ -113,8 +115,11 @@ class ResNetSpec:
 
     @property
     def name(self) -> str:
-        """Registry-style name, e.g. 'resnet56' or 'plain20'."""
-        return f"{'plain' if self.plain else 'resnet'}{self.depth}"
+        """Registry-style name, e.g. 'resnet56' or 'plain20'. A CIFAR net whose depth is
+        also an ImageNet depth (26, 50, 152, 200) is 'cifar_resnet50': run names and
+        report labels never confuse it with the ImageNet net."""
+        base = f"{'plain' if self.plain else 'resnet'}{self.depth}"
+        return f"cifar_{base}" if self.family == "cifar" and self.depth in IMAGENET_LAYOUTS else base
 
     @property
     def input_size(self) -> int:

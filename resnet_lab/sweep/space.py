@@ -31,10 +31,12 @@ from typing import Any
 
 import optuna
 
+from ..errors import UserError
+
 ABLATION_KEYS = ("studies", "k_max", "samples", "seed", "split", "limit", "bn_recalib")
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """Bad sweep configuration; the message names the fix."""
 
 

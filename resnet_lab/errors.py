@@ -1,0 +1,17 @@
+"""The project's user-error base class.
+
+Every error whose message tells the user what to fix (a bad config value, a missing
+data folder, a mismatched checkpoint, a diverged run) derives from `UserError`. The
+`resnet-lab` entry point prints such an error as one line and exits with code 2;
+`--debug` (or RESNET_LAB_DEBUG=1) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input or a failed run that the user can fix; the message names the fix."""
+
+
+class DivergenceError(UserError, RuntimeError):
+    """Training produced a non-finite loss or non-finite weights."""
