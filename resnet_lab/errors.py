@@ -8,6 +8,8 @@ data folder, a mismatched checkpoint, a diverged run) derives from `UserError`. 
 
 from __future__ import annotations
 
+import argparse
+
 
 class UserError(Exception):
     """Bad input or a failed run that the user can fix; the message names the fix."""
@@ -15,3 +17,19 @@ class UserError(Exception):
 
 class DivergenceError(UserError, RuntimeError):
     """Training produced a non-finite loss or non-finite weights."""
+
+
+def count(minimum: int):
+    """An argparse type: an integer >= minimum, or one clear error."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{v} must be >= {minimum}")
+        return v
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse

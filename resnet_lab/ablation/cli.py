@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, count
 from .report import PLOTS, lesion_summary, write_report
 from .runner import (
     STUDIES,
@@ -27,22 +27,6 @@ from .runner import (
     load_checkpoints,
     manifest_for,
 )
-
-
-def count(minimum: int):
-    """An argparse type: an integer >= minimum, or one clear error."""
-
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"{v} must be >= {minimum}")
-        return v
-
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
 
 
 def parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from ..errors import UserError, count
 from .space import SweepError, SweepSpec, overrides_to_args
 
 
@@ -33,32 +34,61 @@ def merged_sweep_section(configs: list[str]) -> dict[str, Any]:
     return merged
 
 
-def fit_keys(configs: list[str]) -> set[str]:
-    """Every dotted option the fit parser accepts with these configs (via --print_config)."""
+def fit_config(configs: list[str], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The resolved fit config of these files and overrides (via --print_config)."""
     from ..train import cli_main
 
     buf, err = io.StringIO(), io.StringIO()
     with redirect_stdout(buf), redirect_stderr(err):
         try:
-            cli_main(["fit", *[a for c in configs for a in ("--config", c)], "--print_config"])
+            cli_main(
+                [
+                    "fit",
+                    *[a for c in configs for a in ("--config", c)],
+                    *overrides_to_args(overrides or {}),
+                    "--print_config",
+                ]
+            )
         except SystemExit as e:
             if e.code not in (0, None):
-                raise SweepError(f"the fit config does not parse: {err.getvalue().strip()[-1000:]}") from None
+                what = "sweep.space values do not parse" if overrides else "the fit config does not parse"
+                raise SweepError(f"{what}: {err.getvalue().strip()[-1000:]}") from None
+    return yaml.safe_load(buf.getvalue())
 
-    def walk(d: Any, prefix: str = "") -> set[str]:
-        keys = set()
-        if isinstance(d, dict):
-            for k, v in d.items():
-                keys.add(prefix + k)
-                keys |= walk(v, prefix + k + ".")
-        return keys
 
-    return walk(yaml.safe_load(buf.getvalue()))
+def check_single_process(cfg: dict[str, Any]) -> None:
+    """Trials run inside the worker process. Lightning's DDP launcher re-runs the command
+    line in its children, which would make each child a sweep worker of its own, so
+    multi-process trials are refused with the way to run them."""
+    t = cfg.get("trainer") or {}
+    strategy = t.get("strategy")
+    strategy = strategy.get("class_path", "") if isinstance(strategy, dict) else str(strategy or "auto")
+    devices, nodes = t.get("devices", "auto"), t.get("num_nodes", 1) or 1
+    many = isinstance(devices, list) and len(devices) > 1 or str(devices).isdigit() and int(devices) > 1
+    if many or nodes > 1 or any(k in strategy.lower() for k in ("ddp", "fsdp", "deepspeed")):
+        raise SweepError(
+            f"sweep trials run in one process, but the config asks for strategy={strategy!r}, devices={devices!r}, "
+            f"num_nodes={nodes}. Run one worker per device instead (trainer.devices: 1, trainer.strategy: auto; "
+            "start `resnet-lab sweep` once per GPU with CUDA_VISIBLE_DEVICES), or run a multi-GPU fit directly "
+            "with `resnet-lab fit` (or as a W&B sweep agent, sweeps/wandb/)"
+        )
+
+
+def walk_keys(d: Any, prefix: str = "") -> set[str]:
+    keys = set()
+    if isinstance(d, dict):
+        for k, v in d.items():
+            keys.add(prefix + k)
+            keys |= walk_keys(v, prefix + k + ".")
+    return keys
+
+
+def fit_keys(configs: list[str]) -> set[str]:
+    """Every dotted option the fit parser accepts with these configs."""
+    return walk_keys(fit_config(configs))
 
 
 def check_space_keys(spec: SweepSpec, configs: list[str]) -> None:
-    from ..train import cli_main
-
     keys = fit_keys(configs)
     for k in spec.space:
         if k.startswith("ablation."):
@@ -66,19 +96,14 @@ def check_space_keys(spec: SweepSpec, configs: list[str]) -> None:
         if k not in keys:
             close = difflib.get_close_matches(k, sorted(keys), n=3, cutoff=0.6)
             raise SweepError(f"unknown parameter {k!r} in sweep.space; close matches: {close or 'none'}")
-    # Each value must parse too (types, choices): check the first cell / range ends.
-    probe = {
-        k: (v[0] if isinstance(v, list) else v["low"]) for k, v in spec.space.items() if not k.startswith("ablation.")
-    }
-    err = io.StringIO()
-    with redirect_stdout(io.StringIO()), redirect_stderr(err):
-        try:
-            cli_main(
-                ["fit", *[a for c in configs for a in ("--config", c)], *overrides_to_args(probe), "--print_config"]
-            )
-        except SystemExit as e:
-            if e.code not in (0, None):
-                raise SweepError(f"sweep.space values do not parse: {err.getvalue().strip()[-800:]}") from None
+    # Each value must parse too (types, choices): probe the first and the last value of
+    # each list and both ends of each range; no probe may ask for several processes.
+    fit_space = {k: v for k, v in spec.space.items() if not k.startswith("ablation.")}
+    probes = [
+        {k: (v[i] if isinstance(v, list) else v[("low", "high")[i]]) for k, v in fit_space.items()} for i in (0, -1)
+    ]
+    for probe in probes:
+        check_single_process(fit_config(configs, probe))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -88,16 +113,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", required=True, help="experiment YAML(s), stacked like fit's")
     p.add_argument("--sweep.storage", dest="storage", default=None, help="sqlite:///... or postgresql://...")
     p.add_argument("--sweep.study_name", dest="study_name", default=None)
-    p.add_argument("--sweep.n_trials", dest="n_trials", type=int, default=None)
-    p.add_argument("--max-trials", type=int, default=None, help="this worker runs at most N trials")
+    p.add_argument("--sweep.n_trials", dest="n_trials", type=count(1), default=None)
+    p.add_argument("--max-trials", type=count(1), default=None, help="this worker runs at most N trials")
     p.add_argument("--summary", action="store_true", help="print the trial table and write plots; run nothing")
     p.add_argument("--force", action="store_true", help="reuse a study name whose space differs")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per trial (default: CPU cores // workers on this machine)",
+    )
     return p
 
 
 def load_spec(args: argparse.Namespace) -> SweepSpec:
     section = merged_sweep_section(args.config)
-    for k in ("storage", "study_name", "n_trials"):
+    for k in ("storage", "study_name", "n_trials", "threads"):
         if getattr(args, k) is not None:
             section[k] = getattr(args, k)
     return SweepSpec.from_dict(section)
@@ -107,21 +138,19 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     try:
         spec = load_spec(args)
-        from .run import open_study, run_worker
+        from .run import load_existing_study, run_worker
         from .summary import summarize
 
-        if args.summary:
-            study, _, _ = open_study(spec, force=True)
-        else:
+        failed = 0
+        if not args.summary:
             check_space_keys(spec, args.config)
             n, failed = run_worker(spec, args.config, force=args.force, max_trials=args.max_trials)
             more = args.max_trials is not None and n == args.max_trials
             print(f"worker ran {n} trial(s), {failed} failed" + ("" if more else "; the study has no more work"))
-            study, _, _ = open_study(spec, force=True)
-            print(summarize(study, Path(spec.root) / spec.study_name / "summary", spec.metric))
-            return 1 if failed else 0
+        study = load_existing_study(spec)  # read-only
         print(summarize(study, Path(spec.root) / spec.study_name / "summary", spec.metric))
-    except SweepError as e:
+        return 1 if failed else 0
+    except UserError as e:
         print(f"resnet-lab sweep: error: {e}", file=sys.stderr)
         return 2
     return 0

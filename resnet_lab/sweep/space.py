@@ -56,6 +56,8 @@ class SweepSpec:
     heartbeat_interval: int = 10
     grace_period: int = 30
     max_retry: int = 2
+    threads: int | None = None  # torch threads per trial; None: CPU cores // workers on this machine
+    allow_test_objective: bool = False  # let a selecting sampler or pruner optimise a test/ metric
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -97,8 +99,47 @@ class SweepSpec:
                 raise SweepError(f"unknown test-time parameter {k!r}; close: {close}; valid: {list(ABLATION_KEYS)}")
         if self.sampler != "grid" and not self.n_trials:
             raise SweepError(f"sweep.n_trials is required with the {self.sampler} sampler")
+        for name in ("n_trials", "threads", "heartbeat_interval", "grace_period"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise SweepError(f"sweep.{name}={v!r} must be a positive integer")
+        selects = self.sampler != "grid" or bool(self.pruner)
+        if selects and self.on_test_split() and not self.allow_test_objective:
+            raise SweepError(
+                f"sweep.metric {self.metric!r} is measured on the test split, and the {self.sampler} sampler"
+                + (" with a pruner" if self.pruner else "")
+                + " selects on it: the chosen config would be tuned to the test set. Optimise a val/ metric "
+                "(e.g. val/error, or lesion/ metrics with ablation.split: val), use sampler: grid, or set "
+                "sweep.allow_test_objective: true to do it knowingly"
+            )
+        self._check_ablation_counts()
+        if self.max_retry < 0:
+            raise SweepError(f"sweep.max_retry={self.max_retry} must be >= 0")
+
+    def _check_ablation_counts(self) -> None:
+        """Test-time counts must be valid before any trial trains (k_max, samples, limit >= 1)."""
+        values: dict[str, list[Any]] = {k: [v] for k, v in (self.ablation or {}).items()}
+        for k, v in self.space.items():
+            if k.startswith("ablation.") and isinstance(v, list):
+                values.setdefault(k.split(".", 1)[1], []).extend(v)
+        for name, minimum in (("k_max", 1), ("samples", 1), ("limit", 1), ("bn_recalib", 0)):
+            for v in values.get(name, []):
+                if v is None and name == "limit":
+                    continue
+                if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+                    raise SweepError(f"ablation {name}={v!r} must be an integer >= {minimum}")
+        unknown = set(self.ablation or {}) - set(ABLATION_KEYS)
+        if unknown:
+            raise SweepError(f"unknown sweep.ablation option(s) {sorted(unknown)}; valid: {list(ABLATION_KEYS)}")
 
     # -- derived ----------------------------------------------------------------
+    def on_test_split(self) -> bool:
+        """Whether the objective is a test-split number (lesion/ metrics follow ablation.split)."""
+        if self.metric.startswith("lesion/"):
+            splits = self.space.get("ablation.split") or [(self.ablation or {}).get("split", "test")]
+            return "test" in splits
+        return self.metric.startswith("test/")
+
     def grid(self) -> list[dict[str, Any]]:
         keys = list(self.space)
         return [dict(zip(keys, vals)) for vals in itertools.product(*(self.space[k] for k in keys))]
