@@ -73,14 +73,29 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("RESNET_LAB_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     cmd = argv[0] if argv else ""
+    if from_console:
+        sys.argv = [sys.argv[0], *argv]  # without --debug: Lightning's DDP launcher re-runs sys.argv
     try:
         return _dispatch(cmd, argv, from_console)
-    except UserError as e:
-        if debug:
+    except Exception as e:
+        user = user_error(e)
+        if user is None or debug:
             raise
-        print(f"resnet-lab {cmd}: error: {e}", file=sys.stderr)
+        print(f"resnet-lab {cmd}: error: {user}", file=sys.stderr)
         print("(run again with --debug for the traceback)", file=sys.stderr)
         return 2
+
+
+def user_error(e: BaseException) -> UserError | None:
+    """`e`, or the exception that caused it (jsonargparse and Lightning wrap errors
+    raised while instantiating classes), when it is one of the project's user errors."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, UserError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _dispatch(cmd: str, argv: list[str], from_console: bool) -> int:
@@ -99,7 +114,7 @@ def _dispatch(cmd: str, argv: list[str], from_console: bool) -> int:
     if cmd in LIGHTNING_COMMANDS:
         from .train import cli_main
 
-        cli_main(argv)
+        cli_main(None if from_console else argv)
         return 0
     print(
         "usage: resnet-lab {models,fit,validate,test,predict,ablate,sweep} ... [--debug]\n"

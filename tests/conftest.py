@@ -11,6 +11,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CIFAR_ARCHIVE = SHARED / "cifar10-jpeg.tar.gz"
 TINY_IMAGENET = SHARED / "tiny-imagenet-10.tar.gz"
 REPO = Path(__file__).resolve().parents[1]
+DEPTH = str(REPO / "sweeps" / "depth.yaml")
 
 
 def need(path: Path) -> Path:
@@ -52,3 +53,67 @@ def naive_logits(model, x, cond):
             return model(x)
         with model.reorder_blocks(cond.order):
             return model(x)
+
+
+@pytest.fixture(scope="session")
+def two_checkpoints(tmp_path_factory):
+    """A tiny resnet and its plain twin, trained a few steps on the synthetic set."""
+    root = tmp_path_factory.mktemp("runs")
+    from resnet_lab.train import cli_main
+
+    paths = []
+    for plain in ("false", "true"):
+        cli_main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "sweeps" / "depth.yaml"),
+                "--data.init_args.source",
+                "synthetic",
+                "--data.init_args.val_size",
+                "200",
+                "--model.depth",
+                "14",
+                "--model.plain",
+                plain,
+                "--trainer.max_steps",
+                "8",
+                "--trainer.enable_progress_bar",
+                "false",
+                "--run.root",
+                str(root),
+                "--run.logger",
+                "none",
+                "--run.test_after_fit",
+                "false",
+            ]
+        )
+    for d in ("resnet14", "plain14"):
+        (p,) = (root / d).glob("*/checkpoints/last.ckpt")
+        paths.append(str(p))
+    return paths
+
+
+def fit_args(tmp_path, *extra, steps=6, logger="csv"):
+    return [
+        "fit",
+        "--config",
+        DEPTH,
+        "--data.init_args.source",
+        "synthetic",
+        "--data.init_args.val_size",
+        "200",
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--run.root",
+        str(tmp_path / "runs"),
+        "--run.logger",
+        logger,
+        *extra,
+    ]

@@ -13,9 +13,8 @@ from resnet_lab.ablation import engine
 from resnet_lab.ablation.cli import main as ablate_main
 from resnet_lab.ablation.engine import Condition
 from resnet_lab.models import create_model
-from resnet_lab.train import cli_main
 
-from .conftest import REPO, naive_logits, trained_like
+from .conftest import naive_logits, trained_like
 from .wandb_offline import read_offline_run
 
 
@@ -71,43 +70,6 @@ def test_kendall_tau():
     order = engine.random_reorder(m, 5, random.Random(0))
     with m.reorder_blocks(order):  # shape-compatible by construction
         pass
-
-
-@pytest.fixture(scope="module")
-def two_checkpoints(tmp_path_factory):
-    """A tiny resnet and its plain twin, trained a few steps on the synthetic set."""
-    root = tmp_path_factory.mktemp("runs")
-    paths = []
-    for plain in ("false", "true"):
-        cli_main(
-            [
-                "fit",
-                "--config",
-                str(REPO / "sweeps" / "depth.yaml"),
-                "--data.init_args.source",
-                "synthetic",
-                "--data.init_args.val_size",
-                "200",
-                "--model.depth",
-                "14",
-                "--model.plain",
-                plain,
-                "--trainer.max_steps",
-                "8",
-                "--trainer.enable_progress_bar",
-                "false",
-                "--run.root",
-                str(root),
-                "--run.logger",
-                "none",
-                "--run.test_after_fit",
-                "false",
-            ]
-        )
-    for d in ("resnet14", "plain14"):
-        (p,) = (root / d).glob("*/checkpoints/last.ckpt")
-        paths.append(str(p))
-    return paths
 
 
 ARGS = [

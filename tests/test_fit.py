@@ -15,35 +15,10 @@ from resnet_lab.module import CheckpointMismatchError, ResNetClassifier
 from resnet_lab.schedules import PaperLR
 from resnet_lab.train import cli_main
 
-from .conftest import CIFAR_ARCHIVE, REPO, TINY_IMAGENET, need
+from .conftest import CIFAR_ARCHIVE, REPO, TINY_IMAGENET, fit_args, need
 from .wandb_offline import read_offline_run
 
 DEPTH = str(REPO / "sweeps" / "depth.yaml")
-
-
-def fit_args(tmp_path, *extra, steps=6, logger="csv"):
-    return [
-        "fit",
-        "--config",
-        DEPTH,
-        "--data.init_args.source",
-        "synthetic",
-        "--data.init_args.val_size",
-        "200",
-        "--trainer.max_steps",
-        str(steps),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--run.root",
-        str(tmp_path / "runs"),
-        "--run.logger",
-        logger,
-        *extra,
-    ]
 
 
 def only_run_dir(tmp_path) -> Path:

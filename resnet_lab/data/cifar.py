@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -191,7 +190,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        source: Literal["auto", "torchvision", "folder", "synthetic"] = "auto",
+        source: str = "auto",
         root: str | None = None,
         folder: str | None = None,
         download: bool = True,
@@ -217,9 +216,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
         )
         if val_size < 0:
             raise DataError(f"data.init_args.val_size={val_size} must be >= 0 (0 trains on all 50k images)")
-        # Absolute paths: a run's stored config works from any directory.
-        root, folder, cache_dir = (absolute(p) for p in (root, folder, cache_dir))
         self.save_hyperparameters()
+        # Absolute paths: a run's stored config and checkpoint work from any directory.
+        self.hparams.update(root=absolute(root), folder=absolute(folder), cache_dir=absolute(cache_dir))
         self.classes: list[str] = self._peek_classes()
         self.num_classes = len(self.classes)  # known now: the CLI links it into the model
         self.mean: Tensor | None = None  # (3, 32, 32), of the training split

@@ -87,8 +87,9 @@ class ImageNetDataModule(pl.LightningDataModule):
             raise DataError(f"data.init_args.num_workers={num_workers} must be >= 0")
         if not 1 <= scale[0] <= scale[1]:
             raise DataError(f"data.init_args.scale={list(scale)} must be [low, high] with 1 <= low <= high")
-        path, cache_dir = absolute(path), absolute(cache_dir)  # a run's config works from any directory
         self.save_hyperparameters()
+        # Absolute paths: a run's stored config and checkpoint work from any directory.
+        self.hparams.update(path=absolute(path), cache_dir=absolute(cache_dir))
         self.root: Path | None = None
         self.classes: list[str] = []
         self.num_classes = self._count_classes()
