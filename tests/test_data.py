@@ -37,20 +37,41 @@ def test_crops_stay_inside_padded_image_and_flips_are_exact():
 
 
 def test_loader_keeps_labels_aligned_and_shards():
-    # Each image's pixels are its label: after shuffling, sharding and augmentation the
-    # centre pixel (never padding) still equals the label.
-    y = torch.arange(100) % 10
-    x = y.view(-1, 1, 1, 1).expand(-1, 3, 32, 32).to(torch.uint8).contiguous()
-    seen = []
+    # Channel 0 of each image is its label, channel 1 its index: after shuffling,
+    # sharding and augmentation the centre pixel (never padding) still matches.
+    y = torch.arange(101) % 10
+    x = torch.stack([y, torch.arange(101), torch.zeros(101, dtype=torch.long)], 1)
+    x = x.view(-1, 3, 1, 1).expand(-1, 3, 32, 32).to(torch.uint8).contiguous()
+    train_ids = []
     for rank in (0, 1):
         loader = TensorLoader(x, y, batch_size=16, shuffle=True, drop_last=True, seed=3, rank=rank, world=2)
         assert len(loader) == 3
+        ids = []
         for xb, yb in loader:
             aug = random_crop_flip(xb.float())
             assert torch.equal(aug[:, 0, 16, 16].long(), yb)
-            seen.append(xb)
+            ids += xb[:, 1, 0, 0].tolist()
+        assert len(ids) == len(set(ids)) == 48
+        train_ids.append(set(ids))
+    assert not train_ids[0] & train_ids[1]  # disjoint shards
+    # Evaluation: every image exactly once over the ranks, none repeated or dropped.
+    eval_ids = []
+    for rank in (0, 1):
+        loader = TensorLoader(x, y, batch_size=16, shuffle=False, drop_last=False, rank=rank, world=2)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        eval_ids += [i for xb, _ in batches for i in xb[:, 1, 0, 0].tolist()]
+    assert sorted(eval_ids) == list(range(101))
     loader = TensorLoader(x, y, batch_size=16, shuffle=False, drop_last=False)
-    assert len(loader) == 7 and sum(len(b[1]) for b in loader) == 100
+    assert len(loader) == 7 and sum(len(b[1]) for b in loader) == 101
+
+
+def test_eval_shard_sampler_covers_every_image_once():
+    from resnet_lab.data.imagenet import EvalShardSampler
+
+    ds = list(range(11))
+    got = [list(EvalShardSampler(ds, 3, r)) for r in range(3)]
+    assert sorted(i for g in got for i in g) == ds and [len(EvalShardSampler(ds, 3, r)) for r in range(3)] == [4, 4, 3]
 
 
 def test_synthetic_split_and_mean(cache_dir):

@@ -158,24 +158,65 @@ def test_sigkill_then_resume_continues_at_saved_step(tmp_path):
     assert cli.trainer.lr_scheduler_configs[0].scheduler.last_epoch == step + 3
 
 
-def test_ddp_two_cpu_processes(tmp_path):
+def ddp_probe(tmp_path, name: str, args: list[str], devices: int) -> list[dict]:
+    """Run tests/ddp_probe.py on `devices` CPU processes; return each rank's probe."""
+    probe = tmp_path / name
+    probe.mkdir()
+    extra = ["--trainer.accelerator", "cpu", "--trainer.devices", str(devices)]
+    if devices > 1:
+        extra += ["--trainer.strategy", "ddp"]
+    env = {**os.environ, "DDP_PROBE_DIR": str(probe), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "tests" / "ddp_probe.py"), *args, *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [torch.load(probe / f"rank{i}.pt") for i in range(devices)]
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stay_identical_and_evaluate_every_image_once(tmp_path):
+    # Warm-up ends on each batch's error (EMA off, batch 8): without reducing the error
+    # across ranks, the ranks leave the warm-up at different steps and drift apart.
     args = fit_args(
         tmp_path,
         "--model.depth",
         "8",
-        "--trainer.strategy",
-        "ddp",
-        "--trainer.devices",
-        "2",
-        "--trainer.accelerator",
-        "cpu",
-        steps=4,
+        "--data.init_args.batch_size",
+        "8",
+        "--data.init_args.val_size",
+        "201",  # odd: one rank holds one image more
+        "--data.init_args.eval_batch_size",
+        "50",
+        "--lr_scheduler.init_args.warmup_lr",
+        "0.05",
+        "--lr_scheduler.init_args.warmup_until_error",
+        "85",
+        "--lr_scheduler.init_args.warmup_ema",
+        "0.0",
+        "--trainer.val_check_interval",
+        "12",
+        "--run.test_after_fit",
+        "false",
+        steps=12,
     )
-    r = subprocess.run([sys.executable, "-m", "resnet_lab.cli", *args], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = ddp_probe(tmp_path, "ddp", args, devices=2)
+    assert all(r["warmup_ended_at"][0] is not None for r in ranks)  # the warm-up did end
+    assert ranks[0]["warmup_ended_at"] == ranks[1]["warmup_ended_at"]
+    for k, v in ranks[0]["params"].items():
+        assert torch.equal(v, ranks[1]["params"][k]), k
     run = only_run_dir(tmp_path)
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["global_step"] == 4
+    assert ckpt["global_step"] == 12
+    # Validation after step 12 covered all 201 images once: it equals one process on the
+    # same weights.
+    single = ddp_probe(
+        tmp_path,
+        "single",
+        ["validate", *args[1:], "--ckpt_path", str(run / "checkpoints" / "last.ckpt")],
+        devices=1,
+    )[0]
+    for key in ("val/error", "val/error5", "val/loss"):
+        assert ranks[0]["metrics"][key] == pytest.approx(single["metrics"][key], abs=1e-4), key
+        assert ranks[1]["metrics"][key] == pytest.approx(single["metrics"][key], abs=1e-4), key
 
 
 def test_warmup_ends_on_error_criterion():
@@ -193,13 +234,17 @@ def test_warmup_ends_on_error_criterion():
         s.step()
     assert 20 < s.warmup_ended_at < 30 and opt.param_groups[0]["lr"] == pytest.approx(0.1)
     state = s.state_dict()
-    s2 = PaperLR(opt, milestones=[100], warmup_lr=0.01)
-    s2.load_state_dict(state)
-    assert not s2.warming_up
-    for _ in range(100):
-        opt.step()
-        s.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)  # /10 at iteration 100
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    s2 = PaperLR(opt2, milestones=[100], warmup_lr=0.01)
+    assert s2.warming_up and opt2.param_groups[0]["lr"] == 0.01
+    s2.load_state_dict(state)  # the resumed schedule: warm-up over, same iteration count
+    assert not s2.warming_up and s2.last_epoch == s.last_epoch
+    while s2.last_epoch < 100:
+        opt2.step()
+        s2.step()
+        if s2.last_epoch == 99:
+            assert opt2.param_groups[0]["lr"] == pytest.approx(0.1)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.01)  # /10 at iteration 100
     capped = PaperLR(opt, warmup_lr=0.01, warmup_max_steps=5)
     for _ in range(6):
         capped.observe_train_error(95.0)

@@ -348,11 +348,11 @@ def test_report_chance_line_and_kept_projections(tmp_path):
     from resnet_lab.ablation.report import chance_error, write_report
 
     assert chance_error(10) == pytest.approx(90.0) and chance_error(5) == pytest.approx(80.0)
+    common = {"checkpoint": "n", "spec": "resnet8", "plain": False, "study": "single", "condition": "eval-bn", "n": 5}
     rows = [
-        {"checkpoint": "n", "spec": "resnet8", "plain": False, "study": "single", "condition": "eval-bn", "key": "intact",
-         "error": 10.0, "loss": 1.0, "n": 5, "block": "none", "position": -1, "downsample": False, "removed_as": "-"},
-        {"checkpoint": "n", "spec": "resnet8", "plain": False, "study": "single", "condition": "eval-bn",
-         "key": "drop:layer1.0", "error": 40.0, "loss": 2.0, "n": 5, "block": "layer1.0", "position": 0,
+        {**common, "key": "intact", "error": 10.0, "loss": 1.0, "block": "none", "position": -1,
+         "downsample": False, "removed_as": "-"},
+        {**common, "key": "drop:layer1.0", "error": 40.0, "loss": 2.0, "block": "layer1.0", "position": 0,
          "downsample": False, "removed_as": "relu(BN(conv1x1(x)))"},
     ]  # fmt: skip
     spec = {"num_classes": 5}

@@ -223,3 +223,129 @@ def test_postgres_two_workers_with_a_kill(tmp_path):
     assert cells == sorted((d, p) for d in (8, 14, 20) for p in (False, True)), cells  # each exactly once
     assert any(t.state == TrialState.FAIL for t in study.trials)  # the killed worker's trial, retried
     shutil.rmtree(tmp_path / "sweeps", ignore_errors=True)
+
+
+def test_ddp_trials_are_refused_with_the_way_to_run_them(tmp_path, capsys):
+    cfg = tiny_config(
+        tmp_path,
+        {"study_name": "ddp", "space": {"model.depth": [8]}},
+        extra={"trainer": {**TINY["trainer"], "strategy": "ddp", "devices": 2, "accelerator": "cpu"}},
+    )
+    assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg]) == 2
+    err = capsys.readouterr().err
+    assert "strategy='ddp'" in err and "one worker per device" in err
+    assert not (tmp_path / "sweeps" / "ddp" / "study.db").exists()  # no worker claimed anything
+
+
+def test_worker_threads_share_the_cores(tmp_path):
+    import fcntl
+
+    from resnet_lab.sweep.run import WorkerSlot
+    from resnet_lab.sweep.space import SweepSpec
+
+    spec = SweepSpec.from_dict({"study_name": "t", "root": str(tmp_path), "space": {"model.depth": [8]}})
+    cores = os.cpu_count()
+    dead = tmp_path / "t" / "workers" / "host-1.lock"  # left by a killed worker: not counted
+    dead.parent.mkdir(parents=True)
+    dead.touch()
+    with WorkerSlot(spec) as me:
+        assert me.live_workers() == 1 and me.threads() == cores and not dead.exists()
+        other = os.open(dead.parent / "host-2.lock", os.O_CREAT | os.O_RDWR)  # a second live worker
+        fcntl.flock(other, fcntl.LOCK_EX)
+        assert me.live_workers() == 2 and me.threads() == max(1, cores // 2)
+        os.close(other)  # it ends (or is killed): its lock goes with it
+        assert me.threads() == cores
+    fixed = SweepSpec.from_dict({"study_name": "t", "root": str(tmp_path), "space": {"model.depth": [8]}, "threads": 3})
+    with WorkerSlot(fixed) as me:
+        assert me.threads() == 3
+
+
+def test_rerun_completes_a_killed_last_cell(tmp_path):
+    from resnet_lab.sweep.run import open_study
+    from resnet_lab.sweep.space import SweepSpec
+
+    sweep = {"study_name": "k", "heartbeat_interval": 1, "grace_period": 2, "space": {"model.depth": [8, 14]}}
+    cfg = tiny_config(tmp_path, sweep)
+    assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg, "--max-trials", "1"]) == 0
+    # A worker claims the last cell, beats once, and is killed (it never tells).
+    spec = SweepSpec.from_dict({**sweep, "root": str(tmp_path / "sweeps")})
+    study, storage, _ = open_study(spec)
+    trial = study.ask()
+    storage.record_heartbeat(trial._trial_id)
+    assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg]) == 0
+    trials = load(tmp_path, "k").trials
+    done = sorted(t.params["model.depth"] for t in trials if t.state == TrialState.COMPLETE)
+    assert done == [8, 14]
+    assert [t.state for t in trials if t.number == trial.number] == [TrialState.FAIL]
+
+
+def test_force_with_a_changed_grid_runs_the_new_cells(tmp_path):
+    a = tiny_config(tmp_path, {"study_name": "f", "space": {"model.depth": [8]}}, "a.yaml")
+    b = tiny_config(tmp_path, {"study_name": "f", "space": {"model.depth": [8, 14]}}, "b.yaml")
+    assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", a]) == 0
+    assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", b, "--force"]) == 0
+    done = sorted(t.params["model.depth"] for t in load(tmp_path, "f").trials if t.state == TrialState.COMPLETE)
+    assert done == [8, 14]  # the new cell ran, the old one did not run twice
+
+
+def test_summary_is_read_only(tmp_path, capsys):
+    a = tiny_config(tmp_path, {"study_name": "r", "space": {"model.depth": [8]}}, "a.yaml")
+    b = tiny_config(tmp_path, {"study_name": "r", "space": {"model.depth": [14, 20]}}, "b.yaml")
+    assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", a]) == 0
+    before = load(tmp_path, "r")
+    space, n = before.user_attrs["space"], len(before.trials)
+    assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", b, "--summary"]) == 0
+    after = load(tmp_path, "r")
+    assert after.user_attrs["space"] == space and len(after.trials) == n
+    assert all(t.state == TrialState.COMPLETE for t in after.trials)
+    capsys.readouterr()
+    typo = tiny_config(tmp_path, {"study_name": "rr", "space": {"model.depth": [8]}}, "c.yaml")
+    assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", typo, "--summary"]) == 2
+    err = capsys.readouterr().err
+    assert "no study 'rr'" in err and "['r']" in err
+    assert optuna.get_all_study_names(f"sqlite:///{tmp_path}/sweeps/r/study.db") == ["r"]
+    assert not (tmp_path / "sweeps" / "rr").exists()
+
+
+def test_test_objective_with_a_selecting_sampler_is_refused(tmp_path, capsys):
+    from resnet_lab.sweep.space import SweepError, SweepSpec
+
+    space = {"optimizer.init_args.lr": {"low": 0.01, "high": 0.2}}
+    with pytest.raises(SweepError, match="test split"):
+        SweepSpec.from_dict({"study_name": "s", "sampler": "tpe", "n_trials": 4, "space": space})
+    with pytest.raises(SweepError, match="test split"):
+        SweepSpec.from_dict(
+            {"study_name": "s", "space": {"model.depth": [8]}, "pruner": {"class_path": "optuna.pruners.MedianPruner"}}
+        )
+    with pytest.raises(SweepError, match="test split"):  # lesion metrics on the test split select on test too
+        SweepSpec.from_dict(
+            {"study_name": "s", "sampler": "random", "n_trials": 2, "metric": "lesion/kmax_error", "space": space}
+        )
+    # val/ metrics, grids, and an explicit opt-in are accepted.
+    SweepSpec.from_dict({"study_name": "s", "sampler": "tpe", "n_trials": 4, "metric": "val/error", "space": space})
+    SweepSpec.from_dict({"study_name": "s", "space": {"model.depth": [8]}})
+    SweepSpec.from_dict(
+        {"study_name": "s", "sampler": "tpe", "n_trials": 4, "space": space, "allow_test_objective": True}
+    )
+    cfg = tiny_config(tmp_path, {"study_name": "s", "sampler": "tpe", "n_trials": 2, "space": space})
+    assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg]) == 2
+    assert "val/" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "storage, match",
+    [
+        ("postgresql://:::", "malformed storage URL"),
+        ("sqlite:///{tmp}/afile/sub/study.db", "cannot create the study directory"),
+        ("sqlite:///{tmp}/adir", "SQLite database"),
+    ],
+)
+def test_storage_errors_are_one_clear_message(tmp_path, capsys, storage, match):
+    (tmp_path / "afile").write_text("not a directory")
+    (tmp_path / "adir").mkdir()
+    cfg = tiny_config(
+        tmp_path, {"study_name": "e", "space": {"model.depth": [8]}, "storage": storage.format(tmp=tmp_path)}
+    )
+    assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "server running" not in err and len(err.strip().splitlines()) == 1

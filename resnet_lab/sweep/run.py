@@ -34,7 +34,7 @@ import torch
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
-from .space import SweepError, SweepSpec, overrides_to_args, split_params, train_key
+from .space import SweepError, SweepSpec, changed_categoricals, overrides_to_args, split_params, train_key
 
 # Heartbeats and stale-trial retries are marked experimental by Optuna, but they are the
 # documented way to survive killed workers; say it once here rather than on every call.
@@ -83,7 +83,12 @@ def make_storage(spec: SweepSpec, create: bool = True) -> tuple[RDBStorage, str]
     if sqlite and parsed.database:
         db = Path(parsed.database)
         if not create and not db.is_file():
-            raise SweepError(f"no study database at {db}; run the sweep first, or check sweep.root/sweep.storage")
+            existing = sorted(p.parent.name for p in Path(spec.root).glob("*/study.db")) if not spec.storage else []
+            raise SweepError(
+                f"no study {spec.study_name!r}: {db} does not exist; existing under {spec.root}: {existing or 'none'}"
+                if not spec.storage
+                else f"no study database at {db}; run the sweep first, or check sweep.storage"
+            )
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -180,6 +185,13 @@ def open_study(spec: SweepSpec, force: bool = False) -> tuple[optuna.Study, RDBS
                 f"study {spec.study_name!r} exists with a different space ({old}); pick another "
                 "sweep.study_name, or pass --force to add trials of the new space to it"
             )
+        if old is not None and old != spec.space_json():
+            fixed = changed_categoricals(json.loads(old), spec)
+            if fixed:
+                raise SweepError(
+                    f"--force cannot change the values of {fixed} in study {spec.study_name!r}: Optuna fixes a "
+                    "categorical parameter's choices for the life of a study. Use a new sweep.study_name"
+                )
         if old is None or force:
             study.set_user_attr("space", spec.space_json())
             study.set_user_attr("metric", spec.metric)

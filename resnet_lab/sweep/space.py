@@ -150,7 +150,14 @@ class SweepSpec:
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         params = {}
         for k, v in self.space.items():
-            if isinstance(v, list):
+            if isinstance(v, list) and self.sampler == "grid" and numeric(v):
+                # A grid cell's value is fixed by its enqueued trial. A numeric range (not a
+                # categorical) lets `--force` add values later: Optuna forbids changing a
+                # categorical's choices within a study.
+                lo, hi = min(v), max(v)
+                ints = all(isinstance(x, int) for x in v)
+                params[k] = trial.suggest_int(k, lo, hi) if ints else trial.suggest_float(k, float(lo), float(hi))
+            elif isinstance(v, list):
                 params[k] = trial.suggest_categorical(k, v)
             elif v.get("type") == "int" or (
                 isinstance(v["low"], int) and isinstance(v["high"], int) and "step" not in v and not v.get("log")
@@ -180,6 +187,22 @@ class SweepSpec:
         except (ImportError, AttributeError) as e:
             raise SweepError(f"unknown pruner {path!r}; e.g. optuna.pruners.MedianPruner") from e
         return cls(**(self.pruner.get("init_args") or {}))
+
+
+def numeric(values: list[Any]) -> bool:
+    return all(isinstance(x, int | float) and not isinstance(x, bool) for x in values)
+
+
+def changed_categoricals(old_space: dict[str, Any], spec: SweepSpec) -> list[str]:
+    """Parameters whose categorical choices differ from the stored space (Optuna cannot
+    change those within a study; numeric grid values can change)."""
+    return [
+        k
+        for k, v in spec.space.items()
+        if k in old_space
+        and old_space[k] != v
+        and not (spec.sampler == "grid" and isinstance(v, list) and numeric(v) and numeric(old_space[k]))
+    ]
 
 
 def split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
