@@ -1,5 +1,6 @@
 """End-to-end `resnet-lab fit`: real data, W&B offline, resume after SIGKILL, DDP, bad input."""
 
+import csv
 import json
 import os
 import signal
@@ -15,10 +16,8 @@ from resnet_lab.module import CheckpointMismatchError, ResNetClassifier
 from resnet_lab.schedules import PaperLR
 from resnet_lab.train import cli_main
 
-from .conftest import CIFAR_ARCHIVE, REPO, TINY_IMAGENET, fit_args, need
+from .conftest import CIFAR_ARCHIVE, DEPTH, REPO, TINY_IMAGENET, fit_args, need
 from .wandb_offline import read_offline_run
-
-DEPTH = str(REPO / "sweeps" / "depth.yaml")
 
 
 def only_run_dir(tmp_path) -> Path:
@@ -129,6 +128,7 @@ def test_second_run_does_not_collide(tmp_path):
     assert len(list((tmp_path / "runs" / "same").glob("*/config.yaml"))) == 2
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_continues_at_saved_step(tmp_path):
     args = fit_args(tmp_path, "--model.depth", "8", "--run.checkpoint_every_n_steps", "5", steps=400)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -156,6 +156,10 @@ def test_sigkill_then_resume_continues_at_saved_step(tmp_path):
     assert cli.trainer.global_step == step + 3
     assert only_run_dir(tmp_path) == last.parent.parent  # same run directory
     assert cli.trainer.lr_scheduler_configs[0].scheduler.last_epoch == step + 3
+    # The CSV history is complete: every step once, those before the kill included.
+    with open(last.parent.parent / "csv" / "metrics.csv", newline="") as f:
+        logged = [int(float(r["step"])) for r in csv.DictReader(f) if r.get("train/loss_step")]
+    assert logged == list(range(step + 3))
 
 
 def ddp_probe(tmp_path, name: str, args: list[str], devices: int) -> list[dict]:

@@ -125,6 +125,7 @@ def test_existing_study_with_other_space_is_refused(tmp_path, capsys):
     assert "different space" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_wandb_agent_command_runs_fit(tmp_path):
     sweep_cfg = yaml.safe_load((REPO / "sweeps/wandb/depth-cpu.yaml").read_text())
     for f in (REPO / "sweeps/wandb").glob("*.yaml"):
@@ -166,6 +167,7 @@ def _pg_url():
     return os.environ.get("RESNET_LAB_TEST_PG")
 
 
+@pytest.mark.slow
 def test_postgres_two_workers_with_a_kill(tmp_path):
     url = _pg_url()
     if not url:
