@@ -77,6 +77,7 @@ class ResNetClassifier(pl.LightningModule):
             )
         self.save_hyperparameters()
         self.hparams["spec"] = self.spec.to_dict()  # what a checkpoint rebuilds from
+        self.test_label = "test"  # "best_test" while the CLI tests the best-by-val checkpoint
         self.net = ResNet(self.spec)
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -115,6 +116,9 @@ class ResNetClassifier(pl.LightningModule):
         metrics["acc5"].update(logits, y)
         if stage == "train":
             self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+            # The batch's training error, for the paper's training curves (Fig. 6).
+            error = (logits.detach().argmax(1) != y).float().mean() * 100
+            self.log("train/error_step", error, on_step=True, on_epoch=False, batch_size=len(y))
         else:
             # A metric object, synced once per epoch: DDP ranks may hold different numbers of
             # eval batches (every image is evaluated exactly once), so no per-step collective.
@@ -158,12 +162,13 @@ class ResNetClassifier(pl.LightningModule):
             if key == "loss" and stage == "train":
                 continue  # train/loss is logged per step
             value = m.compute()  # synced across DDP ranks
+            name = self.test_label if stage == "test" else stage
             if key == "loss":
-                self.log(f"{stage}/loss", value, prog_bar=True)
+                self.log(f"{name}/loss", value, prog_bar=True)
             else:
                 suffix = "" if key == "acc" else "5"
-                self.log(f"{stage}/acc{suffix}", value * 100, prog_bar=stage == "val" and not suffix)
-                self.log(f"{stage}/error{suffix}", 100 - value * 100, prog_bar=stage == "val" and not suffix)
+                self.log(f"{name}/acc{suffix}", value * 100, prog_bar=stage == "val" and not suffix)
+                self.log(f"{name}/error{suffix}", 100 - value * 100, prog_bar=stage == "val" and not suffix)
             m.reset()
 
     def on_train_epoch_end(self) -> None:

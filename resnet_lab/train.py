@@ -168,7 +168,12 @@ class ResNetLabCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.add_argument("--run.root", default="runs", help="parent of all run directories")
         parser.add_argument("--run.name", default=None, help="experiment name (default: the model, e.g. resnet56)")
-        parser.add_argument("--run.logger", default="wandb", choices=["wandb", "csv", "both", "none"])
+        parser.add_argument(
+            "--run.logger",
+            default="wandb",
+            choices=["wandb", "csv", "both", "none"],
+            help="W&B (offline without an API key) or none; csv/metrics.csv is written in every run",
+        )
         parser.add_argument("--run.wandb_project", default="resnet-lab")
         parser.add_argument("--run.wandb_group", default=None, help="W&B group (a sweep uses its study name)")
         parser.add_argument("--run.tags", type=list[str], default=[])
@@ -244,10 +249,25 @@ class ResNetLabCLI(LightningCLI):
     def after_fit(self) -> None:
         # Keep fit's final metrics (train/, val/): test() replaces callback_metrics.
         self.fit_metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
+        self.test_metrics: dict[str, float] = {}
         cfg = self.config[self.subcommand]
-        if cfg.run.test_after_fit and not self.trainer.interrupted:
-            # The final weights, as the paper reports; best-by-val is in checkpoints/.
-            self.trainer.test(self.model, datamodule=self.datamodule, verbose=True)
+        if not cfg.run.test_after_fit or self.trainer.interrupted:
+            return
+        # The final weights, as the paper reports them.
+        self.trainer.test(self.model, datamodule=self.datamodule, verbose=True)
+        self.test_metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
+        best = next((c.best_model_path for c in self.trainer.checkpoint_callbacks if c.monitor == "val/error"), "")
+        if best and Path(best).is_file():
+            # Separately labelled: the checkpoint selected by val/error, logged as best_test/*.
+            self.model.test_label = "best_test"
+            try:
+                self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
+            finally:
+                self.model.test_label = "test"
+            self.test_metrics.update(
+                {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("best_test/")}
+            )
+            self.test_metrics["best_test/step"] = float(torch.load(best, weights_only=False)["global_step"])
 
     @staticmethod
     def configure_optimizers(lightning_module: LightningModule, optimizer, lr_scheduler=None) -> Any:
@@ -313,8 +333,8 @@ class ResNetLabCLI(LightningCLI):
                     name=f"{run_dir.parent.name}/{run_dir.name}",
                 )
             )
-        if cfg.run.logger in ("csv", "both"):
-            loggers.append(HistoryCSVLogger(str(run_dir), resume_step=resume_step(cfg.get("ckpt_path"))))
+        # A local metrics file in every run, whatever the logger: curves need no W&B server.
+        loggers.append(HistoryCSVLogger(str(run_dir), resume_step=resume_step(cfg.get("ckpt_path"))))
         return loggers
 
     def _callbacks(self, run_dir: Path, loggers: Any) -> list[Callback]:

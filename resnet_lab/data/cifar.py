@@ -17,6 +17,7 @@ in PIL worker processes (which costs 8-13% end to end on 2 CPU cores).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,11 @@ class TensorLoader:
     r, r + world, ...: every image exactly once, none repeated, so DDP metrics equal
     the single-process ones (ranks may then hold one batch more or less; the
     module syncs its metrics once per epoch, never per step).
+
+    Shuffled order: epoch e is a permutation seeded by `seed + e`. `position()` (the
+    number of training batches already consumed; the trainer's global step) picks the
+    epoch and the batch to start from, so a run resumed mid-epoch continues exactly the
+    order the uninterrupted run would have had.
     """
 
     def __init__(
@@ -140,10 +146,13 @@ class TensorLoader:
         seed: int = 0,
         rank: int = 0,
         world: int = 1,
+        position: Callable[[], int] | None = None,
     ) -> None:
         self.x, self.y, self.bs = x, y, batch_size
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
-        self.rank, self.world, self.epoch = rank, world, 0
+        self.rank, self.world = rank, world
+        self.position = position
+        self._epochs_started = 0  # without `position`: count epochs here
 
     def _per_rank(self) -> int:
         n = len(self.y)
@@ -155,18 +164,23 @@ class TensorLoader:
         n = self._per_rank()
         return n // self.bs if self.drop_last else -(-n // self.bs)
 
-    def __iter__(self):
+    def order(self, epoch: int) -> Tensor:
+        """This rank's image indices for `epoch`."""
         n = len(self.y)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            idx = torch.randperm(n, generator=g)
-        else:
-            idx = torch.arange(n)
-        self.epoch += 1
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)) if self.shuffle else None
+        idx = torch.arange(n) if idx is None else idx
         if self.world > 1:
             idx = idx[self.rank :: self.world][: self._per_rank()]
-        idx = idx.to(self.x.device)
-        for i in range(len(self)):
+        return idx
+
+    def __iter__(self):
+        if self.position is not None and len(self):
+            epoch, start = divmod(self.position(), len(self))
+        else:
+            epoch, start = self._epochs_started, 0
+        self._epochs_started += 1
+        idx = self.order(epoch).to(self.x.device)
+        for i in range(start, len(self)):
             j = idx[i * self.bs : (i + 1) * self.bs]
             yield self.x[j], self.y[j]
 
@@ -328,9 +342,19 @@ class CIFAR10DataModule(pl.LightningDataModule):
         t = self.trainer
         rank, world = (t.global_rank, t.world_size) if t is not None else (0, 1)
         bs = self.hparams.batch_size if train else self.hparams.eval_batch_size
+        position = self._batches_done if train and t is not None else None
         return TensorLoader(
-            x, y, bs, shuffle=train, drop_last=train, seed=self.hparams.split_seed, rank=rank, world=world
+            x, y, bs, shuffle=train, drop_last=train, seed=self.run_seed(), rank=rank, world=world, position=position
         )
+
+    def run_seed(self) -> int:
+        """The run's seed (`seed_everything`), which drives the data order and the
+        augmentation; the train/val split stays fixed by `split_seed`."""
+        return int(os.environ.get("PL_GLOBAL_SEED", self.hparams.split_seed))
+
+    def _batches_done(self) -> int:
+        t = self.trainer
+        return t.global_step * t.accumulate_grad_batches
 
     def train_dataloader(self) -> TensorLoader:
         return self._loader("train", True)
@@ -352,6 +376,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch
         x = self.normalize(x)
-        if self.hparams.augment and self.trainer is not None and self.trainer.training:
-            x = random_crop_flip(x)
+        t = self.trainer
+        if self.hparams.augment and t is not None and t.training:
+            # One generator per (run seed, batch): the same crops and flips after a resume.
+            batch_index = t.fit_loop.epoch_loop.batch_progress.total.ready  # this batch's, over the run
+            g = torch.Generator(x.device).manual_seed(self.run_seed() * 1_000_003 + batch_index)
+            x = random_crop_flip(x, generator=g)
         return x, y

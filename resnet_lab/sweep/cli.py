@@ -102,8 +102,21 @@ def check_space_keys(spec: SweepSpec, configs: list[str]) -> None:
     probes = [
         {k: (v[i] if isinstance(v, list) else v[("low", "high")[i]]) for k, v in fit_space.items()} for i in (0, -1)
     ]
+    cells = spec.grid() if spec.sampler == "grid" else None
+    for rule in spec.overrides or []:
+        if cells is not None and not any(spec.cell_overrides(c) and _matches(rule, c) for c in cells):
+            continue  # no cell of this grid gets it (e.g. a preset without depth 110)
+        for k in rule["set"]:
+            if k not in keys:
+                close = difflib.get_close_matches(k, sorted(keys), n=3, cutoff=0.6)
+                raise SweepError(f"unknown option {k!r} in sweep.overrides; close matches: {close or 'none'}")
+        probes.append({**probes[0], **rule["set"]})
     for probe in probes:
         check_single_process(fit_config(configs, probe))
+
+
+def _matches(rule: dict[str, Any], cell: dict[str, Any]) -> bool:
+    return all(cell.get(k) == v for k, v in rule["when"].items())
 
 
 def parser() -> argparse.ArgumentParser:

@@ -268,8 +268,8 @@ def run_fit(
     cli = cli_main(args, extra_callbacks=[pruning])
     if pruning.pruned:
         raise optuna.TrialPruned()
-    metrics = {**getattr(cli, "fit_metrics", {}), **{k: float(v) for k, v in cli.trainer.callback_metrics.items()}}
-    metrics = {k: v for k, v in metrics.items() if k.split("/")[0] in ("train", "val", "test")}
+    metrics = {**getattr(cli, "fit_metrics", {}), **getattr(cli, "test_metrics", {})}
+    metrics = {k: v for k, v in metrics.items() if k.split("/")[0] in ("train", "val", "test", "best_test")}
     ckpt = Path(cli.run_dir) / "checkpoints" / "last.ckpt"
     return {"ckpt_path": str(ckpt), "run_dir": str(cli.run_dir), "metrics": metrics, "spec": cli.model.spec.to_dict()}
 
@@ -336,6 +336,10 @@ def log_lesions_to_wandb(spec: SweepSpec, trial: optuna.Trial, params: dict, sum
 def objective(trial: optuna.Trial, spec: SweepSpec, configs: list[str], study: optuna.Study) -> float:
     params = spec.suggest(trial)
     train, test = split_params(params)
+    extra = spec.cell_overrides(params)
+    if extra:
+        trial.set_user_attr("cell_overrides", extra)
+        train = {**train, **extra}
     key = train_key(configs, train)
     trial.set_user_attr("train_key", key)
     reuse = find_checkpoint(study, key) if test else None
@@ -344,7 +348,7 @@ def objective(trial: optuna.Trial, spec: SweepSpec, configs: list[str], study: o
         info = {
             "ckpt_path": reuse["ckpt_path"],
             "run_dir": reuse["run_dir"],
-            "metrics": {k: v for k, v in reuse.items() if k.startswith(("train/", "val/", "test/"))},
+            "metrics": {k: v for k, v in reuse.items() if k.startswith(("train/", "val/", "test/", "best_test/"))},
             "spec": reuse.get("spec"),
         }
     else:

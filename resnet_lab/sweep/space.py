@@ -10,6 +10,9 @@
       root: runs/sweeps
       pruner: null                 # {class_path: optuna.pruners.MedianPruner, init_args: {...}}
       ablation: null               # {studies: [single, k], k_max: 3, samples: 5, split: test, limit: null}
+      seeds: [0, 1, 2]             # grid: every cell once per seed (summaries: mean ± std over seeds)
+      overrides:                   # fit options for the cells that match `when` (the paper's ResNet-110 warm-up)
+        - {when: {model.depth: 110}, set: {lr_scheduler.init_args.warmup_lr: 0.01}}
       space:
         model.depth: [20, 32, 44, 56, 110]        # a list: categorical (grid cells)
         model.plain: [false, true]
@@ -33,6 +36,7 @@ import optuna
 
 from ..errors import UserError
 
+SEED_KEY = "seed_everything"
 ABLATION_KEYS = ("studies", "k_max", "samples", "seed", "split", "limit", "bn_recalib")
 
 
@@ -57,6 +61,8 @@ class SweepSpec:
     grace_period: int = 30
     max_retry: int = 2
     threads: int | None = None  # torch threads per trial; None: CPU cores // workers on this machine
+    seeds: list[int] | None = None  # repeat every grid cell once per seed (seed_everything)
+    overrides: list[dict[str, Any]] | None = None  # [{when: {param: value}, set: {fit option: value}}]
     allow_test_objective: bool = False  # let a selecting sampler or pruner optimise a test/ metric
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -74,6 +80,8 @@ class SweepSpec:
             raise SweepError("sweep.study_name is required")
         spec = cls(**d)
         spec.validate()
+        if spec.seeds:
+            spec.space = {**spec.space, SEED_KEY: list(spec.seeds)}
         return spec
 
     def validate(self) -> None:
@@ -113,8 +121,39 @@ class SweepSpec:
                 "sweep.allow_test_objective: true to do it knowingly"
             )
         self._check_ablation_counts()
+        self._check_seeds_and_overrides()
         if self.max_retry < 0:
             raise SweepError(f"sweep.max_retry={self.max_retry} must be >= 0")
+
+    def _check_seeds_and_overrides(self) -> None:
+        if self.seeds is not None:
+            if self.sampler != "grid":
+                raise SweepError(
+                    "sweep.seeds repeats the cells of a grid; with random/tpe put seed_everything in the space"
+                )
+            if SEED_KEY in self.space:
+                raise SweepError(f"give the seeds once: sweep.seeds or sweep.space.{SEED_KEY}, not both")
+            if not self.seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in self.seeds):
+                raise SweepError(f"sweep.seeds must be a non-empty list of integers, got {self.seeds!r}")
+        for i, rule in enumerate(self.overrides or []):
+            if not isinstance(rule, dict) or set(rule) != {"when", "set"} or not rule["when"] or not rule["set"]:
+                raise SweepError(
+                    f"sweep.overrides[{i}] must be {{when: {{param: value}}, set: {{option: value}}}}, got {rule!r}"
+                )
+            unknown = [k for k in rule["when"] if k not in self.space and k != SEED_KEY]
+            if unknown:
+                raise SweepError(f"sweep.overrides[{i}].when names {unknown}, which are not in sweep.space")
+            clash = [k for k in rule["set"] if k in self.space]
+            if clash:
+                raise SweepError(f"sweep.overrides[{i}].set changes swept parameters {clash}; sweep them instead")
+
+    def cell_overrides(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The fit options that the `overrides` rules add to a cell with these params."""
+        out: dict[str, Any] = {}
+        for rule in self.overrides or []:
+            if all(params.get(k) == v for k, v in rule["when"].items()):
+                out.update(rule["set"])
+        return out
 
     def _check_ablation_counts(self) -> None:
         """Test-time counts must be valid before any trial trains (k_max, samples, limit >= 1)."""

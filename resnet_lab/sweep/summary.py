@@ -1,13 +1,30 @@
-"""`resnet-lab sweep --summary`: a table of trials and the paper-style plots."""
+"""`resnet-lab sweep --summary`: per-cell statistics over seeds, and the paper-style plots.
+
+A cell is one setting of every swept parameter except the seed (`seed_everything`).
+Each cell's row states how many completed runs it stands on (n) and gives, as mean ± std
+(min, max) over them:
+  - test/error: the final weights' test error (what He et al. report);
+  - train/error: the final training error;
+  - best_test/error: the test error of the checkpoint selected by val/error, labelled
+    apart (selected on val, never on test).
+Written to cells.csv / cells.md beside trials.json and the plots.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
+import statistics
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
+
+from .space import SEED_KEY
+
+STATS = ("test/error", "train/error", "best_test/error", "val/error")
 
 
 def trial_rows(study: optuna.Study) -> list[dict]:
@@ -23,87 +40,258 @@ def trial_rows(study: optuna.Study) -> list[dict]:
                 "depth": spec.get("depth"),
                 "plain": spec.get("plain"),
                 "shortcut": spec.get("shortcut"),
+                "run_dir": t.user_attrs.get("run_dir"),
                 **{k: v for k, v in t.user_attrs.items() if "/" in k and isinstance(v, int | float)},
             }
         )
     return rows
 
 
-def print_table(rows: list[dict], metric: str) -> str:
-    cols = ["number", "state", "value", *sorted({k for r in rows for k in r} - {"number", "state", "value"})]
-    keep = [
-        c
-        for c in cols
-        if c in ("number", "state", "value")
-        or "." in c
-        or c in (metric, "train/error", "test/error", "val/error")
-        or c.startswith("lesion/")
+def cell_params(rows: list[dict]) -> list[str]:
+    """The swept parameters that define a cell: every param but the seed."""
+    keys = {k for r in rows for k in r if "." in k or k == SEED_KEY}
+    return sorted(k for k in keys if k != SEED_KEY and "/" not in k)
+
+
+def describe(values: list[float]) -> dict[str, float]:
+    """n, mean, sample std (0 for one run), min, max."""
+    return {
+        "n": len(values),
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def cells(rows: list[dict]) -> list[dict[str, Any]]:
+    """One entry per cell of completed trials: its params, n, and `describe` of each stat."""
+    keys = cell_params(rows)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["state"] == "COMPLETE":
+            groups[tuple(r.get(k) for k in keys)].append(r)
+    out = []
+
+    def order(kv):  # numbers numerically, everything else as text
+        return [(0, v, "") if isinstance(v, int | float) else (1, 0, str(v)) for v in kv[0]]
+
+    for vals, rs in sorted(groups.items(), key=order):
+        cell: dict[str, Any] = {**dict(zip(keys, vals)), "n": len(rs), "seeds": sorted(r.get(SEED_KEY) for r in rs)}
+        for stat in STATS:
+            v = [r[stat] for r in rs if stat in r]
+            if v:
+                cell[stat] = describe(v)
+        out.append(cell)
+    return out
+
+
+def _fmt(d: dict[str, float] | None) -> str:
+    if not d:
+        return "-"
+    return f"{d['mean']:.2f} ± {d['std']:.2f} ({d['min']:.2f}, {d['max']:.2f})"
+
+
+def cell_table(cs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    keys = cell_params([{k: 1 for k in c if "." in k} for c in cs]) if cs else []
+    head = [
+        *keys,
+        "n",
+        "final test/error",
+        "final train/error",
+        "best-by-val test/error",
     ]
+    body = [
+        [
+            *[str(c.get(k)) for k in keys],
+            str(c["n"]),
+            _fmt(c.get("test/error")),
+            _fmt(c.get("train/error")),
+            _fmt(c.get("best_test/error")),
+        ]
+        for c in cs
+    ]
+    return head, body
 
-    def fmt(v):
-        return f"{v:.2f}" if isinstance(v, float) else ("-" if v is None else str(v))
 
-    table = [keep] + [[fmt(r.get(c)) for c in keep] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(keep))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table)
+def write_cells(cs: list[dict], out: Path) -> str:
+    head, body = cell_table(cs)
+    with open(out / "cells.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*head[:-3], "test_error_mean", "test_error_std", "test_error_min", "test_error_max",
+                    "train_error_mean", "train_error_std", "best_test_error_mean", "best_test_error_std"])  # fmt: skip
+        for c in cs:
+            t, tr, b = c.get("test/error") or {}, c.get("train/error") or {}, c.get("best_test/error") or {}
+            w.writerow(
+                [
+                    *[c.get(k) for k in head[:-4]],
+                    c["n"],
+                    t.get("mean"),
+                    t.get("std"),
+                    t.get("min"),
+                    t.get("max"),
+                    tr.get("mean"),
+                    tr.get("std"),
+                    b.get("mean"),
+                    b.get("std"),
+                ]  # fmt: skip
+            )
+    md = [
+        "Errors in %, mean ± sample std (min, max) over the n completed runs (seeds) of each cell.",
+        "Final = the weights at the end of training. Best-by-val = the checkpoint with the lowest val/error,",
+        "selected on the validation split; its test error is reported apart.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+        *["| " + " | ".join(r) + " |" for r in body],
+    ]
+    text = "\n".join(md) + "\n"
+    (out / "cells.md").write_text(text)
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in [head, *body])
 
 
-def plot(rows: list[dict], out: Path) -> list[str]:
+def _series_label(c: dict, skip: tuple[str, ...]) -> str:
+    keys = [k for k in cell_params([{k: 1 for k in c if "." in k}]) if k not in skip]
+    return ", ".join(f"{k.split('.')[-1]}={c[k]}" for k in keys)
+
+
+def plot(rows: list[dict], cs: list[dict], out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
+    made = [p for p in (_plot_error_vs_depth(cs, out), _plot_shortcuts(cs, out), _plot_lesions(rows, out)) if p]
+    made += plot_training_curves(rows, out)
+    return made
+
+
+def _plot_error_vs_depth(cs: list[dict], out: Path) -> str | None:
+    """Error vs depth with error bars (std over seeds); one line per setting of every other
+    swept parameter, so cells never overwrite each other."""
     import matplotlib.pyplot as plt
 
-    done = [r for r in rows if r["state"] == "COMPLETE" and r.get("depth") is not None]
-    made = []
-    series: dict[tuple[bool, str], dict[int, float]] = defaultdict(dict)
+    series: dict[str, list[dict]] = defaultdict(list)
+    for c in cs:
+        if "model.depth" in c and "test/error" in c:
+            series[_series_label(c, ("model.depth",))].append(c)
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (label, cl) in enumerate(sorted(series.items())):
+        cl = sorted(cl, key=lambda c: c["model.depth"])
+        d = [c["model.depth"] for c in cl]
+        for stat, style in (("test/error", "o-"), ("train/error", "s--")):
+            if all(stat in c for c in cl):
+                ax.errorbar(
+                    d,
+                    [c[stat]["mean"] for c in cl],
+                    yerr=[c[stat]["std"] for c in cl],
+                    fmt=style,
+                    color=f"C{i}",
+                    capsize=3,
+                    label=f"{label or 'all'} {stat.split('/')[0]} (n={min(c['n'] for c in cl)})",
+                )
+    ax.set(xlabel="depth", ylabel="error (%)", title="Final error vs depth (mean ± std over seeds)")
+    ax.legend(fontsize=7)
+    return _save(fig, out / "error_vs_depth.png")
+
+
+def _plot_shortcuts(cs: list[dict], out: Path) -> str | None:
+    import matplotlib.pyplot as plt
+
+    cl = [c for c in cs if "model.shortcut" in c and "test/error" in c]
+    if len(cl) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    labels = [_series_label(c, ()) for c in cl]
+    ax.bar(range(len(cl)), [c["test/error"]["mean"] for c in cl], yerr=[c["test/error"]["std"] for c in cl],
+           color="tab:green", capsize=3)  # fmt: skip
+    ax.set_xticks(range(len(cl)), labels, rotation=30, fontsize=7)
+    ax.set(ylabel="test error (%)", title="Shortcut comparison (mean ± std over seeds)")
+    return _save(fig, out / "shortcuts.png")
+
+
+def _plot_lesions(rows: list[dict], out: Path) -> str | None:
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["state"] == "COMPLETE" and "lesion/mean_single_error" in r]
+    if not done:
+        return None
+    groups: dict[bool, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in done:
-        for split in ("train/error", "test/error"):
-            if split in r:
-                series[(bool(r["plain"]), split)][r["depth"]] = r[split]
-    if series:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for (plain, split), pts in sorted(series.items()):
-            d = sorted(pts)
-            ax.plot(
-                d,
-                [pts[x] for x in d],
-                "o-" if split == "test/error" else "o--",
-                color="tab:red" if plain else "tab:blue",
-                label=f"{'plain' if plain else 'resnet'} {split.split('/')[0]}",
-            )
-        ax.set(xlabel="depth", ylabel="error (%)", title="Error vs depth (He et al. Fig. 6 style)")
-        ax.legend(fontsize=8)
-        made.append(_save(fig, out / "error_vs_depth.png"))
-    shortcuts: dict[str, list[float]] = defaultdict(list)
+        groups[bool(r["plain"])][r["depth"]].append(r["lesion/mean_single_error"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for plain, pts in sorted(groups.items()):
+        d = sorted(pts)
+        stats = [describe(pts[x]) for x in d]
+        ax.errorbar(d, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], fmt="o-", capsize=3,
+                    color="tab:red" if plain else "tab:blue", label="plain" if plain else "resnet")  # fmt: skip
+    ax.set(xlabel="depth", ylabel="mean error, one block removed (%)", title="Lesion summary vs depth")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "lesion_vs_depth.png")
+
+
+def read_curves(run_dir: str | None) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) series of a run's csv/metrics.csv: train/error_step and val/error."""
+    path = Path(run_dir or "") / "csv" / "metrics.csv"
+    series: dict[str, list[tuple[int, float]]] = {"train/error_step": [], "val/error": []}
+    if not path.is_file():
+        return series
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            for k in series:
+                if r.get(k) not in (None, ""):
+                    series[k].append((int(float(r["step"])), float(r[k])))
+    return series
+
+
+def _smooth(points: list[tuple[int, float]], window: int) -> list[tuple[int, float]]:
+    """Moving average of per-batch values over `window` logged points."""
+    out, acc = [], []
+    for s, v in points:
+        acc.append(v)
+        acc = acc[-window:]
+        out.append((s, statistics.fmean(acc)))
+    return out
+
+
+def plot_training_curves(rows: list[dict], out: Path) -> list[str]:
+    """He et al. Fig. 6: training error (thin) and validation error (bold) vs iterations,
+    one panel per family (plain, residual), one colour per depth; the line is the mean
+    over seeds, the band spans min..max over seeds."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    done = [r for r in rows if r["state"] == "COMPLETE" and r.get("depth") is not None and r.get("run_dir")]
+    runs: dict[tuple[bool, int], list[dict]] = defaultdict(list)
     for r in done:
-        if r.get("shortcut") and not r.get("plain") and "test/error" in r:
-            shortcuts[r["shortcut"]].append(r["test/error"])
-    if len(shortcuts) > 1:
-        fig, ax = plt.subplots(figsize=(4, 3.5))
-        keys = sorted(shortcuts)
-        ax.bar(keys, [sum(shortcuts[k]) / len(shortcuts[k]) for k in keys], color="tab:green")
-        ax.set(xlabel="shortcut option", ylabel="test error (%)", title="Shortcut comparison")
-        made.append(_save(fig, out / "shortcuts.png"))
-    lesion: dict[bool, dict[int, float]] = defaultdict(dict)
-    for r in done:
-        if "lesion/mean_single_error" in r:
-            lesion[bool(r["plain"])][r["depth"]] = r["lesion/mean_single_error"]
-    if lesion:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for plain, pts in sorted(lesion.items()):
-            d = sorted(pts)
-            ax.plot(
-                d,
-                [pts[x] for x in d],
-                "o-",
-                color="tab:red" if plain else "tab:blue",
-                label="plain" if plain else "resnet",
-            )
-        ax.set(xlabel="depth", ylabel="mean error, one block removed (%)", title="Lesion summary vs depth")
-        ax.legend(fontsize=8)
-        made.append(_save(fig, out / "lesion_vs_depth.png"))
-    return made
+        curves = read_curves(r["run_dir"])
+        if curves["train/error_step"]:
+            runs[(bool(r["plain"]), r["depth"])].append(curves)
+    if not runs:
+        return []
+    families = sorted({p for p, _ in runs})
+    depths = sorted({d for _, d in runs})
+    fig, axes = plt.subplots(1, len(families), figsize=(6 * len(families), 4.2), sharey=True, squeeze=False)
+    for ax, plain in zip(axes[0], families):
+        for i, depth in enumerate(depths):
+            series = runs.get((plain, depth), [])
+            for key, lw, smooth in (("train/error_step", 0.8, 10), ("val/error", 2.2, 1)):
+                curves = [_smooth(s[key], smooth) for s in series if s[key]]
+                if not curves:
+                    continue
+                steps = sorted(set.intersection(*[{p for p, _ in c} for c in curves]))
+                if not steps:
+                    continue
+                vals = np.array([[dict(c)[p] for p in steps] for c in curves])
+                label = f"{'plain' if plain else 'resnet'}-{depth} {'train' if key.startswith('train') else 'val'}"
+                ax.plot(steps, vals.mean(0), lw=lw, color=f"C{i}", label=f"{label} (n={len(curves)})")
+                if len(curves) > 1:
+                    ax.fill_between(steps, vals.min(0), vals.max(0), color=f"C{i}", alpha=0.15, lw=0)
+        ax.set(xlabel="iterations", ylabel="error (%)", title=f"{'Plain' if plain else 'Residual'} nets")
+        ax.legend(fontsize=7)
+    fig.suptitle("Training (thin) and validation (bold) error, mean over seeds, band = min..max (He et al. Fig. 6)")
+    return [_save(fig, out / "training_curves.png")]
 
 
 def _save(fig, path: Path) -> str:
@@ -115,13 +303,36 @@ def _save(fig, path: Path) -> str:
     return str(path)
 
 
+def print_table(rows: list[dict], metric: str) -> str:
+    cols = ["number", "state", "value", *sorted({k for r in rows for k in r} - {"number", "state", "value"})]
+    keep = [
+        c
+        for c in cols
+        if c in ("number", "state", "value", SEED_KEY)
+        or "." in c
+        or c in (metric, "train/error", "test/error", "val/error", "best_test/error")
+        or c.startswith("lesion/")
+    ]
+
+    def fmt(v):
+        return f"{v:.2f}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+    table = [keep] + [[fmt(r.get(c)) for c in keep] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(keep))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table)
+
+
 def summarize(study: optuna.Study, out: Path, metric: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     rows = trial_rows(study)
     (out / "trials.json").write_text(json.dumps(rows, indent=1, default=str))
-    text = print_table(rows, metric)
-    plots = plot(rows, out)
+    cs = cells(rows)
+    (out / "cells.json").write_text(json.dumps(cs, indent=1, default=str))
+    text = "Trials:\n" + print_table(rows, metric)
+    text += "\n\nCells (mean ± std (min, max) over the n completed seeds):\n" + write_cells(cs, out)
+    plots = plot(rows, cs, out)
     counts = {s.name: sum(r["state"] == s.name for r in rows) for s in TrialState}
     text += "\n\n" + ", ".join(f"{k.lower()} {v}" for k, v in counts.items() if v)
+    text += f"\ntables: {out / 'cells.csv'}, {out / 'cells.md'}"
     text += "\nplots: " + (", ".join(plots) if plots else "none (no completed trials with a depth)")
     return text
