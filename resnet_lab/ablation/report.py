@@ -11,7 +11,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .stats import across_checkpoints
+
 PLOTS = {
+    "seeds": "across_seeds.png",
     "single": "single_block.png",
     "k": "k_lesion.png",
     "reorder": "reorder.png",
@@ -74,6 +77,15 @@ def lesion_summary(rows: list[dict], checkpoint: str | None = None) -> dict[str,
     return out
 
 
+def write_seed_table(agg: list[dict], out: Path) -> None:
+    """results_by_arch.csv: the across-checkpoint aggregates (empty with one checkpoint per arch)."""
+    keys = ["arch", "condition", "study", "key", "n_checkpoints", "error_mean", "error_std", "error_min", "error_max"]
+    with open(out / "results_by_arch.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(agg)
+
+
 def write_tables(rows: list[dict], out: Path) -> None:
     keys: list[str] = []
     for r in rows:
@@ -112,7 +124,35 @@ def plot_all(rows: list[dict], out: Path, num_classes: int) -> list[str]:
             fig, ax = plt.subplots(figsize=size)
             draw(ax)
             made.append(_save(fig, out / PLOTS[study]))
+    agg = [a for a in across_checkpoints(rows) if a["condition"] == "eval-bn"]
+    if agg:
+        made.append(_plot_seeds(agg, out / PLOTS["seeds"], num_classes))
     return made
+
+
+def _plot_seeds(agg: list[dict], path: Path, num_classes: int) -> str:
+    """Per architecture: single-block and k-lesion error, mean ± std over checkpoints."""
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, arch in enumerate(sorted({a["arch"] for a in agg})):
+        mine = [a for a in agg if a["arch"] == arch]
+        n = max(a["n_checkpoints"] for a in mine)
+        single = [a for a in mine if a["study"] == "single" and a["key"].startswith("drop:")]
+        if single:
+            a1.errorbar(range(len(single)), [a["error_mean"] for a in single], [a["error_std"] for a in single],
+                        fmt="o-", capsize=3, color=f"C{i}", label=f"{arch} (n={n})")  # fmt: skip
+            a1.set_xticks(range(len(single)), [a["key"][5:] for a in single], rotation=60, fontsize=7)
+        ks = sorted((a for a in mine if a["study"] == "k"), key=lambda a: int(a["key"][2:]))
+        if ks:
+            a2.errorbar([int(a["key"][2:]) for a in ks], [a["error_mean"] for a in ks], [a["error_std"] for a in ks],
+                        fmt="o-", capsize=3, color=f"C{i}", label=f"{arch} (n={n})")  # fmt: skip
+    for ax in (a1, a2):
+        ax.axhline(chance_error(num_classes), color="gray", ls=":", lw=1, label=f"chance ({num_classes} classes)")
+        ax.legend(fontsize=7)
+    a1.set(ylabel="error (%)", title="One block removed: mean ± std over checkpoints")
+    a2.set(xlabel="blocks removed (k)", ylabel="error (%)", title="k random blocks: mean ± std over checkpoints")
+    return _save(fig, path)
 
 
 def _plot_single(ax, s: dict, colour: dict, num_classes: int) -> None:
@@ -188,14 +228,46 @@ def single_block_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         return [], []
     per = {ck: {r["block"]: r for r in s["single"][(ck, "eval-bn")]} for ck in cols}
     names = [r["block"] for r in sorted(s["single"][(cols[0], "eval-bn")], key=lambda r: r["position"])]
-    body = [["intact (baseline)", *[f"{s['baseline'].get(ck, float('nan')):.2f}" for ck in cols]]]
+    intact = {r["checkpoint"]: r for r in rows if r["study"] == "single" and r["key"] == "intact"}
+    body = [["intact (baseline)", *[_err(intact.get(ck)) for ck in cols]]]
     for n in names:
         r0 = per[cols[0]][n]
         mark = " (downsample)" if r0["downsample"] else ""
         if r0.get("removed_as", "identity") != "identity":
             mark += f" → {r0['removed_as']}"
-        body.append([f"drop {n}{mark}", *[f"{per[ck][n]['error']:.2f}" if n in per[ck] else "-" for ck in cols]])
+        body.append([f"drop {n}{mark}", *[_err(per[ck].get(n)) for ck in cols]])
     return ["condition", *cols], body
+
+
+def _err(r: dict | None) -> str:
+    """Error with its 95% Wilson interval over the evaluated images."""
+    if r is None:
+        return "-"
+    if "error_ci_lo" not in r:
+        return f"{r['error']:.2f}"
+    return f"{r['error']:.2f} [{r['error_ci_lo']:.1f}, {r['error_ci_hi']:.1f}]"
+
+
+def seeds_table(agg: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Mean ± std over checkpoints of one architecture, eval-BN rows."""
+    if not agg:
+        return [], []
+    order = {"intact": 0, "mean over blocks": 1}
+    agg = sorted(
+        (a for a in agg if a["condition"] == "eval-bn"),
+        key=lambda a: (a["arch"], a["study"] != "single", order.get(a["key"], 2), a["key"]),
+    )
+    body = [
+        [
+            a["arch"],
+            a["study"],
+            a["key"],
+            str(a["n_checkpoints"]),
+            f"{a['error_mean']:.2f} ± {a['error_std']:.2f} ({a['error_min']:.2f}, {a['error_max']:.2f})",
+        ]  # fmt: skip
+        for a in agg
+    ]
+    return ["architecture", "study", "condition", "checkpoints", "error % mean ± std (min, max)"], body
 
 
 def k_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -244,6 +316,14 @@ def write_report(rows: list[dict], out: Path, meta: dict[str, Any]) -> None:
         + f" Chance error: {chance_error(num_classes):.2f}% ({num_classes} classes)."
     )
     sb, kt = single_block_table(rows), k_table(rows)
+    agg = across_checkpoints(rows)
+    write_seed_table(agg, out)
+    st = seeds_table(agg)
+    seeds_note = (
+        "Each checkpoint's row set is kept in results.csv. Here, checkpoints of one architecture (e.g. one per "
+        "seed) are pooled: the spread between independently trained networks. k rows are first averaged over "
+        "their random subsets within each checkpoint."
+    )
     ck_lines = [
         f"- `{c['label']}`: `{c['path']}`; spec `{json.dumps(c['spec'])}`; training: "
         + ", ".join(f"{k} {v:g}" for k, v in c["train_metrics"].items())
@@ -265,8 +345,13 @@ def write_report(rows: list[dict], out: Path, meta: dict[str, Any]) -> None:
         "## Single-block removal (top-1 error, %)\n",
         removal + "\n",
         _md_table(*sb),
+        "Brackets: 95% Wilson interval of each error over the evaluated images (the sampling error of one "
+        "evaluation, not the spread between training runs).\n",
         "## Random k-block removal (error %, mean ± std over samples)\n",
         _md_table(*kt),
+        "## Across checkpoints of one architecture (mean ± std over seeds)\n",
+        seeds_note + "\n" if st[0] else "",
+        _md_table(*st) if st[0] else "_fewer than two checkpoints of any architecture_\n",
         "## Plots\n",
         *[f"![{p}]({p})\n" for p in plots],
         "Full results: `results.csv`, `results.json`.\n",
@@ -285,6 +370,9 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}img{{max-width:10
 <p>Split: <b>{html.escape(meta["split"])}</b> ({meta["n_images"]} images)</p>
 <h2>Checkpoints</h2><ul>{cks}</ul>
 <h2>Single-block removal (top-1 error, %)</h2><p>{html.escape(removal)}</p>{_html_table(*sb)}
+<p>Brackets: 95% Wilson interval over the evaluated images.</p>
 <h2>Random k-block removal (error %, mean ± std)</h2>{_html_table(*kt)}
+<h2>Across checkpoints of one architecture (mean ± std over seeds)</h2>
+<p>{html.escape(seeds_note)}</p>{_html_table(*st)}
 <h2>Plots</h2>{imgs}</body></html>"""
     (out / "report.html").write_text(page)

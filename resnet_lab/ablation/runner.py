@@ -33,6 +33,7 @@ from ..errors import UserError
 from ..models import ResNet, ResNetSpec
 from . import engine
 from .engine import Condition
+from .stats import arch_label, wilson
 
 STUDIES = ("single", "k", "reorder", "responses")
 
@@ -299,6 +300,7 @@ class UnitRunner:
         return {
             "checkpoint": c.label,
             "spec": c.spec.name,
+            "arch": arch_label(c.spec.to_dict()),
             "plain": c.spec.plain,
             "study": study,
             "condition": condition,
@@ -330,6 +332,8 @@ class UnitRunner:
                 error=tallies[c.key].error,
                 loss=tallies[c.key].mean_loss,
                 n=tallies[c.key].n,
+                wrong=tallies[c.key].wrong,
+                **dict(zip(("error_ci_lo", "error_ci_hi"), wilson(tallies[c.key].wrong, tallies[c.key].n))),
                 **c.meta,
             )
             for c in conds

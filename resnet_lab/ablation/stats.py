@@ -1,0 +1,81 @@
+"""Honest numbers for lesion results: binomial confidence intervals of single
+evaluations, and aggregation over checkpoints of one architecture (e.g. one per seed).
+
+Two different uncertainties, reported apart:
+  - `wilson`: the sampling error of one evaluation on n images (how much the error of
+    *this* network could move on another n images): a 95% Wilson score interval;
+  - `across_checkpoints`: the spread between independently trained networks of the same
+    spec (seeds): mean ± sample std over checkpoints, with the number of checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from typing import Any
+
+Z95 = 1.959963984540054
+
+
+def wilson(wrong: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval of an error rate `wrong / n`, in percent."""
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    p = wrong / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
+
+
+def arch_label(spec: dict[str, Any]) -> str:
+    """What checkpoints must share to be pooled: name, shortcut option, width."""
+    name = ("plain" if spec["plain"] else "resnet") + str(spec["depth"])
+    if spec.get("family", "cifar") == "cifar" and spec["depth"] in (26, 50, 152, 200):
+        name = "cifar_" + name
+    parts = [name]
+    if not spec["plain"]:
+        parts.append(f"shortcut {spec['shortcut']}")
+    if spec.get("base_width"):
+        parts.append(f"width {spec['base_width']}")
+    if spec.get("family") == "imagenet" and spec.get("stride_on", "3x3") != "3x3":
+        parts.append(f"stride on {spec['stride_on']}")
+    return ", ".join(parts)
+
+
+def across_checkpoints(rows: list[dict]) -> list[dict[str, Any]]:
+    """Mean ± std of each condition's error over the checkpoints of one architecture.
+
+    Single-block and intact rows are pooled per (arch, condition, key); k rows are first
+    averaged over their random subsets within each checkpoint (one number per checkpoint
+    and k), then pooled; so is "mean over blocks", each checkpoint's mean single-block
+    error. Only architectures with at least two checkpoints are reported."""
+    per: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        arch = r.get("arch", r["spec"])
+        if r["study"] == "single":
+            per[(arch, r["condition"], "single", r["key"])][r["checkpoint"]].append(r["error"])
+            if r["key"] != "intact":
+                per[(arch, r["condition"], "single", "mean over blocks")][r["checkpoint"]].append(r["error"])
+        elif r["study"] == "k":
+            per[(arch, r["condition"], "k", f"k={r['k']}")][r["checkpoint"]].append(r["error"])
+    out = []
+    for (arch, cond, study, key), by_ck in per.items():
+        values = [statistics.fmean(v) for v in by_ck.values()]
+        if len(values) < 2:
+            continue
+        out.append(
+            {
+                "arch": arch,
+                "condition": cond,
+                "study": study,
+                "key": key,
+                "n_checkpoints": len(values),
+                "error_mean": statistics.fmean(values),
+                "error_std": statistics.stdev(values),
+                "error_min": min(values),
+                "error_max": max(values),
+            }
+        )
+    return out

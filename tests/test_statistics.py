@@ -1,0 +1,145 @@
+"""Honest numbers: Wilson intervals, aggregation over seeds and checkpoints, seeds and
+per-cell overrides in sweeps."""
+
+import csv
+import json
+import shutil
+import statistics
+
+import optuna
+import pytest
+import torch
+import yaml
+from optuna.distributions import CategoricalDistribution, IntDistribution
+
+from resnet_lab.ablation.cli import main as ablate_main
+from resnet_lab.ablation.stats import wilson
+from resnet_lab.sweep.cli import main as sweep_main
+from resnet_lab.sweep.space import SweepError, SweepSpec
+from resnet_lab.sweep.summary import cells, summarize, trial_rows
+
+from .conftest import DEPTH
+from .test_sweep import load, tiny_config
+
+
+def test_wilson_interval_on_known_counts():
+    lo, hi = wilson(10, 100)  # Wilson (1927) / Newcombe (1998): 10/100 -> 0.0552 .. 0.1744
+    assert lo == pytest.approx(5.523, abs=1e-3) and hi == pytest.approx(17.437, abs=1e-3)
+    lo, hi = wilson(0, 50)
+    assert lo == pytest.approx(0.0, abs=1e-9) and hi == pytest.approx(7.135, abs=1e-3)
+    lo, hi = wilson(500, 1000)  # symmetric at p = 0.5; half-width 3.093 points (Wald: 3.099)
+    assert 50 - lo == pytest.approx(hi - 50) and hi - 50 == pytest.approx(3.093, abs=0.001)
+
+
+def test_summary_aggregates_cells_over_seeds(tmp_path):
+    study = optuna.create_study()
+    dists = {"model.depth": IntDistribution(20, 56), "model.plain": CategoricalDistribution([False, True]),
+             "seed_everything": IntDistribution(0, 2)}  # fmt: skip
+    known = {(20, False): [8.0, 9.0, 13.0], (56, False): [7.0, 7.5], (20, True): [10.0]}
+    for (depth, plain), errors in known.items():
+        for seed, e in enumerate(errors):
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params={"model.depth": depth, "model.plain": plain, "seed_everything": seed},
+                    distributions=dists,
+                    value=e,
+                    user_attrs={
+                        "test/error": e,
+                        "train/error": e / 2,
+                        "best_test/error": e + 1,
+                        "spec": {"depth": depth, "plain": plain},
+                    },  # fmt: skip
+                )
+            )
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"model.depth": 20, "model.plain": False, "seed_everything": 2},
+            distributions=dists,
+            state=optuna.trial.TrialState.FAIL,
+        )
+    )
+    got = {(c["model.depth"], c["model.plain"]): c for c in cells(trial_rows(study))}
+    assert set(got) == set(known)
+    for key, errors in known.items():
+        c = got[key]
+        assert c["n"] == len(errors)  # the failed trial is not counted
+        assert c["test/error"]["mean"] == pytest.approx(statistics.fmean(errors))
+        assert c["test/error"]["std"] == pytest.approx(statistics.stdev(errors) if len(errors) > 1 else 0.0)
+        assert (c["test/error"]["min"], c["test/error"]["max"]) == (min(errors), max(errors))
+        assert c["train/error"]["mean"] == pytest.approx(statistics.fmean(errors) / 2)
+        assert c["best_test/error"]["mean"] == pytest.approx(statistics.fmean(errors) + 1)
+    text = summarize(study, tmp_path, "test/error")
+    assert "10.00 ± 2.65 (8.00, 13.00)" in text  # depth 20 residual: mean 10, std 2.646
+    md = (tmp_path / "cells.md").read_text()
+    assert "10.00 ± 2.65 (8.00, 13.00)" in md and "| 3 |" in md and "| 1 |" in md
+    with open(tmp_path / "cells.csv", newline="") as f:
+        rows = {(r["model.depth"], r["model.plain"]): r for r in csv.DictReader(f)}
+    assert float(rows[("56", "False")]["test_error_mean"]) == pytest.approx(7.25) and rows[("56", "False")]["n"] == "2"
+    assert (tmp_path / "error_vs_depth.png").exists()
+
+
+def test_seeds_and_cell_overrides_reach_exactly_their_cells(tmp_path):
+    sweep = {
+        "study_name": "o",
+        "seeds": [3, 4],
+        "space": {"model.depth": [8, 14]},
+        "overrides": [{"when": {"model.depth": 14}, "set": {"optimizer.init_args.weight_decay": 0.5}}],
+    }
+    cfg = tiny_config(tmp_path, sweep)
+    assert sweep_main(["--config", DEPTH, "--config", cfg]) == 0
+    trials = load(tmp_path, "o").trials
+    seen = set()
+    for t in trials:
+        run_cfg = yaml.safe_load(
+            (tmp_path / "sweeps" / "o" / "runs" / f"trial{t.number}").glob("*/config.yaml").__next__().read_text()
+        )
+        depth, seed = t.params["model.depth"], t.params["seed_everything"]
+        assert run_cfg["seed_everything"] == seed and run_cfg["model"]["depth"] == depth
+        assert run_cfg["optimizer"]["init_args"]["weight_decay"] == (0.5 if depth == 14 else 0.0001)
+        seen.add((depth, seed))
+    assert seen == {(8, 3), (8, 4), (14, 3), (14, 4)}  # every cell once per seed
+    with pytest.raises(SweepError, match="not in sweep.space"):
+        SweepSpec.from_dict({**sweep, "overrides": [{"when": {"model.width": 1}, "set": {"x": 1}}]})
+    with pytest.raises(SweepError, match="grid"):
+        SweepSpec.from_dict({**sweep, "sampler": "random", "n_trials": 2, "metric": "val/error"})
+
+
+def test_ablate_pools_checkpoints_of_one_architecture(two_checkpoints, tmp_path):
+    res = two_checkpoints[0]
+    other = tmp_path / "seed1" / "last.ckpt"  # a second "seed": same spec, other weights
+    other.parent.mkdir()
+    ck = torch.load(res, weights_only=False)
+    g = torch.Generator().manual_seed(1)
+    ck["state_dict"] = {k: v + 0.3 * torch.randn(v.shape, generator=g) if k.endswith("conv2.weight") else v
+                        for k, v in ck["state_dict"].items()}  # fmt: skip
+    torch.save(ck, other)
+    third = tmp_path / "seed2" / "last.ckpt"
+    third.parent.mkdir()
+    shutil.copy(res, third)
+    out = tmp_path / "rep"
+    argv = [res, str(other), str(third), "--out", str(out), "--studies", "single", "k", "--k-max", "2"]
+    assert ablate_main([*argv, "--samples", "3", "--limit", "120", "--no-progress"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert len({r["checkpoint"] for r in rows}) == 3  # each seed's rows stay
+    for r in rows:  # every evaluation carries its Wilson interval
+        assert (r["error_ci_lo"], r["error_ci_hi"]) == pytest.approx(wilson(r["wrong"], r["n"]))
+        assert r["error"] == pytest.approx(100 * r["wrong"] / r["n"])
+    with open(out / "results_by_arch.csv", newline="") as f:
+        agg = {(r["study"], r["key"]): r for r in csv.DictReader(f) if r["condition"] == "eval-bn"}
+    by_ck = {}
+    for r in rows:
+        if r["study"] == "single" and r["key"] == "drop:layer2.0":
+            by_ck[r["checkpoint"]] = r["error"]
+    a = agg[("single", "drop:layer2.0")]
+    assert int(a["n_checkpoints"]) == 3
+    assert float(a["error_mean"]) == pytest.approx(statistics.fmean(by_ck.values()))
+    assert float(a["error_std"]) == pytest.approx(statistics.stdev(by_ck.values()))
+    k2 = {}
+    for r in rows:
+        if r["study"] == "k" and r["k"] == 2:
+            k2.setdefault(r["checkpoint"], []).append(r["error"])
+    per_ck = [statistics.fmean(v) for v in k2.values()]
+    assert float(agg[("k", "k=2")]["error_mean"]) == pytest.approx(statistics.fmean(per_ck))
+    assert float(agg[("k", "k=2")]["error_std"]) == pytest.approx(statistics.stdev(per_ck))
+    md = (out / "report.md").read_text()
+    assert "mean over blocks" in md and "Wilson" in md and (out / "across_seeds.png").exists()
