@@ -95,8 +95,8 @@ class HistoryCSVLogger(CSVLogger):
     are logged, so a kill loses none of them.
     """
 
-    def __init__(self, save_dir: str, resume_step: int | None = None) -> None:
-        super().__init__(save_dir, name="csv", version="", flush_logs_every_n_steps=1)
+    def __init__(self, save_dir: str, resume_step: int | None = None, name: str = "csv") -> None:
+        super().__init__(save_dir, name=name, version="", flush_logs_every_n_steps=1)
         self.resume_step = resume_step
 
     @property
@@ -334,7 +334,11 @@ class ResNetLabCLI(LightningCLI):
                 )
             )
         # A local metrics file in every run, whatever the logger: curves need no W&B server.
-        loggers.append(HistoryCSVLogger(str(run_dir), resume_step=resume_step(cfg.get("ckpt_path"))))
+        # validate/test/predict on a run's checkpoint write beside it, never into fit's history.
+        if self.subcommand == "fit":
+            loggers.append(HistoryCSVLogger(str(run_dir), resume_step=resume_step(cfg.get("ckpt_path"))))
+        else:
+            loggers.append(HistoryCSVLogger(str(run_dir), name=f"csv-{self.subcommand}"))
         return loggers
 
     def _callbacks(self, run_dir: Path, loggers: Any) -> list[Callback]:

@@ -191,6 +191,13 @@ def test_resumed_fit_keeps_the_csv_history(tmp_path):
     # are kept, later ones are logged again by the resumed run, none twice.
     fit(10, "--ckpt_path", str(step4))
     assert logged_steps() == list(range(10))
+    # Testing a run's checkpoint writes its own file and leaves fit's history alone.
+    before = (run / "csv" / "metrics.csv").read_text()
+    cli_main(
+        ["test", *fit_args(tmp_path, "--model.depth", "8")[1:], "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
+    )
+    assert (run / "csv" / "metrics.csv").read_text() == before
+    assert any(r.get("test/error") for r in _csv(run / "csv-test" / "metrics.csv"))
 
 
 def _csv(path: Path) -> list[dict]:
