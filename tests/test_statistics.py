@@ -36,6 +36,10 @@ def test_summary_aggregates_cells_over_seeds(tmp_path):
     dists = {"model.depth": IntDistribution(20, 56), "model.plain": CategoricalDistribution([False, True]),
              "seed_everything": IntDistribution(0, 2)}  # fmt: skip
     known = {(20, False): [8.0, 9.0, 13.0], (56, False): [7.0, 7.5], (20, True): [10.0]}
+    run = tmp_path / "run"  # csv/metrics.csv: train error 100 - step, then 5 or 6 over the last 10 steps
+    (run / "csv").mkdir(parents=True)
+    lines = ["step,train/error_step,val/error"] + [f"{i},{100 - i if i < 90 else 5 + (i % 2)}," for i in range(100)]
+    (run / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
     for (depth, plain), errors in known.items():
         for seed, e in enumerate(errors):
             study.add_trial(
@@ -45,10 +49,10 @@ def test_summary_aggregates_cells_over_seeds(tmp_path):
                     value=e,
                     user_attrs={
                         "test/error": e,
-                        "train/error": e / 2,
                         "best_test/error": e + 1,
+                        "run_dir": str(run),
                         "spec": {"depth": depth, "plain": plain},
-                    },  # fmt: skip
+                    },
                 )
             )
     study.add_trial(
@@ -66,7 +70,7 @@ def test_summary_aggregates_cells_over_seeds(tmp_path):
         assert c["test/error"]["mean"] == pytest.approx(statistics.fmean(errors))
         assert c["test/error"]["std"] == pytest.approx(statistics.stdev(errors) if len(errors) > 1 else 0.0)
         assert (c["test/error"]["min"], c["test/error"]["max"]) == (min(errors), max(errors))
-        assert c["train/error"]["mean"] == pytest.approx(statistics.fmean(errors) / 2)
+        assert c["train/error_end"]["mean"] == pytest.approx(5.5)  # the last 10% of the logged steps
         assert c["best_test/error"]["mean"] == pytest.approx(statistics.fmean(errors) + 1)
     text = summarize(study, tmp_path, "test/error")
     assert "10.00 ± 2.65 (8.00, 13.00)" in text  # depth 20 residual: mean 10, std 2.646
