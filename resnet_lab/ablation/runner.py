@@ -139,12 +139,26 @@ def build_datamodule(data: dict[str, Any], folder: str | None = None, **override
         raise AblationError(f"{cls} takes no {unknown}; this ablation cannot run on its data")
     init.update({k: v for k, v in overrides.items() if v is not None})
     where = init.get(loc) if loc else None
-    if where and not Path(where).exists() and init.get("source", "folder") in ("auto", "folder"):
+    if where and not Path(where).exists() and _needs_location(cls, init):
         raise AblationError(
             f"the data of this run, {where}, does not exist (moved, or stored relative to another directory); "
             "pass its new location with --data-folder PATH"
         )
     return dm_cls(**{k: v for k, v in init.items() if k in accepted})
+
+
+def _needs_location(cls: str, init: dict[str, Any]) -> bool:
+    """Whether the DataModule reads its data from the location argument: always for
+    ImageNet; for CIFAR unless torchvision's files are there to take over ("auto")."""
+    if cls != "CIFAR10DataModule":
+        return True
+    source = init.get("source", "auto")
+    if source != "auto":
+        return source == "folder"
+    from ..data.cifar import torchvision_files_present
+    from ..data.common import cache_root
+
+    return not torchvision_files_present(init.get("root") or cache_root(init.get("cache_dir")) / "torchvision")
 
 
 def batches(dm, split: str, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
