@@ -250,6 +250,7 @@ def test_worker_threads_share_the_cores(tmp_path):
     dead = tmp_path / "t" / "workers" / "host-1.lock"  # left by a killed worker: not counted
     dead.parent.mkdir(parents=True)
     dead.touch()
+    os.utime(dead, (time.time() - 60, time.time() - 60))
     with WorkerSlot(spec) as me:
         assert me.live_workers() == 1 and me.threads() == cores and not dead.exists()
         other = os.open(dead.parent / "host-2.lock", os.O_CREAT | os.O_RDWR)  # a second live worker

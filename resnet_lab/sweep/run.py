@@ -411,8 +411,9 @@ class WorkerSlot:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 live += 1  # held by a running worker (this one included)
-            else:
-                p.unlink(missing_ok=True)  # left by a killed worker
+            else:  # left by a killed worker (a file seconds old may be a worker still starting up)
+                if time.time() - p.stat().st_mtime > 10:
+                    p.unlink(missing_ok=True)
             finally:
                 os.close(fd)
         return max(live, 1)
