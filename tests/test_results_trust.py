@@ -296,7 +296,7 @@ def test_ablate_imagenet_run_takes_data_folder_and_no_augmentation(tmp_path, cac
     assert ablate_main([*argv, "--out", str(tmp_path / "a")]) == 2
     assert ablate_main([*argv, "--out", str(tmp_path / "b"), "--data-folder", data, "--bn-recalib", "16"]) == 0
     dm = build_datamodule(cfg["data"], folder=data, augment=False)
-    assert dm.hparams.path == data and dm.hparams.augment is False
+    assert dm.hparams.path == str(Path(data).resolve()) and dm.hparams.augment is False
     names = [type(t).__name__ for t in dm._transforms(train=True).transforms]
     assert "RandomCrop" not in names and "RandomHorizontalFlip" not in names
 

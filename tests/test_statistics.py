@@ -102,8 +102,15 @@ def test_seeds_and_cell_overrides_reach_exactly_their_cells(tmp_path):
         assert run_cfg["optimizer"]["init_args"]["weight_decay"] == (0.5 if depth == 14 else 0.0001)
         seen.add((depth, seed))
     assert seen == {(8, 3), (8, 4), (14, 3), (14, 4)}  # every cell once per seed
-    with pytest.raises(SweepError, match="not in sweep.space"):
-        SweepSpec.from_dict({**sweep, "overrides": [{"when": {"model.width": 1}, "set": {"x": 1}}]})
+    assert SweepSpec.from_dict({**sweep, "space": {"model.plain": [True]}}).inactive_overrides() == [
+        (0, ["model.depth"])
+    ]
+    typo = tiny_config(
+        tmp_path,
+        {**sweep, "study_name": "t", "overrides": [{"when": {"model.dept": 8}, "set": {"seed_everything": 1}}]},
+        "t.yaml",
+    )
+    assert sweep_main(["--config", DEPTH, "--config", typo]) == 2
     with pytest.raises(SweepError, match="grid"):
         SweepSpec.from_dict({**sweep, "sampler": "random", "n_trials": 2, "metric": "val/error"})
 

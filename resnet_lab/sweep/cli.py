@@ -102,6 +102,12 @@ def check_space_keys(spec: SweepSpec, configs: list[str]) -> None:
     probes = [
         {k: (v[i] if isinstance(v, list) else v[("low", "high")[i]]) for k, v in fit_space.items()} for i in (0, -1)
     ]
+    for i, missing in spec.inactive_overrides():
+        typos = [k for k in missing if k not in keys]
+        if typos:
+            close = {k: difflib.get_close_matches(k, sorted(keys), n=2, cutoff=0.6) for k in typos}
+            raise SweepError(f"sweep.overrides[{i}].when names unknown option(s) {typos}; close matches: {close}")
+        print(f"note: sweep.overrides[{i}] applies to no cell: {missing} not swept", file=sys.stderr)
     cells = spec.grid() if spec.sampler == "grid" else None
     for rule in spec.overrides or []:
         if cells is not None and not any(spec.cell_overrides(c) and _matches(rule, c) for c in cells):

@@ -140,12 +140,19 @@ class SweepSpec:
                 raise SweepError(
                     f"sweep.overrides[{i}] must be {{when: {{param: value}}, set: {{option: value}}}}, got {rule!r}"
                 )
-            unknown = [k for k in rule["when"] if k not in self.space and k != SEED_KEY]
-            if unknown:
-                raise SweepError(f"sweep.overrides[{i}].when names {unknown}, which are not in sweep.space")
             clash = [k for k in rule["set"] if k in self.space]
             if clash:
                 raise SweepError(f"sweep.overrides[{i}].set changes swept parameters {clash}; sweep them instead")
+
+    def inactive_overrides(self) -> list[tuple[int, list[str]]]:
+        """Rules that name parameters this space does not sweep: they match no cell (e.g.
+        depth.yaml's ResNet-110 rule under a preset that sweeps only the lr)."""
+        out = []
+        for i, rule in enumerate(self.overrides or []):
+            missing = [k for k in rule["when"] if k not in self.space]
+            if missing:
+                out.append((i, missing))
+        return out
 
     def cell_overrides(self, params: dict[str, Any]) -> dict[str, Any]:
         """The fit options that the `overrides` rules add to a cell with these params."""
