@@ -139,10 +139,10 @@ def _plot_seeds(agg: list[dict], path: Path, num_classes: int) -> str:
         mine = [a for a in agg if a["arch"] == arch]
         n = max(a["n_checkpoints"] for a in mine)
         single = [a for a in mine if a["study"] == "single" and a["key"].startswith("drop:")]
-        if single:
-            a1.errorbar(range(len(single)), [a["error_mean"] for a in single], [a["error_std"] for a in single],
-                        fmt="o-", capsize=3, color=f"C{i}", label=f"{arch} (n={n})")  # fmt: skip
-            a1.set_xticks(range(len(single)), [a["key"][5:] for a in single], rotation=60, fontsize=7)
+        if single:  # nets of different depths share the axis: position as a fraction of the depth
+            x = [j / max(1, len(single) - 1) for j in range(len(single))]
+            a1.errorbar(x, [a["error_mean"] for a in single], [a["error_std"] for a in single],
+                        fmt="o-", ms=3, capsize=2, color=f"C{i}", label=f"{arch} (n={n})")  # fmt: skip
         ks = sorted((a for a in mine if a["study"] == "k"), key=lambda a: int(a["key"][2:]))
         if ks:
             a2.errorbar([int(a["key"][2:]) for a in ks], [a["error_mean"] for a in ks], [a["error_std"] for a in ks],
@@ -150,7 +150,12 @@ def _plot_seeds(agg: list[dict], path: Path, num_classes: int) -> str:
     for ax in (a1, a2):
         ax.axhline(chance_error(num_classes), color="gray", ls=":", lw=1, label=f"chance ({num_classes} classes)")
         ax.legend(fontsize=7)
-    a1.set(ylabel="error (%)", title="One block removed: mean ± std over checkpoints")
+    a1.set(
+        xlabel="position of the removed block (0 = first, 1 = last)",
+        ylabel="error (%)",
+        title="One block removed: mean ± std over checkpoints",
+    )
+    a2.xaxis.get_major_locator().set_params(integer=True)
     a2.set(xlabel="blocks removed (k)", ylabel="error (%)", title="k random blocks: mean ± std over checkpoints")
     return _save(fig, path)
 
