@@ -298,6 +298,7 @@ class ResNetLabCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         self.run_dir = run_dir = self._run_dir(cfg).resolve()
         self.created_run_dir = not run_dir.exists()
+        self.run_info = self._run_info(cfg, run_dir)  # git commit etc., read once
         os.environ["RESNET_LAB_RUN_DIR"] = str(run_dir)
         trainer_cfg = self._get(self.config_init, "trainer", default={})  # instantiated objects
         if trainer_cfg.get("logger") in (None, True):  # the user did not pick loggers: ours
@@ -325,7 +326,7 @@ class ResNetLabCLI(LightningCLI):
                 WandbLogger(
                     project=cfg.run.wandb_project,
                     save_dir=str(run_dir),
-                    id=self._run_info(cfg, run_dir)["wandb_id"],
+                    id=self.run_info["wandb_id"],
                     group=cfg.run.wandb_group,
                     tags=list(cfg.run.tags) or None,
                     offline=wandb_offline(),
@@ -371,7 +372,7 @@ class ResNetLabCLI(LightningCLI):
         # shared) never collides with the first. validate/test/predict add their own file.
         name = "config.yaml" if self.subcommand == "fit" else f"config-{self.subcommand}.yaml"
         self._parser(self.subcommand).save(cfg, run_dir / name, overwrite=True, skip_none=False)
-        info = self._run_info(cfg, run_dir)
+        info = self.run_info
         if self.subcommand == "fit":
             (run_dir / "run.json").write_text(json.dumps(info, indent=2, default=str))
         flat = flatten(cfg.as_dict())

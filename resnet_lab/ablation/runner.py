@@ -117,10 +117,6 @@ def _data_config(run_dir: Path | None, ckpt: dict) -> dict[str, Any]:
     return {"class_path": "resnet_lab.data.cifar.CIFAR10DataModule", "init_args": hp}
 
 
-# The init argument that holds each DataModule's data location (`ablate --data-folder`).
-LOCATION_ARG = {"CIFAR10DataModule": "folder", "ImageNetDataModule": "path"}
-
-
 def build_datamodule(data: dict[str, Any], folder: str | None = None, **overrides: Any):
     """The run's DataModule with `overrides` applied (None = keep); `folder` replaces
     its data location (CIFAR's `folder`, ImageNet's `path`). An override the class
@@ -128,7 +124,7 @@ def build_datamodule(data: dict[str, Any], folder: str | None = None, **override
     mod, _, cls = data["class_path"].rpartition(".")
     dm_cls = getattr(importlib.import_module(mod), cls)
     init = dict(data.get("init_args") or {})
-    loc = LOCATION_ARG.get(cls)
+    loc = getattr(dm_cls, "location_arg", None)
     if folder is not None:
         if loc is None:
             raise AblationError(f"--data-folder is not supported for {cls}; it has no data-location argument")

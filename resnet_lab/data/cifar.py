@@ -202,6 +202,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         on_device: keep the whole set on the training device (GPU); default: when CUDA.
     """
 
+    location_arg = "folder"  # the init argument that holds the data location (`ablate --data-folder`)
+
     def __init__(
         self,
         source: str = "auto",

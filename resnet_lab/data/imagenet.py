@@ -65,6 +65,8 @@ class ImageNetDataModule(pl.LightningDataModule):
     cache_dir: where archives are extracted (never next to the data).
     """
 
+    location_arg = "path"  # the init argument that holds the data location (`ablate --data-folder`)
+
     def __init__(
         self,
         path: str = "data/imagenet",
