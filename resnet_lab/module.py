@@ -32,7 +32,8 @@ class ResNetClassifier(pl.LightningModule):
 
     Args:
         arch: a registry name (`resnet-lab models`); the fields below override it.
-        depth, shortcut, plain, num_classes, stride_on, zero_init_residual, base_width:
+        depth, shortcut, plain, num_classes, stride_on, zero_init_residual, base_width,
+        preact, block_type, stochastic_depth, survival_last, active_blocks:
             `ResNetSpec` fields; None keeps the registry default. num_classes is
             linked from the DataModule by the CLI.
         spec: a full spec dict, as stored in checkpoints; wins over all of the above.
@@ -56,6 +57,11 @@ class ResNetClassifier(pl.LightningModule):
         stride_on: str | None = None,
         zero_init_residual: bool | None = None,
         base_width: int | None = None,
+        preact: bool | None = None,
+        block_type: str | None = None,
+        stochastic_depth: str | None = None,
+        survival_last: float | None = None,
+        active_blocks: int | None = None,
         spec: dict[str, Any] | None = None,
         channels_last: bool = True,
         compile: bool = False,
@@ -74,6 +80,11 @@ class ResNetClassifier(pl.LightningModule):
                 stride_on=stride_on,
                 zero_init_residual=zero_init_residual,
                 base_width=base_width,
+                preact=preact,
+                block_type=block_type,
+                stochastic_depth=stochastic_depth,
+                survival_last=survival_last,
+                active_blocks=active_blocks,
             )
         self.save_hyperparameters()
         self.hparams["spec"] = self.spec.to_dict()  # what a checkpoint rebuilds from

@@ -417,7 +417,10 @@ def latest_checkpoint(cfg) -> Path:
 
 
 def _spec_fields(model_cfg: dict[str, Any]) -> dict[str, Any]:
-    fields = ("depth", "shortcut", "plain", "num_classes", "stride_on", "zero_init_residual", "base_width")
+    fields = (
+        "depth", "shortcut", "plain", "num_classes", "stride_on", "zero_init_residual", "base_width",
+        "preact", "block_type", "stochastic_depth", "survival_last", "active_blocks",
+    )  # fmt: skip
     return {k: model_cfg.get(k) for k in fields}
 
 

@@ -36,6 +36,11 @@ def one_message(capsys, *words: str) -> str:
     "extra, words",
     [
         (["--model.depth", "21"], ["CIFAR depth must be 6n+2"]),  # SpecError
+        (["--model.stochastic_depth", "layer"], ["unknown stochastic_depth 'layer'", "batch, sample"]),
+        (["--model.stochastic_depth", "batch", "--model.survival_last", "0"], ["survival_last must be in (0, 1]"]),
+        (["--model.plain", "true", "--model.stochastic_depth", "sample"], ["plain net has no skip"]),
+        (["--model.arch", "preact_resnet164", "--model.depth", "20", "--model.active_blocks", "0"], ["in 1..6"]),
+        (["--model.block_type", "bottleneck", "--model.depth", "21"], ["9n+2", "bottleneck"]),
         (["--data.init_args.source", "folder"], ["no CIFAR-10 data found"]),  # DataError, raised in setup
         (["--data.init_args.source", "bogus"], ["unknown CIFAR source 'bogus'", "synthetic"]),
         (["--ckpt_path", "/nonexistent/last.ckpt"], ["does not exist"]),

@@ -25,10 +25,26 @@ EXPECTED = {
     "resnet50": 25_557_032,
     "resnet101": 44_549_160,
     "resnet152": 60_192_808,
+    # Pre-activation (He et al. 2016): the stem BN moves to the final BN-ReLU. CIFAR basic
+    # nets keep the post-activation counts; the paper gives ~1.7M (164) and ~10.2M (1001).
+    "preact_resnet20": 269_722,
+    "preact_resnet32": 464_154,
+    "preact_resnet44": 658_586,
+    "preact_resnet56": 853_018,
+    "preact_resnet110": 1_727_962,
+    "preact_resnet164": 1_703_258,
+    "preact_resnet1001": 10_327_706,
+    "preact_resnet18": 11_687_720,
+    "preact_resnet34": 21_795_880,
+    "preact_resnet50": 25_549_352,
+    "preact_resnet101": 44_541_480,
+    "preact_resnet152": 60_185_128,
+    "preact_resnet200": 64_666_152,
 }
 # Big nets run forward/backward at a reduced size/width to keep the suite fast;
 # their exact counts are still checked at full size above.
-SLOW = {"resnet1202", "resnet101", "resnet152"}
+SLOW = {"resnet1202", "resnet101", "resnet152", "preact_resnet1001", "preact_resnet101", "preact_resnet152",
+        "preact_resnet200"}  # fmt: skip
 
 
 def small_input(model, batch=2):

@@ -37,9 +37,20 @@ for _d in (18, 34, 50, 101, 152):
     register_model(f"resnet{_d}", family="imagenet", depth=_d, shortcut="B", num_classes=1000)
 for _d in (18, 34):
     register_model(f"plain{_d}", family="imagenet", depth=_d, plain=True, num_classes=1000)
+# Pre-activation nets (He et al. 2016). CIFAR basic (6n+2) with option A like resnetN;
+# preact_resnet110 is Veit et al.'s model. CIFAR bottleneck (9n+2) and ImageNet use
+# option B, as He et al. 2016 (projections only where shapes change).
+for _d in (20, 32, 44, 56, 110):
+    register_model(f"preact_resnet{_d}", family="cifar", depth=_d, preact=True)
+for _d in (164, 1001):
+    register_model(f"preact_resnet{_d}", family="cifar", depth=_d, preact=True, block_type="bottleneck", shortcut="B")
+for _d in (18, 34, 50, 101, 152, 200):
+    register_model(f"preact_resnet{_d}", family="imagenet", depth=_d, preact=True, shortcut="B", num_classes=1000)
 # Generic builders: the family's defaults, depth given as an override.
 register_model("cifar_resnet", family="cifar", depth=20)
 register_model("imagenet_resnet", family="imagenet", depth=18, shortcut="B", num_classes=1000)
+register_model("cifar_preact_resnet", family="cifar", depth=20, preact=True)
+register_model("imagenet_preact_resnet", family="imagenet", depth=18, preact=True, shortcut="B", num_classes=1000)
 
 
 def list_models() -> list[str]:
@@ -47,7 +58,8 @@ def list_models() -> list[str]:
 
     def key(n: str) -> tuple:
         generic = not n[-1].isdigit()
-        return (generic, _REGISTRY[n]().family != "cifar", n.rstrip("0123456789"), _depth(n))
+        spec = _REGISTRY[n]()
+        return (generic, spec.family != "cifar", spec.preact, n.rstrip("0123456789"), _depth(n))
 
     return sorted(_REGISTRY, key=key)
 

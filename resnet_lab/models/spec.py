@@ -16,10 +16,19 @@ from ..errors import UserError
 Family = Literal["cifar", "imagenet"]
 Shortcut = Literal["A", "B", "C"]
 StrideOn = Literal["3x3", "1x1"]
+BlockType = Literal["basic", "bottleneck"]
+DropMode = Literal["batch", "sample"]
 
 SHORTCUTS: tuple[str, ...] = ("A", "B", "C")
 STRIDE_ON: tuple[str, ...] = ("3x3", "1x1")
 FAMILIES: tuple[str, ...] = ("cifar", "imagenet")
+BLOCK_TYPES: tuple[str, ...] = ("basic", "bottleneck")
+DROP_MODES: tuple[str, ...] = ("batch", "sample")
+# CIFAR depths that the literature (He et al. 2016) names for bottleneck nets: "ResNet-164"
+# and "ResNet-1001" are 9n+2 bottleneck nets, although 164 is also a valid 6n+2 basic depth.
+# Names keep both readable and unambiguous: preact_resnet164 is the bottleneck net, the
+# basic one is preact_resnet164_basic; a bottleneck net at any other depth is *_bottleneck.
+CIFAR_BOTTLENECK_NAMES: tuple[int, ...] = (164, 1001)
 
 # ImageNet depths -> (block type, blocks per stage). He et al. Table 1, plus the
 # two extra depths timm also ships (26 and 200) since they follow the same rule.
@@ -59,6 +68,20 @@ class ResNetSpec:
         lesion studies (a fresh net is already "robust" to removal).
     base_width: channels of the first stage (16 CIFAR, 64 ImageNet).
     in_chans: input channels.
+    preact: pre-activation blocks (He et al. 2016, "Identity Mappings"): BN -> ReLU ->
+        conv inside the branch, nothing after the addition, one BN -> ReLU before the
+        pool. A removed pre-activation block is y = x exactly.
+    block_type: CIFAR only: "basic" (depth 6n+2, the default) or "bottleneck" (depth
+        9n+2, widths 16/32/64 x4: ResNet-164 and -1001 of He et al. 2016). None keeps
+        the family's default; ImageNet depths fix it (Table 1).
+    stochastic_depth: None (off), "batch" (Huang et al. 2016: each block's branch is
+        dropped for the whole batch) or "sample" (per sample, timm's drop_path). Block
+        l of L survives with p_l = 1 - l/L (1 - survival_last) (Huang's linear rule);
+        at test time the branch is scaled by p_l (used in expectation).
+    survival_last: p_L, the survival probability of the last block (Huang: 0.5).
+    active_blocks: Veit et al.'s "train on short paths": exactly this many random
+        blocks keep their branch in each training batch (the rest pass their input
+        through the skip); at test time every branch is scaled by active_blocks / L.
     """
 
     family: Family = "cifar"
@@ -70,6 +93,11 @@ class ResNetSpec:
     zero_init_residual: bool = False
     base_width: int | None = None
     in_chans: int = 3
+    preact: bool = False
+    block_type: BlockType | None = None
+    stochastic_depth: DropMode | None = None
+    survival_last: float = 0.5
+    active_blocks: int | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -83,31 +111,69 @@ class ResNetSpec:
             raise SpecError(f"unknown stride_on {self.stride_on!r}; valid: {', '.join(STRIDE_ON)}")
         if not isinstance(self.depth, int) or isinstance(self.depth, bool):
             raise SpecError(f"depth must be an int, got {self.depth!r}")
+        if self.block_type is not None and self.block_type not in BLOCK_TYPES:
+            raise SpecError(f"unknown block_type {self.block_type!r}; valid: {', '.join(BLOCK_TYPES)} (or null)")
         if self.family == "cifar":
-            if self.depth < 8 or (self.depth - 2) % 6:
-                lo = max(8, self.depth - (self.depth - 2) % 6)
+            per, ex = (9, "11, 20, 56, 110, 164, 1001") if self.block == "bottleneck" else (6, "8, 20, 56, 110, 1202")
+            if self.depth < per + 2 or (self.depth - 2) % per:
+                lo = max(per + 2, self.depth - (self.depth - 2) % per)
                 raise SpecError(
-                    f"CIFAR depth must be 6n+2 with n>=1 (8, 14, 20, 32, 44, 56, 110, 1202, ...); "
-                    f"got {self.depth} (nearest valid: {lo} or {lo + 6})"
+                    f"CIFAR depth must be {per}n+2 with n>=1 for {self.block} blocks ({ex}, ...); "
+                    f"got {self.depth} (nearest valid: {lo} or {lo + per})"
                 )
         elif self.depth not in IMAGENET_LAYOUTS:
             raise SpecError(f"ImageNet depth must be one of {sorted(IMAGENET_LAYOUTS)}; got {self.depth}")
+        elif self.block_type not in (None, IMAGENET_LAYOUTS[self.depth][0]):
+            raise SpecError(
+                f"ImageNet depth {self.depth} uses {IMAGENET_LAYOUTS[self.depth][0]} blocks (Table 1); "
+                f"block_type={self.block_type!r} applies to CIFAR nets only (leave it null)"
+            )
         if self.num_classes < 1:
             raise SpecError(f"num_classes must be >= 1, got {self.num_classes}")
+        self._check_drops()
+
+    def _check_drops(self) -> None:
+        sd, k = self.stochastic_depth, self.active_blocks
+        if sd is not None and sd not in DROP_MODES:
+            raise SpecError(f"unknown stochastic_depth {sd!r}; valid: {', '.join(DROP_MODES)} (or null for off)")
+        if not 0.0 < self.survival_last <= 1.0:
+            raise SpecError(f"survival_last must be in (0, 1], got {self.survival_last}")
+        if k is not None and (isinstance(k, bool) or not 1 <= k <= self.num_blocks):
+            raise SpecError(f"active_blocks must be an int in 1..{self.num_blocks} (the net's blocks), got {k!r}")
+        if (sd is not None or k is not None) and self.plain:
+            raise SpecError("stochastic depth and active_blocks drop residual branches; a plain net has no skip")
+        if sd is not None and k is not None:
+            raise SpecError("set either stochastic_depth (random drops) or active_blocks (a fixed count), not both")
 
     # Derived layout ---------------------------------------------------------
     @property
     def block(self) -> str:
         """'basic' or 'bottleneck'."""
-        return "basic" if self.family == "cifar" else IMAGENET_LAYOUTS[self.depth][0]
+        if self.family == "cifar":
+            return self.block_type or "basic"
+        return IMAGENET_LAYOUTS[self.depth][0]
 
     @property
     def layers(self) -> tuple[int, ...]:
         """Blocks per stage."""
         if self.family == "cifar":
-            n = (self.depth - 2) // 6
+            n = (self.depth - 2) // (9 if self.block == "bottleneck" else 6)
             return (n, n, n)
         return IMAGENET_LAYOUTS[self.depth][1]
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(self.layers)
+
+    def survival_probs(self) -> tuple[float, ...]:
+        """Per block, in forward order, the probability that its residual branch is
+        used in a training batch; also its scale at test time (1.0 = no drops)."""
+        n = self.num_blocks
+        if self.active_blocks is not None:
+            return (self.active_blocks / n,) * n
+        if self.stochastic_depth is None:
+            return (1.0,) * n
+        return tuple(1.0 - (i / n) * (1.0 - self.survival_last) for i in range(1, n + 1))
 
     @property
     def width(self) -> int:
@@ -119,6 +185,17 @@ class ResNetSpec:
         also an ImageNet depth (26, 50, 152, 200) is 'cifar_resnet50': run names and
         report labels never confuse it with the ImageNet net."""
         base = f"{'plain' if self.plain else 'resnet'}{self.depth}"
+        if self.family == "cifar":
+            if self.block == "bottleneck" and self.depth not in CIFAR_BOTTLENECK_NAMES:
+                base += "_bottleneck"
+            elif self.block == "basic" and self.depth in CIFAR_BOTTLENECK_NAMES:
+                base += "_basic"
+        if self.preact:
+            base = "preact_" + base
+        if self.stochastic_depth is not None:
+            base += f"_sd{self.survival_last:g}" + ("" if self.stochastic_depth == "batch" else "s")
+        if self.active_blocks is not None:
+            base += f"_active{self.active_blocks}"
         return f"cifar_{base}" if self.family == "cifar" and self.depth in IMAGENET_LAYOUTS else base
 
     @property
@@ -141,4 +218,5 @@ class ResNetSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ResNetSpec:
+        # Checkpoints written before a field existed rebuild with its default.
         return cls(**d)
