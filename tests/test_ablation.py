@@ -232,3 +232,25 @@ def test_recalibrate_bn_matches_batch_statistics():
     torch.testing.assert_close(bn.running_mean, want, rtol=1e-4, atol=1e-5)
     # BNs before the first changed block keep their trained statistics.
     assert torch.equal(m.get_block("layer1.0").bn1.running_mean, early)
+
+
+def test_recalibrate_bn_includes_a_preact_nets_final_bn():
+    m = trained_like("preact_resnet20")
+    seen = []
+    h = m.final_bn.register_forward_hook(lambda mod, i, o: seen.append(i[0].detach().clone()))
+    x = torch.randn(32, 3, 32, 32)
+    early = m.get_block("layer1.0").bn1.running_mean.clone()
+    with m.remove_blocks(["layer3.1"]):  # final_bn sees another input after a removal
+        engine.recalibrate_bn(m, [(x, None)], from_position=m.block_names.index("layer3.1"))
+    h.remove()
+    torch.testing.assert_close(m.final_bn.running_mean, seen[0].mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert torch.equal(m.get_block("layer1.0").bn1.running_mean, early)
+
+
+def test_a_report_never_resumes_on_other_data(two_checkpoints, tmp_path, capsys):
+    out = str(tmp_path / "rep")
+    base = [two_checkpoints[0], "--out", out, "--studies", "single", "--limit", "20", "--no-progress"]
+    assert ablate_main([*base, "--data-folder", str(tmp_path / "a")]) == 0
+    # The same command on another data folder would mix two datasets' rows in one report.
+    assert ablate_main([*base, "--data-folder", str(tmp_path / "b")]) == 2
+    assert "different configuration" in capsys.readouterr().err

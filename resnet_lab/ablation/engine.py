@@ -213,11 +213,10 @@ def response_stds(model: ResNet, batches: Iterable[tuple[Tensor, Tensor]], max_b
 @torch.no_grad()
 def recalibrate_bn(model: ResNet, batches: Iterable[tuple[Tensor, Tensor]], from_position: int = 0) -> None:
     """Re-estimate BN running statistics on (unaugmented) training batches for the
-    BNs at or after block `from_position` (earlier ones see unchanged inputs).
+    BNs at or after block `from_position` (earlier ones see unchanged inputs), and a
+    pre-activation net's final BN.
     Cumulative averages (momentum=None); the model is left in eval mode."""
-    bns = []
-    for blk in model.blocks[from_position:]:
-        bns += [m for m in blk.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    bns = model.batchnorms_after(from_position)
     saved = [(bn.momentum, bn.training) for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
