@@ -352,3 +352,24 @@ def test_storage_errors_are_one_clear_message(tmp_path, capsys, storage, match):
     assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg]) == 2
     err = capsys.readouterr().err
     assert match in err and "server running" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_preact_and_stochastic_depth_nets_sweep_with_the_paths_study(tmp_path):
+    cfg = tiny_config(
+        tmp_path,
+        {
+            "study_name": "p",
+            "metric": "lesion/mean_single_error",
+            "ablation": {"studies": ["single", "paths"], "samples": 2, "limit": 50, "paths_images": 10},
+            "space": {"model.arch": ["resnet20", "preact_resnet20"], "model.depth": [8]},
+        },
+        extra={"model": {"stochastic_depth": "batch", "survival_last": 0.8}},
+    )
+    assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg]) == 0
+    done = {t.params["model.arch"]: t for t in load(tmp_path, "p").trials if t.state == TrialState.COMPLETE}
+    assert set(done) == {"resnet20", "preact_resnet20"}
+    for arch, t in done.items():
+        assert t.user_attrs["spec"]["preact"] == (arch == "preact_resnet20")
+        assert t.user_attrs["spec"]["stochastic_depth"] == "batch" and t.user_attrs["spec"]["survival_last"] == 0.8
+        lo, hi = t.user_attrs["lesion/paths_range_lo"], t.user_attrs["lesion/paths_range_hi"]
+        assert 0 <= lo <= hi <= 3  # 3 blocks: lengths 0..3

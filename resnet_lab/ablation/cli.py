@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError, count
-from .report import PLOTS, lesion_summary, write_report
+from .report import PLOTS, complete_paths, lesion_summary, write_report
 from .runner import (
     STUDIES,
     AblationError,
@@ -34,7 +34,11 @@ def parser() -> argparse.ArgumentParser:
         prog="resnet-lab ablate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "checkpoints", nargs="+", help="checkpoints written by `resnet-lab fit` (e.g. a resnet and its plain twin)"
+        "checkpoints",
+        nargs="+",
+        help="checkpoints written by `resnet-lab fit` (e.g. a resnet and its plain twin), or torchvision weights: "
+        "torchvision:resnet50 (the local torch hub cache, never downloaded), torchvision:resnet50=FILE, or a "
+        "state-dict FILE",
     )
     p.add_argument("--out", required=True, help="report directory (resumable; refuses a different configuration)")
     p.add_argument("--split", choices=["val", "test"], default="test")
@@ -58,7 +62,19 @@ def parser() -> argparse.ArgumentParser:
         metavar="N",
         help="also report single-block removal with BN re-estimated on N training images",
     )
-    p.add_argument("--data-folder", default=None, help="override the data location stored with the run")
+    p.add_argument(
+        "--paths-images",
+        type=count(1),
+        default=256,
+        metavar="N",
+        help="paths study: images of the split to measure routed gradients on (--samples routings per length)",
+    )
+    p.add_argument(
+        "--data-folder",
+        default=None,
+        help="override the data location stored with the run (for torchvision weights: an ImageNet-layout "
+        "folder with val/<wnid>/, or the val folder itself)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a report of a different configuration")
     p.add_argument("--wandb", action="store_true", help="log tables and plots to a W&B run (offline without a key)")
     p.add_argument("--wandb-project", default="resnet-lab")
@@ -84,6 +100,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
 def _run(args: argparse.Namespace, argv: list[str]) -> Path:
     ckpts = load_checkpoints(args.checkpoints)
     check_compatible(ckpts)
+    if ckpts[0].pretrained and args.data_folder is None:
+        raise AblationError(
+            f"{ckpts[0].label} carries no data location: pass --data-folder with an ImageNet-layout folder "
+            "(val/<wnid>/..., or the val folder itself)"
+        )
     opts = StudyOptions(
         split=args.split,
         studies=tuple(args.studies),
@@ -93,14 +114,17 @@ def _run(args: argparse.Namespace, argv: list[str]) -> Path:
         seed=args.seed,
         limit=args.limit,
         bn_recalib=args.bn_recalib,
+        paths_images=args.paths_images,
     )
+    if "paths" in opts.studies and all(c.spec.plain for c in ckpts):
+        raise AblationError(
+            "--studies paths needs a residual net: every checkpoint given is plain (one path, no skips); "
+            "add a residual checkpoint or drop 'paths'"
+        )
     for c in ckpts:
         n = len(check_blocks(c.model, args.blocks))
         if "k" in opts.studies and opts.k_max > n:
             raise AblationError(f"--k-max {opts.k_max} exceeds the {n} removable blocks of {c.spec.name}")
-    keys = ("split", "studies", "blocks", "k_max", "samples", "seed", "limit", "bn_recalib")
-    store = Store(Path(args.out), manifest_for(ckpts, {k: getattr(args, k) for k in keys}), args.overwrite)
-    out = store.out
     dm = build_datamodule(
         ckpts[0].data,
         folder=args.data_folder,
@@ -109,6 +133,13 @@ def _run(args: argparse.Namespace, argv: list[str]) -> Path:
         batch_size=args.batch_size,
     )
     dm.setup("test")
+    check_compatible(ckpts, dm.num_classes)
+    keys = ("split", "studies", "blocks", "k_max", "samples", "seed", "limit", "bn_recalib", "paths_images")
+    asked = {k: getattr(args, k) for k in keys if k != "paths_images" or "paths" in opts.studies}
+    if args.data_folder is not None:  # other data, other results: never resumed into the same report
+        asked["data_folder"] = str(Path(args.data_folder).resolve())
+    store = Store(Path(args.out), manifest_for(ckpts, asked), args.overwrite)
+    out = store.out
     n_split = len(dm.splits[args.split][1]) if hasattr(dm, "splits") else len(dm.val_set)
     n_images = min(n_split, args.limit or n_split)
 
@@ -119,7 +150,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> Path:
         bar.set_postfix_str(c.label)
         UnitRunner(c, dm, store, opts, progress=bar.update).run()
     bar.close()
-    rows = store.rows()
+    rows = complete_paths(store.rows())
     evaluated = {r["n"] for r in rows if "n" in r}
     if evaluated and evaluated != {n_images}:
         raise AblationError(f"internal check failed: units evaluated {sorted(evaluated)} images, expected {n_images}")
@@ -128,6 +159,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> Path:
         "split": args.split,
         "n_images": n_images,
         "bn_recalib": args.bn_recalib,
+        "paths": {"images": min(n_split, args.paths_images), "samples": args.samples, "seed": args.seed},
         "checkpoints": [
             {"label": c.label, "path": c.path, "spec": c.spec.to_dict(), "train_metrics": c.train_metrics}
             for c in ckpts

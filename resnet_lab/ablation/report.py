@@ -11,6 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .paths import with_shares
 from .stats import across_checkpoints
 
 PLOTS = {
@@ -19,6 +20,7 @@ PLOTS = {
     "k": "k_lesion.png",
     "reorder": "reorder.png",
     "responses": "responses.png",
+    "paths": "paths.png",
 }
 
 
@@ -57,7 +59,8 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
 def lesion_summary(rows: list[dict], checkpoint: str | None = None) -> dict[str, float]:
     """Scalar summaries of one checkpoint's eval-BN rows (all rows if None):
     lesion/intact_error, mean/max single-block error, lesion/k{k}_error and
-    lesion/kmax_error (the largest k run)."""
+    lesion/kmax_error (the largest k run); with the paths study, lesion/paths_range_lo/hi
+    (the effective path range) and lesion/paths_path_share (its share of all paths)."""
     rows = [r for r in rows if r["condition"] == "eval-bn" and checkpoint in (None, r["checkpoint"])]
     out: dict[str, float] = {}
     drops = []
@@ -74,6 +77,10 @@ def lesion_summary(rows: list[dict], checkpoint: str | None = None) -> dict[str,
         out[f"lesion/k{k}_error"] = out["lesion/kmax_error"] = statistics.fmean(
             r["error"] for r in rows if r["study"] == "k" and r["k"] == k
         )
+    for r in rows:
+        if r["study"] == "paths" and r["key"] == "effective range":
+            out["lesion/paths_range_lo"], out["lesion/paths_range_hi"] = r["range_lo"], r["range_hi"]
+            out["lesion/paths_path_share"] = r["range_path_share"]
     return out
 
 
@@ -84,6 +91,89 @@ def write_seed_table(agg: list[dict], out: Path) -> None:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(agg)
+
+
+def complete_paths(rows: list[dict]) -> list[dict]:
+    """Each checkpoint's path-length rows with (c) total_share and its effective-range
+    row (derived here, from the stored measurements; idempotent); other rows unchanged."""
+    out, by_ck = [], defaultdict(list)
+    for r in rows:
+        if r["study"] == "paths" and r["key"] == "effective range":
+            continue  # derived: recomputed below
+        if r["study"] == "paths" and r.get("applicable"):
+            by_ck[r["checkpoint"]].append(r)
+        else:
+            out.append(r)
+    for rs in by_ck.values():
+        out += with_shares(rs)
+    order = {ck: i for i, ck in enumerate(dict.fromkeys(r["checkpoint"] for r in rows))}
+    return sorted(out, key=lambda r: order[r["checkpoint"]])  # stable: each checkpoint's rows in stored order
+
+
+def paths_by_checkpoint(rows: list[dict]) -> dict[str, dict[str, Any]]:
+    """{checkpoint: {"lengths": [k rows], "range": row}} or {"na": reason} for plain nets."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["study"] != "paths":
+            continue
+        d = out.setdefault(r["checkpoint"], {"lengths": []})
+        if not r.get("applicable"):
+            d["na"] = r["reason"]
+        elif r["key"] == "effective range":
+            d["range"] = r
+        else:
+            d["lengths"].append(r)
+    return out
+
+
+def paths_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    by = paths_by_checkpoint(rows)
+    if not by:
+        return [], []
+    head = ["checkpoint", "blocks n", "measurements per length", "effective range (k)", "gradient share",
+            "share of all paths"]  # fmt: skip
+    body = []
+    for ck, d in by.items():
+        if "na" in d:
+            body.append([ck, "-", "-", f"not applicable ({d['na']})", "-", "-"])
+            continue
+        r = d["range"]
+        body.append(
+            [
+                ck,
+                str(r["n_blocks"]),
+                f"{r['grad_n']} ({r['grad_n'] // r['images']} routings x {r['images']} images)",
+                f"{r['range_lo']}–{r['range_hi']}",
+                f"{100 * r['range_gradient_share']:.1f}%",
+                f"{100 * r['range_path_share']:.3g}%",
+            ]
+        )
+    return head, body
+
+
+def _plot_paths(path: Path, by: dict[str, dict[str, Any]], colour: dict) -> str:
+    """Veit et al. Fig. 6 (a) path-length distribution, (b) gradient magnitude per
+    length, (c) total gradient per length with the effective range shaded."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ck, d in by.items():
+        if "na" in d:
+            continue
+        rs = sorted(d["lengths"], key=lambda r: r["k"])
+        ks = [r["k"] for r in rs]
+        axes[0].plot(ks, [r["path_fraction"] for r in rs], "-", color=colour[ck], label=ck)
+        axes[1].semilogy(ks, [r["grad_mean"] for r in rs], "o-", ms=2, color=colour[ck], label=ck)
+        axes[2].plot(ks, [r["total_share"] for r in rs], "-", color=colour[ck], label=ck)
+        lo, hi = d["range"]["range_lo"], d["range"]["range_hi"]
+        axes[2].axvspan(lo, hi, color=colour[ck], alpha=0.12)
+    axes[0].set(xlabel="path length k", ylabel="fraction of paths", title="(a) distribution of path lengths")
+    axes[1].set(xlabel="path length k", ylabel="mean ||dL/dh0|| (log)", title="(b) gradient magnitude per path")
+    axes[2].set(xlabel="path length k", ylabel="share of total gradient",
+                title="(c) total gradient per length (shaded: 90% range)")  # fmt: skip
+    for ax in axes:
+        ax.legend(fontsize=7)
+    return _save(fig, path)
 
 
 def write_tables(rows: list[dict], out: Path) -> None:
@@ -124,6 +214,9 @@ def plot_all(rows: list[dict], out: Path, num_classes: int) -> list[str]:
             fig, ax = plt.subplots(figsize=size)
             draw(ax)
             made.append(_save(fig, out / PLOTS[study]))
+    by = paths_by_checkpoint(rows)
+    if any("na" not in d for d in by.values()):
+        made.append(_plot_paths(out / PLOTS["paths"], by, colour))
     agg = [a for a in across_checkpoints(rows) if a["condition"] == "eval-bn"]
     if agg:
         made.append(_plot_seeds(agg, out / PLOTS["seeds"], num_classes))
@@ -307,12 +400,17 @@ def _html_table(head: list[str], body: list[list[str]]) -> str:
 
 def write_report(rows: list[dict], out: Path, meta: dict[str, Any]) -> None:
     """results.csv/json, plots, report.md and report.html (images inlined)."""
+    rows = complete_paths(rows)
     write_tables(rows, out)
     num_classes = meta["checkpoints"][0]["spec"]["num_classes"]
     plots = plot_all(rows, out, num_classes)
     kept = sorted({r["removed_as"] for r in rows if r.get("removed_as") not in (None, "-", "identity")})
+    preact = {c["spec"].get("preact", False) for c in meta["checkpoints"]}
+    merge = {frozenset([False]): "relu(shortcut(x))", frozenset([True]): "shortcut(x)"}.get(
+        frozenset(preact), "relu(shortcut(x)) (post-activation) or shortcut(x) (pre-activation)"
+    )
     removal = (
-        "A removed block computes y = relu(shortcut(x)): y = x where its shortcut is the identity"
+        f"A removed block computes y = {merge}: y = x where its shortcut is the identity"
         + (
             f"; where it is not, its shortcut is kept ({', '.join(kept)}), so that removal is not y = x."
             if kept
@@ -320,7 +418,16 @@ def write_report(rows: list[dict], out: Path, meta: dict[str, Any]) -> None:
         )
         + f" Chance error: {chance_error(num_classes):.2f}% ({num_classes} classes)."
     )
-    sb, kt = single_block_table(rows), k_table(rows)
+    sb, kt, pt = single_block_table(rows), k_table(rows), paths_table(rows)
+    pm = meta.get("paths") or {}
+    paths_note = (
+        "Veit et al. Sec. 5: the forward pass is intact; in the backward pass, k randomly sampled blocks pass "
+        "the gradient through their residual branch and the rest through their skip. Per length k = 0..n, "
+        f"{pm.get('samples')} random routings on each of {pm.get('images')} images (seed {pm.get('seed')}), "
+        "mean ||dL/dh0|| at the input of the first block. Total gradient per length = fraction of paths x "
+        "mean magnitude, normalised; the effective range is the shortest window of lengths holding at least "
+        "90% of it. Plain nets have one path and are not applicable."
+    )
     agg = across_checkpoints(rows)
     write_seed_table(agg, out)
     st = seeds_table(agg)
@@ -354,6 +461,7 @@ def write_report(rows: list[dict], out: Path, meta: dict[str, Any]) -> None:
         "evaluation, not the spread between training runs).\n",
         "## Random k-block removal (error %, mean ± std over samples)\n",
         _md_table(*kt),
+        *(["## Path lengths and the gradient (Veit et al. Fig. 6)\n", paths_note + "\n", _md_table(*pt)] * bool(pt[0])),
         "## Across checkpoints of one architecture (mean ± std over seeds)\n",
         seeds_note + "\n" if st[0] else "",
         _md_table(*st) if st[0] else "_fewer than two checkpoints of any architecture_\n",
@@ -367,6 +475,12 @@ def write_report(rows: list[dict], out: Path, meta: dict[str, Any]) -> None:
         f'{base64.b64encode((out / p).read_bytes()).decode()}"/>'
         for p in plots
     )
+    paths_html = (
+        f"<h2>Path lengths and the gradient (Veit et al. Fig. 6)</h2><p>{html.escape(paths_note)}</p>"
+        + _html_table(*pt)
+        if pt[0]
+        else ""
+    )
     cks = "".join(f"<li><code>{html.escape(line[2:])}</code></li>" for line in ck_lines)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>resnet-lab lesion report</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:auto}}table{{border-collapse:collapse}}
@@ -377,6 +491,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}img{{max-width:10
 <h2>Single-block removal (top-1 error, %)</h2><p>{html.escape(removal)}</p>{_html_table(*sb)}
 <p>Brackets: 95% Wilson interval over the evaluated images.</p>
 <h2>Random k-block removal (error %, mean ± std)</h2>{_html_table(*kt)}
+{paths_html}
 <h2>Across checkpoints of one architecture (mean ± std over seeds)</h2>
 <p>{html.escape(seeds_note)}</p>{_html_table(*st)}
 <h2>Plots</h2>{imgs}</body></html>"""

@@ -31,11 +31,12 @@ import yaml
 
 from ..errors import UserError
 from ..models import ResNet, ResNetSpec
-from . import engine
+from . import engine, paths, pretrained
 from .engine import Condition
 from .stats import arch_label, wilson
 
-STUDIES = ("single", "k", "reorder", "responses")
+STUDIES = ("single", "k", "reorder", "responses", "paths")
+PATH_LENGTHS_PER_UNIT = 8  # the paths study is stored in units of this many lengths
 
 
 class AblationError(UserError, RuntimeError):
@@ -53,9 +54,14 @@ class Loaded:
     data: dict[str, Any]  # {"class_path": ..., "init_args": {...}}
     train_metrics: dict[str, float]
     run_dir: str | None
+    pretrained: bool = False  # torchvision weights: no run, no stored data location
 
 
 def load_checkpoint(path: str | os.PathLike) -> Loaded:
+    """A `resnet-lab fit` checkpoint, or torchvision weights (`torchvision:NAME[=PATH]`,
+    or a bare state-dict file; see pretrained.py)."""
+    if pretrained.is_torchvision_ref(str(path)):
+        return _pretrained(*pretrained.load_pretrained(str(path)))
     p = Path(path)
     if not p.is_file():
         raise AblationError(f"checkpoint {p} does not exist")
@@ -63,6 +69,8 @@ def load_checkpoint(path: str | os.PathLike) -> Loaded:
         ckpt = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:
         raise AblationError(f"{p} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    if pretrained.is_state_dict(ckpt):
+        return _pretrained(*pretrained.from_state_dict(str(p), ckpt))
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not hp or "spec" not in hp or "state_dict" not in ckpt:
         raise AblationError(
@@ -87,10 +95,14 @@ def load_checkpoint(path: str | os.PathLike) -> Loaded:
     return Loaded(str(p), label, model, spec, data, metrics, str(run_dir) if run_dir else None)
 
 
+def _pretrained(path: str, label: str, model: ResNet, data: dict[str, Any]) -> Loaded:
+    return Loaded(path, label, model, model.spec, data, {}, None, pretrained=True)
+
+
 def load_checkpoints(paths: list[str]) -> list[Loaded]:
     """Load every checkpoint, each with a label no other one shares (labels key the
     results: two checkpoints under one label would silently merge into one net)."""
-    resolved = [Path(p).resolve() for p in paths]
+    resolved = [p if pretrained.is_torchvision_ref(p) else Path(p).resolve() for p in paths]
     twice = sorted({str(p) for p in resolved if resolved.count(p) > 1})
     if twice:
         raise AblationError(f"checkpoint(s) given more than once: {twice}; pass each file once")
@@ -135,6 +147,7 @@ def build_datamodule(data: dict[str, Any], folder: str | None = None, **override
         raise AblationError(f"{cls} takes no {unknown}; this ablation cannot run on its data")
     init.update({k: v for k, v in overrides.items() if v is not None})
     where = init.get(loc) if loc else None
+
     if where and not Path(where).exists() and _needs_location(cls, init):
         raise AblationError(
             f"the data of this run, {where}, does not exist (moved, or stored relative to another directory); "
@@ -246,7 +259,17 @@ def check_blocks(model: ResNet, blocks: list[str] | None) -> list[str]:
     return list(dict.fromkeys(blocks))
 
 
-def check_compatible(ckpts: list[Loaded]) -> None:
+def check_compatible(ckpts: list[Loaded], num_classes: int | None = None) -> None:
+    """Checkpoints compared in one report must share their data; with `num_classes`
+    (the DataModule's), each head must also fit the data's labels."""
+    for c in ckpts if num_classes is not None else []:
+        if c.spec.num_classes != num_classes:
+            tv = " torchvision's ImageNet weights index 1000 classes by sorted wnid: use the full val folder."
+            tv *= c.pretrained
+            raise AblationError(
+                f"{c.label} has {c.spec.num_classes} outputs but the data has {num_classes} classes: its "
+                f"labels would not match.{tv}"
+            )
     a = ckpts[0]
     for b in ckpts[1:]:
         if b.spec.num_classes != a.spec.num_classes:
@@ -255,7 +278,8 @@ def check_compatible(ckpts: list[Loaded]) -> None:
         key = ("folder", "source", "path", "root")
         ia = {k: (a.data.get("init_args") or {}).get(k) for k in key}
         ib = {k: (b.data.get("init_args") or {}).get(k) for k in key}
-        if da != db or ia != ib:
+        unset = a.pretrained or b.pretrained  # torchvision weights: --data-folder decides
+        if da != db or (ia != ib and not unset):
             raise AblationError(
                 f"{a.path} and {b.path} were trained on different datasets ({da} {ia} vs {db} {ib}); "
                 "compare checkpoints of the same data"
@@ -274,6 +298,7 @@ class StudyOptions:
     seed: int = 0
     limit: int | None = None
     bn_recalib: int = 0
+    paths_images: int = 256  # images of the split the paths study measures on
 
 
 class UnitRunner:
@@ -301,6 +326,8 @@ class UnitRunner:
                 self.unit(f"swaps{swaps}", engine.reorder_conditions(model, swaps, o.samples, o.seed), "reorder")
         if "responses" in o.studies:
             self.responses()
+        if "paths" in o.studies:
+            self.paths()
 
     def _key(self, study: str, unit: str, condition: str) -> str:
         return f"{self.ckpt.label}|{study}|{unit}|{condition}"
@@ -360,3 +387,27 @@ class UnitRunner:
             for i, (layer, v) in enumerate(stds.items())
         ]
         self.store.add(key, rows)
+
+    def paths(self) -> None:
+        """Veit et al. Fig. 6: routed gradient norms for every path length k = 0..n,
+        stored in units of PATH_LENGTHS_PER_UNIT lengths (a kill loses one unit)."""
+        model, o = self.ckpt.model, self.opts
+        if model.spec.plain:
+            key = self._key("paths", "all", "eval-bn")
+            if key not in self.store.done:
+                why = "plain net: no skip connections, one path through every block"
+                self.store.add(key, [self._row("paths", "eval-bn", key="not applicable", applicable=False, reason=why)])
+            return
+        n = len(model.block_names)
+        for lo in range(0, n + 1, PATH_LENGTHS_PER_UNIT):
+            lengths = range(lo, min(n, lo + PATH_LENGTHS_PER_UNIT - 1) + 1)
+            key = self._key("paths", f"k{lengths[0]}-{lengths[-1]}", "eval-bn")
+            if key in self.store.done:
+                continue
+            data = list(batches(self.dm, o.split, o.paths_images))
+            stats = paths.gradient_by_length(model, data, lengths, o.samples, o.seed, self.progress)
+            images = sum(len(y) for _, y in data)
+            rows = [
+                self._row("paths", "eval-bn", applicable=True, **r) for r in paths.length_rows(model, stats, images)
+            ]
+            self.store.add(key, rows)

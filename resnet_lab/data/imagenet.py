@@ -52,7 +52,9 @@ class EvalShardSampler(DistributedSampler):
 
 class ImageNetDataModule(pl.LightningDataModule):
     """Args:
-    path: a folder or .tar/.tar.gz holding train/<class>/ and val/<class>/.
+    path: a folder or .tar/.tar.gz holding train/<class>/ and val/<class>/. For
+        evaluation only (`validate`/`test`, `ablate`), val/<class>/ alone, or a
+        folder of class folders (the val folder itself), is enough.
     batch_size / eval_batch_size: per device.
     num_workers: DataLoader worker processes.
     scale: shorter-side range for training (paper: 256..480).
@@ -93,6 +95,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         # Absolute paths: a run's stored config and checkpoint work from any directory.
         self.hparams.update(path=absolute(path), cache_dir=absolute(cache_dir))
         self.root: Path | None = None
+        self.split_dirs: dict[str, Path | None] = {}
         self.classes: list[str] = []
         self.num_classes = self._count_classes()
 
@@ -108,17 +111,36 @@ class ImageNetDataModule(pl.LightningDataModule):
                     f"no ImageNet data at {p}. Set --data.path to a folder or .tar.gz with train/<wnid>/ and "
                     "val/<wnid>/ (e.g. ../shared/data/tiny-imagenet-10.tar.gz)"
                 )
-            self.root = find_split_root(
-                extract_archive(p, self.hparams.cache_dir) if is_archive(p) else p, ("train", "val")
-            )
+            top = extract_archive(p, self.hparams.cache_dir) if is_archive(p) else p
+            try:
+                self.root = find_split_root(top, ("train", "val"))
+                self.split_dirs = {"train": self.root / "train", "val": self.root / "val"}
+            except DataError:
+                self.root, self.split_dirs = self._eval_only(top)
         return self.root
+
+    @staticmethod
+    def _eval_only(top: Path) -> tuple[Path, dict[str, Path | None]]:
+        """val/<class>/ without train/, or `top` itself a folder of class folders."""
+        try:
+            root = find_split_root(top, ("val",))
+            return root, {"train": None, "val": root / "val"}
+        except DataError:
+            pass
+        if any(d.is_dir() and any(f.is_file() for f in d.iterdir()) for d in top.iterdir()):
+            return top, {"train": None, "val": top}
+        raise DataError(
+            f"{top} has no train/<wnid>/ and val/<wnid>/ folders (nor val/ alone, nor class folders of images); "
+            "expected an ImageNet-layout tree"
+        )
 
     def _count_classes(self) -> int:
         # Known at construction so the CLI can link it into model.num_classes.
-        train = self._resolve() / "train"
-        self.classes = sorted(d.name for d in train.iterdir() if d.is_dir())
+        self._resolve()
+        folder = self.split_dirs["train"] or self.split_dirs["val"]
+        self.classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
         if not self.classes:
-            raise DataError(f"{train} has no class folders")
+            raise DataError(f"{folder} has no class folders")
         return len(self.classes)
 
     def _transforms(self, train: bool):
@@ -141,10 +163,15 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         root = self._resolve()
-        self.train_set = ImageFolder(str(root / "train"), self._transforms(True), loader=_checked_loader)
-        val = ImageFolder(str(root / "val"), self._transforms(False), loader=_checked_loader)
-        if self.train_set.classes != val.classes:
-            raise DataError(f"{root}: val/ classes differ from train/ classes")
+        train, val_dir = self.split_dirs["train"], self.split_dirs["val"]
+        if train is None and stage == "fit":
+            raise DataError(f"{root} has no train/<wnid>/ folder; training needs one (evaluation does not)")
+        val = ImageFolder(str(val_dir), self._transforms(False), loader=_checked_loader)
+        self.train_set = None
+        if train is not None:
+            self.train_set = ImageFolder(str(train), self._transforms(True), loader=_checked_loader)
+            if self.train_set.classes != val.classes:
+                raise DataError(f"{root}: val/ classes differ from train/ classes")
         # ImageFolder lists images class by class; a fixed shuffle makes any prefix
         # (limit_val_batches, an ablation's --limit) a fair sample of all classes.
         perm = torch.randperm(len(val), generator=torch.Generator().manual_seed(0)).tolist()
@@ -168,6 +195,10 @@ class ImageNetDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            raise DataError(
+                f"{self.root} has only evaluation images; training batches (fit, --bn-recalib) need train/<wnid>/"
+            )
         return self._loader(self.train_set, True)
 
     def val_dataloader(self) -> DataLoader:

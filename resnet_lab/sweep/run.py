@@ -287,6 +287,7 @@ def run_lesions(ckpt_path: str, ablation: dict[str, Any], out: Path) -> dict[str
         "split": "test",
         "limit": None,
         "bn_recalib": 0,
+        "paths_images": 256,
         **ablation,
     }
     argv = [
@@ -306,6 +307,8 @@ def run_lesions(ckpt_path: str, ablation: dict[str, Any], out: Path) -> dict[str
         "--no-progress",
         "--bn-recalib",
         str(a["bn_recalib"]),
+        "--paths-images",
+        str(a["paths_images"]),
         *(["--limit", str(a["limit"])] if a["limit"] else []),
     ]
     run(parser().parse_args(argv), argv)

@@ -37,7 +37,7 @@ import optuna
 from ..errors import UserError
 
 SEED_KEY = "seed_everything"
-ABLATION_KEYS = ("studies", "k_max", "samples", "seed", "split", "limit", "bn_recalib")
+ABLATION_KEYS = ("studies", "k_max", "samples", "seed", "split", "limit", "bn_recalib", "paths_images")
 
 
 class SweepError(UserError, ValueError):
