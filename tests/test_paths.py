@@ -178,3 +178,18 @@ def test_paths_bad_inputs_give_one_clear_error(two_checkpoints, tmp_path):
     r = _cli(two_checkpoints[0], "--out", str(tmp_path / "c"), "--studies", "paths", "--paths-images", "0")
     assert r.returncode == 2 and "--paths-images" in r.stderr and "Traceback" not in r.stderr
     assert not Path(tmp_path / "a").exists()
+
+
+def test_ablate_logs_the_paths_study_to_wandb_offline(two_checkpoints, tmp_path):
+    from .wandb_offline import read_offline_run
+
+    out = tmp_path / "rep"
+    args = [two_checkpoints[0], "--out", str(out), "--studies", "paths", "--samples", "2", "--paths-images", "8",
+            "--no-progress", "--wandb"]  # fmt: skip
+    assert ablate_main(args) == 0
+    run = read_offline_run(out)
+    assert "ablation/paths/_type" in {k for row in run["history"] for k in row}  # the Fig. 6 plot
+    (rng,) = [r for r in json.loads((out / "results.json").read_text()) if r["key"] == "effective range"]
+    assert run["summary"]["resnet14/lesion/paths_range_lo"] == rng["range_lo"]
+    assert run["summary"]["resnet14/lesion/paths_range_hi"] == rng["range_hi"]
+    assert run["summary"]["resnet14/lesion/paths_path_share"] == pytest.approx(rng["range_path_share"])

@@ -226,3 +226,15 @@ def test_active_blocks_trains_on_exactly_k_branches():
 def test_bad_stochastic_depth_specs(kwargs, match):
     with pytest.raises(SpecError, match=match):
         create_model(**kwargs)
+
+
+@torch.no_grad()
+def test_preact_responses_are_the_3x3_conv_outputs():
+    m = trained_like("preact_resnet20")
+    layers = m.response_layers()
+    assert [n for n, _ in layers][:3] == ["conv1", "layer1.0.conv1", "layer1.0.conv2"] and len(layers) == 1 + 9 * 2
+    x = _x(m, 4)
+    stds = m.response_stds(x)
+    blk = m.get_block("layer2.1")
+    h = m.forward_until(x, m.block_names.index("layer2.1"))
+    assert stds["layer2.1.conv1"] == pytest.approx(blk.conv1(F.relu(blk.bn1(h))).std().item(), rel=1e-5)
