@@ -154,3 +154,29 @@ def test_ablate_pools_checkpoints_of_one_architecture(two_checkpoints, tmp_path)
     assert float(agg[("k", "k=2")]["error_std"]) == pytest.approx(statistics.stdev(per_ck))
     md = (out / "report.md").read_text()
     assert "mean over blocks" in md and "Wilson" in md and (out / "across_seeds.png").exists()
+
+
+def test_pooling_never_merges_different_architectures():
+    from resnet_lab.ablation.stats import arch_label
+    from resnet_lab.models import create_model
+
+    names = {
+        arch_label(create_model(n, **kw).spec.to_dict())
+        for n, kw in [
+            ("resnet20", {}),
+            ("preact_resnet20", {}),
+            ("preact_resnet20", {"stochastic_depth": "batch"}),
+            ("preact_resnet20", {"stochastic_depth": "sample"}),
+            ("preact_resnet20", {"stochastic_depth": "batch", "survival_last": 0.8}),
+            ("preact_resnet20", {"active_blocks": 4}),
+            ("resnet20", {"depth": 56}),
+            ("resnet20", {"depth": 56, "block_type": "bottleneck", "shortcut": "B"}),
+            ("resnet20", {"shortcut": "B"}),
+            ("plain20", {}),
+        ]
+    }
+    assert len(names) == 10
+    assert arch_label(create_model("resnet20").spec.to_dict()) == "resnet20, shortcut A"  # unchanged labels
+    old = {k: v for k, v in create_model("resnet56").spec.to_dict().items() if k in ("family", "depth", "plain",
+           "shortcut", "base_width", "stride_on")}  # fmt: skip
+    assert arch_label(old) == "resnet56, shortcut A"  # rows written before the new spec fields

@@ -15,6 +15,8 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
+from ..models import ResNetSpec
+
 Z95 = 1.959963984540054
 
 
@@ -30,11 +32,9 @@ def wilson(wrong: int, n: int, z: float = Z95) -> tuple[float, float]:
 
 
 def arch_label(spec: dict[str, Any]) -> str:
-    """What checkpoints must share to be pooled: name, shortcut option, width."""
-    name = ("plain" if spec["plain"] else "resnet") + str(spec["depth"])
-    if spec.get("family", "cifar") == "cifar" and spec["depth"] in (26, 50, 152, 200):
-        name = "cifar_" + name
-    parts = [name]
+    """What checkpoints must share to be pooled: the spec's name (depth, plain,
+    pre-activation, block type, stochastic depth), shortcut option, width."""
+    parts = [ResNetSpec.from_dict(spec).name]
     if not spec["plain"]:
         parts.append(f"shortcut {spec['shortcut']}")
     if spec.get("base_width"):
