@@ -74,7 +74,7 @@ def test_each_routing_equals_a_separate_forward_backward(name, kw):
     x, y = data()
     routes = paths.sample_routes(6, 2, 3, random.Random(0))
     routes = torch.cat([routes, torch.zeros(1, 6, dtype=torch.bool), torch.ones(1, 6, dtype=torch.bool)])
-    _, grads = paths.routed_input_grads(m, x, y, routes, chunk=2)
+    _, grads = paths.routed_input_grads(m, x, y, routes)
     for r, g in zip(routes, grads):
         torch.testing.assert_close(g, naive_routed_grad(m, x, y, r.tolist()), rtol=1e-10, atol=1e-12)
 
@@ -193,3 +193,14 @@ def test_ablate_logs_the_paths_study_to_wandb_offline(two_checkpoints, tmp_path)
     assert run["summary"]["resnet14/lesion/paths_range_lo"] == rng["range_lo"]
     assert run["summary"]["resnet14/lesion/paths_range_hi"] == rng["range_hi"]
     assert run["summary"]["resnet14/lesion/paths_path_share"] == pytest.approx(rng["range_path_share"])
+
+
+def test_norms_match_the_full_gradients_and_shared_suffixes_change_nothing():
+    m = small("preact_resnet20", shortcut="B")
+    x, y = data()
+    routes = torch.tensor(list(itertools.product([False, True], repeat=6)))[torch.randperm(64)]  # shuffled order
+    _, grads = paths.routed_input_grads(m, x, y, routes)
+    norms = paths.routed_input_grad_norms(m, x, y, routes)
+    torch.testing.assert_close(norms, grads.flatten(2).norm(dim=2), rtol=1e-12, atol=0)
+    one = paths.routed_input_grads(m, x, y, routes[5:6])[1][0]  # a routing alone = within the batch
+    torch.testing.assert_close(one, grads[5], rtol=0, atol=0)

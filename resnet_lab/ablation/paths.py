@@ -16,8 +16,8 @@ length k = |S|, the norm of such routed gradients at the input of the first bloc
 The forward pass is the same for every routing, so `routed_input_grads` runs it once
 per batch and keeps each block's vector-Jacobian products (branch, skip and the merge,
 from `torch.func.vjp` on the block's own `branch` / `shortcut` / `merge`); each routing
-is then a chain of VJPs, batched over routings with `vmap`. The network is never
-re-implemented here: forward values are the model's own.
+is then a chain of VJPs, and routings that agree on their last blocks share that part of
+the chain. The network is never re-implemented here: forward values are the model's own.
 """
 
 from __future__ import annotations
@@ -54,9 +54,7 @@ class _BlockVJP:
     skip: object | None  # g -> (g_in,); None = identity skip
 
 
-def routed_input_grads(
-    model: ResNet, x: Tensor, y: Tensor, routes: Tensor, chunk: int | None = None
-) -> tuple[Tensor, Tensor]:
+def routed_input_grads(model: ResNet, x: Tensor, y: Tensor, routes: Tensor) -> tuple[Tensor, Tensor]:
     """Logits of the intact net, and the routed input gradients of the summed loss.
 
     x: (B, 3, H, W) images, y: (B,) labels, routes: (R, n) bool over the blocks in
@@ -64,8 +62,33 @@ def routed_input_grads(
     False = through its skip. Returns (logits (B, classes), grads (R, B, C, H, W)),
     grads[r] being d(sum of the cross-entropy losses)/d h_0 along routing r, h_0 the
     input of the first block. Eval mode (BN running statistics) makes every image's
-    gradient its own loss's. The routings never change the forward pass. `chunk`
-    routings are propagated at once (default: about 4096 images' worth)."""
+    gradient its own loss's. The routings never change the forward pass."""
+    grads = [None] * len(routes)
+
+    def keep(r: int, g: Tensor) -> None:
+        grads[r] = g
+
+    logits = _routed(model, x, y, routes, keep)
+    return logits, torch.stack(grads)
+
+
+def routed_input_grad_norms(model: ResNet, x: Tensor, y: Tensor, routes: Tensor) -> Tensor:
+    """(R, B): ||routed input gradient|| per routing and image (memory: no (R, B, C, H, W))."""
+    norms = torch.empty(len(routes), len(y), dtype=torch.float64)
+
+    def norm(r: int, g: Tensor) -> None:
+        norms[r] = g.flatten(1).double().norm(dim=1)
+
+    _routed(model, x, y, routes, norm)
+    return norms
+
+
+def _routed(model: ResNet, x: Tensor, y: Tensor, routes: Tensor, emit) -> Tensor:
+    """One forward pass keeping every block's VJPs, then each routing's chain of VJPs.
+
+    Routings that agree on their last blocks share that part of the backward pass: a
+    depth-first walk over the routings' choices from the top block down computes each
+    distinct partial gradient once, holding one (B, C, H, W) tensor per level."""
     check_applicable(model)
     blocks = model.blocks
     if routes.ndim != 2 or routes.shape[1] != len(blocks):
@@ -87,23 +110,24 @@ def routed_input_grads(
         # d(sum_i CE(logits_i, y_i)) / d logits = softmax - onehot
         g_logits = logits.detach().softmax(1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)
         (g_top,) = vjp_head(g_logits)
-        chunk = chunk or max(1, 4096 // len(y))
-        out = [_route_chunk(vjps, g_top, routes[i : i + chunk]) for i in range(0, len(routes), chunk)]
-    return logits.detach(), torch.cat(out).detach()
+        choice = routes.tolist()
 
+        def walk(level: int, g: Tensor, members: list[int]) -> None:
+            if level < 0:
+                for r in members:
+                    emit(r, g.detach())
+                return
+            v = vjps[level]
+            g_branch, g_skip = v.merge(g)
+            via_branch = [r for r in members if choice[r][level]]
+            via_skip = [r for r in members if not choice[r][level]]
+            if via_branch:
+                walk(level - 1, v.branch(g_branch)[0], via_branch)
+            if via_skip:
+                walk(level - 1, g_skip if v.skip is None else v.skip(g_skip)[0], via_skip)
 
-def _route_chunk(vjps: list[_BlockVJP], g_top: Tensor, routes: Tensor) -> Tensor:
-    g = g_top.expand(len(routes), *g_top.shape).contiguous()  # (R, B, C, H, W)
-    for i in reversed(range(len(vjps))):
-        v = vjps[i]
-        gb, gs = torch.func.vmap(v.merge)(g)
-        via_branch = routes[:, i]
-        new = gs if v.skip is None else torch.func.vmap(v.skip)(gs)[0]
-        if via_branch.any():
-            new = new.clone() if new is gs else new
-            new[via_branch] = torch.func.vmap(v.branch)(gb[via_branch])[0]
-        g = new
-    return g
+        walk(len(vjps) - 1, g_top, list(range(len(routes))))
+    return logits.detach()
 
 
 def path_length_pmf(n: int) -> list[float]:
@@ -151,15 +175,17 @@ def gradient_by_length(
     samples: int,
     seed: int,
     progress=None,
+    max_batch: int = 128,
 ) -> dict[int, GradStats]:
     """(b): ||dL/dh_0|| along `samples` random routings of each length k, per image
-    and batch (fresh routings per batch, reproducible from seed, k and batch index)."""
+    and batch (fresh routings per batch, reproducible from seed, k and batch index).
+    Batches are cut to `max_batch` images, so memory stays near a training step's."""
     n = len(model.block_names)
     stats = {k: GradStats() for k in lengths}
-    for bi, (x, y) in enumerate(batches):
+    cut = ((x[i : i + max_batch], y[i : i + max_batch]) for x, y in batches for i in range(0, len(y), max_batch))
+    for bi, (x, y) in enumerate(cut):
         routes = torch.cat([sample_routes(n, k, samples, random.Random(f"{seed}:{k}:{bi}")) for k in lengths])
-        _, grads = routed_input_grads(model, x, y, routes)
-        norms = grads.flatten(2).norm(dim=2)  # (R, B): one measurement per routing and image
+        norms = routed_input_grad_norms(model, x, y, routes)  # (R, B): one measurement per routing and image
         for j, k in enumerate(lengths):
             stats[k].add(norms[j * samples : (j + 1) * samples])
         if progress:

@@ -9,7 +9,8 @@ Layout of `out/`:
     results.csv / results.json / *.png / report.md / report.html   (report.py)
 
 A unit is (checkpoint, study, condition set): the single-block sweep of one net, one
-k of the k-lesion study, one swap level of the reorder study, the response stds.
+k of the k-lesion study, one swap level of the reorder study, the response stds, eight
+path lengths of the paths study.
 """
 
 from __future__ import annotations
