@@ -254,3 +254,27 @@ def test_a_report_never_resumes_on_other_data(two_checkpoints, tmp_path, capsys)
     # The same command on another data folder would mix two datasets' rows in one report.
     assert ablate_main([*base, "--data-folder", str(tmp_path / "b")]) == 2
     assert "different configuration" in capsys.readouterr().err
+
+
+def test_single_block_plot_never_mislabels_blocks():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from resnet_lab.ablation.report import _plot_single, summarize
+
+    def rows(ck, names, positions):
+        return [{"checkpoint": ck, "condition": "eval-bn", "study": "single", "key": f"drop:{b}", "block": b,
+                 "position": p, "downsample": False, "error": 50.0} for b, p in zip(names, positions)]  # fmt: skip
+
+    for rs, want in [
+        (rows("a", ["layer1.1", "layer3.2"], [1, 8]), {1: "layer1.1", 8: "layer3.2"}),  # --blocks subset
+        (rows("a", ["layer1.0", "layer2.0"], [0, 3]) + rows("b", ["layer1.0", "layer1.3"], [0, 3]), {}),  # 2 depths
+    ]:
+        fig, ax = plt.subplots()
+        _plot_single(ax, summarize(rs), {"a": "C0", "b": "C1"}, 10)
+        ticks = zip(ax.get_xticks(), ax.get_xticklabels())
+        got = {int(t): lab.get_text() for t, lab in ticks if lab.get_text().startswith("layer")}
+        plt.close(fig)
+        assert got == want

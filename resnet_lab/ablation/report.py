@@ -275,8 +275,16 @@ def _plot_single(ax, s: dict, colour: dict, num_classes: int) -> None:
         if ck in s["baseline"]:
             ax.axhline(s["baseline"][ck], color=line.get_color(), ls="--", lw=1)
     ax.axhline(chance_error(num_classes), color="gray", ls=":", lw=1, label=f"chance ({num_classes} classes)")
-    names = [r["block"] for r in sorted(next(iter(s["single"].values())), key=lambda r: r["position"])]
-    ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
+    # Name the ticks only where every net's block at that position has the same name
+    # (nets of different depths, or --blocks subsets, would otherwise be mislabelled).
+    at: dict[int, set[str]] = defaultdict(set)
+    for rs in s["single"].values():
+        for r in rs:
+            at[r["position"]].add(r["block"])
+    if all(len(v) == 1 for v in at.values()):
+        ax.set_xticks(sorted(at), [next(iter(at[p])) for p in sorted(at)], rotation=60, fontsize=7)
+    else:
+        ax.set_xlabel("position of the removed block (forward order; the nets differ in depth)")
     ax.set(ylabel="error (%)", title="Error with one block removed (dashed: intact; circled: downsampling)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
