@@ -1,6 +1,7 @@
 """Pre-activation ResNets (He et al. 2016) and stochastic depth (Huang et al. 2016)."""
 
 import copy
+import json
 import subprocess
 import sys
 
@@ -238,3 +239,24 @@ def test_preact_responses_are_the_3x3_conv_outputs():
     blk = m.get_block("layer2.1")
     h = m.forward_until(x, m.block_names.index("layer2.1"))
     assert stds["layer2.1.conv1"] == pytest.approx(blk.conv1(F.relu(blk.bn1(h))).std().item(), rel=1e-5)
+
+
+def test_stochastic_depth_lives_in_the_checkpoint_and_lesions_run_unchanged(tmp_path):
+    from resnet_lab.ablation import load_checkpoint
+    from resnet_lab.ablation.cli import main as ablate_main
+    from resnet_lab.train import cli_main
+
+    from .conftest import fit_args
+
+    sd = ["--model.stochastic_depth", "sample", "--model.survival_last", "0.7"]
+    cli_main(fit_args(tmp_path, "--model.arch", "preact_resnet20", "--model.depth", "8", *sd, "--run.test_after_fit",
+                      "false", logger="none"))  # fmt: skip
+    (ckpt,) = (tmp_path / "runs" / "preact_resnet8_sd0.7s").glob("*/checkpoints/last.ckpt")
+    loaded = load_checkpoint(ckpt)
+    assert (loaded.spec.stochastic_depth, loaded.spec.survival_last, loaded.spec.preact) == ("sample", 0.7, True)
+    assert [b.survival for b in loaded.model.blocks] == pytest.approx([1 - 0.3 / 3, 1 - 0.6 / 3, 0.7])
+    out = tmp_path / "rep"
+    assert ablate_main([str(ckpt), "--out", str(out), "--studies", "single", "--limit", "40", "--no-progress"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    intact = next(r for r in rows if r["key"] == "intact")
+    assert intact["n"] == 40 and len(rows) == 1 + 3

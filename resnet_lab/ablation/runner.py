@@ -148,7 +148,6 @@ def build_datamodule(data: dict[str, Any], folder: str | None = None, **override
         raise AblationError(f"{cls} takes no {unknown}; this ablation cannot run on its data")
     init.update({k: v for k, v in overrides.items() if v is not None})
     where = init.get(loc) if loc else None
-
     if where and not Path(where).exists() and _needs_location(cls, init):
         raise AblationError(
             f"the data of this run, {where}, does not exist (moved, or stored relative to another directory); "
