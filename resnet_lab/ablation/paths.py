@@ -110,23 +110,25 @@ def _routed(model: ResNet, x: Tensor, y: Tensor, routes: Tensor, emit) -> Tensor
         # d(sum_i CE(logits_i, y_i)) / d logits = softmax - onehot
         g_logits = logits.detach().softmax(1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)
         (g_top,) = vjp_head(g_logits)
-        choice = routes.tolist()
+    choice = routes.tolist()
 
-        def walk(level: int, g: Tensor, members: list[int]) -> None:
-            if level < 0:
-                for r in members:
-                    emit(r, g.detach())
-                return
-            v = vjps[level]
-            g_branch, g_skip = v.merge(g)
-            via_branch = [r for r in members if choice[r][level]]
-            via_skip = [r for r in members if not choice[r][level]]
-            if via_branch:
-                walk(level - 1, v.branch(g_branch)[0], via_branch)
-            if via_skip:
-                walk(level - 1, g_skip if v.skip is None else v.skip(g_skip)[0], via_skip)
+    def walk(level: int, g: Tensor, members: list[int]) -> None:
+        if level < 0:
+            for r in members:
+                emit(r, g)
+            return
+        v = vjps[level]
+        g_branch, g_skip = v.merge(g)
+        via_branch = [r for r in members if choice[r][level]]
+        via_skip = [r for r in members if not choice[r][level]]
+        if via_branch:
+            walk(level - 1, v.branch(g_branch)[0], via_branch)
+        if via_skip:
+            walk(level - 1, g_skip if v.skip is None else v.skip(g_skip)[0], via_skip)
 
-        walk(len(vjps) - 1, g_top, list(range(len(routes))))
+    # No graph of the backward itself: the stack then holds one plain tensor per level.
+    with torch.no_grad():
+        walk(len(vjps) - 1, g_top.detach(), list(range(len(routes))))
     return logits.detach()
 
 
