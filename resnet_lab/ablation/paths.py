@@ -15,7 +15,7 @@ length k = |S|, the norm of such routed gradients at the input of the first bloc
 
 The forward pass is the same for every routing, so `routed_input_grads` runs it once
 per batch and keeps each block's vector-Jacobian products (branch, skip and the merge,
-from `torch.func.vjp` on the block's own `branch` / `shortcut` / `merge`); each routing
+of the block's own `branch` / `shortcut` / `merge`, kept as autograd graphs); each routing
 is then a chain of VJPs, and routings that agree on their last blocks share that part of
 the chain. The network is never re-implemented here: forward values are the model's own.
 """
@@ -99,37 +99,47 @@ def _routed(model: ResNet, x: Tensor, y: Tensor, routes: Tensor, emit) -> Tensor
         h = model.forward_stem(x).detach()
         vjps = []
         for blk in blocks:
-            b, vjp_b = torch.func.vjp(blk.branch, h)
-            if blk.downsample is None:
-                s, vjp_s = h, None
-            else:
-                s, vjp_s = torch.func.vjp(blk.shortcut, h)
-            h, vjp_m = torch.func.vjp(blk.merge, b, s)
-            vjps.append(_BlockVJP(vjp_m, vjp_b, vjp_s))
-        logits, vjp_head = torch.func.vjp(model.forward_head, h)
+            h_in = h.detach().requires_grad_()
+            b = blk.branch(h_in)
+            s = h_in if blk.downsample is None else blk.shortcut(h_in)
+            b_leaf, s_leaf = b.detach().requires_grad_(), s.detach().requires_grad_()
+            h = blk.merge(b_leaf, s_leaf)
+            vjps.append(_BlockVJP(_vjp(h, (b_leaf, s_leaf)), _vjp(b, (h_in,)), None if s is h_in else _vjp(s, (h_in,))))
+        h_top = h.detach().requires_grad_()
+        logits = model.forward_head(h_top)
         # d(sum_i CE(logits_i, y_i)) / d logits = softmax - onehot
         g_logits = logits.detach().softmax(1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)
-        (g_top,) = vjp_head(g_logits)
-    choice = routes.tolist()
-
-    def walk(level: int, g: Tensor, members: list[int]) -> None:
-        if level < 0:
-            for r in members:
-                emit(r, g)
-            return
-        v = vjps[level]
-        g_branch, g_skip = v.merge(g)
-        via_branch = [r for r in members if choice[r][level]]
-        via_skip = [r for r in members if not choice[r][level]]
-        if via_branch:
-            walk(level - 1, v.branch(g_branch)[0], via_branch)
-        if via_skip:
-            walk(level - 1, g_skip if v.skip is None else v.skip(g_skip)[0], via_skip)
-
-    # No graph of the backward itself: the stack then holds one plain tensor per level.
+        (g_top,) = torch.autograd.grad(logits, h_top, g_logits)
+    # Plain autograd graphs (no torch.func closures, which form reference cycles that keep
+    # the saved activations alive until the garbage collector runs), freed on return; the
+    # backward records no graph of its own, so the walk holds one tensor per level.
     with torch.no_grad():
-        walk(len(vjps) - 1, g_top.detach(), list(range(len(routes))))
+        _walk(vjps, routes.tolist(), emit, len(vjps) - 1, g_top, list(range(len(routes))))
     return logits.detach()
+
+
+def _vjp(out: Tensor, inputs: tuple[Tensor, ...]):
+    """g -> d(out)/d(inputs)^T g, reusable (the graph is retained)."""
+    return lambda g: torch.autograd.grad(out, inputs, g, retain_graph=True)
+
+
+def _walk(vjps: list[_BlockVJP], choice: list[list[bool]], emit, level: int, g: Tensor, members: list[int]) -> None:
+    """Depth-first over the routings' choices, from block `level` down: g is the gradient
+    at that block's output, shared by `members`. A module-level function, not a closure
+    calling itself: that would be a reference cycle keeping every block's saved
+    activations alive until the cyclic garbage collector happens to run."""
+    if level < 0:
+        for r in members:
+            emit(r, g)
+        return
+    v = vjps[level]
+    g_branch, g_skip = v.merge(g)
+    via_branch = [r for r in members if choice[r][level]]
+    via_skip = [r for r in members if not choice[r][level]]
+    if via_branch:
+        _walk(vjps, choice, emit, level - 1, v.branch(g_branch)[0], via_branch)
+    if via_skip:
+        _walk(vjps, choice, emit, level - 1, g_skip if v.skip is None else v.skip(g_skip)[0], via_skip)
 
 
 def path_length_pmf(n: int) -> list[float]:
