@@ -407,8 +407,8 @@ def _html_table(head: list[str], body: list[list[str]]) -> str:
 
 
 def write_report(rows: list[dict], out: Path, meta: dict[str, Any]) -> None:
-    """results.csv/json, plots, report.md and report.html (images inlined)."""
-    rows = complete_paths(rows)
+    """results.csv/json, plots, report.md and report.html (images inlined), from rows
+    whose paths study is completed (`complete_paths`)."""
     write_tables(rows, out)
     num_classes = meta["checkpoints"][0]["spec"]["num_classes"]
     plots = plot_all(rows, out, num_classes)

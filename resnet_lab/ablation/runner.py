@@ -399,12 +399,13 @@ class UnitRunner:
                 self.store.add(key, [self._row("paths", "eval-bn", key="not applicable", applicable=False, reason=why)])
             return
         n = len(model.block_names)
+        data = None  # the same images for every unit, read once and only if a unit is left
         for lo in range(0, n + 1, PATH_LENGTHS_PER_UNIT):
             lengths = range(lo, min(n, lo + PATH_LENGTHS_PER_UNIT - 1) + 1)
             key = self._key("paths", f"k{lengths[0]}-{lengths[-1]}", "eval-bn")
             if key in self.store.done:
                 continue
-            data = list(batches(self.dm, o.split, o.paths_images))
+            data = data or list(batches(self.dm, o.split, o.paths_images))
             stats = paths.gradient_by_length(model, data, lengths, o.samples, o.seed, self.progress)
             images = sum(len(y) for _, y in data)
             rows = [
