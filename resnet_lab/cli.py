@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from .errors import UserError
+from .errors import user_error
 from .models import SpecError, count_macs, count_params, create_model, list_models
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -84,18 +84,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resnet-lab {cmd}: error: {user}", file=sys.stderr)
         print("(run again with --debug for the traceback)", file=sys.stderr)
         return 2
-
-
-def user_error(e: BaseException) -> UserError | None:
-    """`e`, or the exception that caused it (jsonargparse and Lightning wrap errors
-    raised while instantiating classes), when it is one of the project's user errors."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, UserError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
 
 
 def _dispatch(cmd: str, argv: list[str], from_console: bool) -> int:

@@ -15,6 +15,18 @@ class UserError(Exception):
     """Bad input or a failed run that the user can fix; the message names the fix."""
 
 
+def user_error(e: BaseException) -> UserError | None:
+    """`e`, or the exception that caused it (jsonargparse and Lightning wrap errors
+    raised while instantiating classes), when it is one of the project's user errors."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, UserError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 class DivergenceError(UserError, RuntimeError):
     """Training produced a non-finite loss or non-finite weights."""
 

@@ -7,6 +7,8 @@ registry default), and the resolved spec is saved in its hyperparameters, so
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -21,6 +23,10 @@ from .models import ResNet, ResNetSpec, resolve_spec
 from .schedules import PaperLR
 
 STAGES = ("train", "val", "test")
+# The ResNetSpec fields that are model.* options (the registry name fixes the family, and
+# in_chans is the data's). ResNetClassifier's signature lists them for the CLI; the test
+# suite checks that the two agree, so a new spec field cannot be forgotten here.
+SPEC_OPTIONS = tuple(f.name for f in dataclasses.fields(ResNetSpec) if f.name not in ("family", "in_chans"))
 
 
 class CheckpointMismatchError(UserError, RuntimeError):
@@ -68,24 +74,11 @@ class ResNetClassifier(pl.LightningModule):
         log_response_std: bool = False,
     ) -> None:
         super().__init__()
+        given = locals()
         if spec is not None:
             self.spec = ResNetSpec.from_dict(spec)
         else:
-            self.spec = resolve_spec(
-                arch,
-                depth=depth,
-                shortcut=shortcut,
-                plain=plain,
-                num_classes=num_classes,
-                stride_on=stride_on,
-                zero_init_residual=zero_init_residual,
-                base_width=base_width,
-                preact=preact,
-                block_type=block_type,
-                stochastic_depth=stochastic_depth,
-                survival_last=survival_last,
-                active_blocks=active_blocks,
-            )
+            self.spec = resolve_spec(arch, **{k: given[k] for k in SPEC_OPTIONS})
         self.save_hyperparameters()
         self.hparams["spec"] = self.spec.to_dict()  # what a checkpoint rebuilds from
         self.test_label = "test"  # "best_test" while the CLI tests the best-by-val checkpoint
@@ -198,6 +191,25 @@ class ResNetClassifier(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_spec_matches(checkpoint.get("hyper_parameters", {}).get("spec"), self.spec, "the checkpoint")
+
+
+def read_checkpoint(path: str | Path, weights_only: bool = False) -> Any:
+    """torch.load of a checkpoint file, or one CheckpointMismatchError that names the file
+    (never PyTorch's multi-line `weights_only` advice for a file that is no checkpoint)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointMismatchError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        why = first if head == b"PK" or head[:1] == b"\x80" else "not a PyTorch file"
+        raise CheckpointMismatchError(
+            f"{path} is not a readable PyTorch checkpoint ({why}); "
+            "pass a checkpoints/*.ckpt written by `resnet-lab fit`"
+        ) from e
 
 
 def check_spec_matches(saved: dict[str, Any] | None, want: ResNetSpec, source: str, ignore: tuple = ()) -> None:

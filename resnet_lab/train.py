@@ -15,10 +15,13 @@ same W&B run) at the saved global step, with optimizer, LR schedule and warm-up 
 
 from __future__ import annotations
 
+import argparse
 import csv
+import difflib
 import json
 import netrc
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -37,12 +40,13 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from torch.optim.lr_scheduler import OneCycleLR
 
-from .errors import DivergenceError, UserError
+from .errors import DivergenceError, UserError, user_error
 from .models import ResNetSpec, resolve_spec
-from .module import CheckpointMismatchError, ResNetClassifier, check_spec_matches
+from .module import SPEC_OPTIONS, CheckpointMismatchError, ResNetClassifier, check_spec_matches, read_checkpoint
 from .schedules import PaperLR
 
 REPO = Path(__file__).resolve().parent.parent
+EVALUATIONS = ("validate", "test", "predict")  # subcommands that score a checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -82,8 +86,39 @@ class LastCheckpoint(ModelCheckpoint):
         super()._save_last_checkpoint(trainer, monitor_candidates)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        # Always, even if this step was saved already: a save inside the last training step
+        # precedes that step's validation (the best-by-val state) and its logger step count.
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class ValidateFinalStep(Callback):
+    """Validate the weights of the last training step.
+
+    Lightning validates at the end of an epoch (every check_val_every_n_epoch). A fit
+    that stops at max_steps mid-epoch, or in an epoch without validation, would never
+    validate its final weights: best-by-val could not pick them, and a fit shorter than
+    one epoch would have no val/error and no best checkpoint at all. At the last step
+    this asks for the validation that Lightning runs when a fit stops early."""
+
+    def __init__(self) -> None:
+        self._every: int | None = None
+        self._armed = False
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps and not self._armed:
+            self._armed, self._every = True, trainer.check_val_every_n_epoch
+            trainer.check_val_every_n_epoch = None  # this epoch validates, whatever its index
+            trainer.should_stop = True  # max_steps stops the fit anyway; this also validates now
+
+    def _disarm(self, trainer: Trainer) -> None:
+        if self._armed:
+            trainer.check_val_every_n_epoch, self._armed = self._every, False
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._disarm(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._disarm(trainer)
 
 
 class HistoryCSVLogger(CSVLogger):
@@ -163,6 +198,65 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+class OptionError(UserError, ValueError):
+    """A command-line option or config value the parser refuses."""
+
+
+class ResNetLabArgumentParser(LightningArgumentParser):
+    """One line for a bad option or value, with a "did you mean"; the usage only with --help."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # jsonargparse is trying alternatives: keep its protocol
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        words = parser.prog.replace(" [options]", "").split()
+        prog = " ".join(["resnet-lab", *words[1:]])
+        raise OptionError(
+            f"{condense_parser_message(message, _option_names(parser))} ({prog} --help lists every option)"
+        )
+
+
+def _option_names(parser) -> list[str]:
+    names = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    for action in parser._actions:  # subcommand parsers (fit, validate, ...)
+        for sub in (
+            (getattr(action, "choices", None) or {}).values() if isinstance(action, argparse._SubParsersAction) else ()
+        ):
+            names += _option_names(sub)
+    return sorted(set(names))
+
+
+def condense_parser_message(message: str, options: list[str]) -> str:
+    """jsonargparse's multi-line message as one line: the key, the value, what was
+    expected; for an unknown option, the nearest known ones."""
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    head = lines[0] if lines else message
+    key = re.match(r'Parser key "([^"]+)"', head)
+    if key:
+        name = key[1]
+        given = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Given value:")), None)
+        got = re.search(r"Got value: (.*)", message)
+        given = given if given is not None or got is None else got[1].strip()
+        nested = re.search(r"NestedArg\(key='([\w.]+)', val='([^']*)'\)", message)
+        if nested:  # --lr_scheduler.init_args.gamma abc: jsonargparse reports the whole class option
+            name, given = f"{name}.init_args.{nested[1]}", nested[2]
+        found = re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>|\b(int|float|bool)\b", message)
+        types = [t for t in dict.fromkeys(a or b for a, b in found) if t in ("int", "float", "bool", "NoneType")]
+        detail = next(
+            (ln for ln in lines[1:] if not ln.startswith(("Given value", "- ", "Subtypes", "Errors", "Does not"))), ""
+        )
+        want = f" (expected {' or '.join(t.replace('NoneType', 'null') for t in types)})" if types else ""
+        what = f"invalid value {given!r} for --{name}" if given is not None else f"--{name}: {detail or head}"
+        return what + want
+    unknown = re.match(r"unrecognized arguments: (.*)", head)
+    if unknown:
+        flags = [a.split("=", 1)[0] for a in unknown[1].split() if a.startswith("--")]
+        hints = {f: difflib.get_close_matches(f, options, n=2, cutoff=0.75) for f in flags}
+        hint = "; ".join(f"did you mean {' or '.join(h)}?" for f, h in hints.items() if h)
+        return f"unknown option {', '.join(flags) or unknown[1]}" + (f": {hint}" if hint else "")
+    return head
+
+
 class ResNetLabCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -182,6 +276,12 @@ class ResNetLabCLI(LightningCLI):
             type=bool,
             default=True,
             help="evaluate the final weights on the test split when fit ends",
+        )
+        parser.add_argument(
+            "--run.untrained",
+            type=bool,
+            default=False,
+            help="validate/test/predict without --ckpt_path score the random initialisation: allow it knowingly",
         )
         parser.add_argument(
             "--run.checkpoint_every_n_steps",
@@ -218,14 +318,28 @@ class ResNetLabCLI(LightningCLI):
                 f"no data configured. Start from an experiment file: resnet-lab {self.subcommand} "
                 "--config sweeps/depth.yaml --config sweeps/presets/cpu-quick.yaml"
             )
-        if self.subcommand == "fit":
-            t = cfg.trainer
-            if t.get("max_steps") is not None and (t.max_steps == 0 or t.max_steps < -1):
-                raise UserError(f"trainer.max_steps={t.max_steps} must be a positive count (or -1 for no limit)")
-            if t.get("max_epochs") is not None and (t.max_epochs == 0 or t.max_epochs < -1):
-                raise UserError(f"trainer.max_epochs={t.max_epochs} must be a positive count (or -1 for no limit)")
+        check_trainer_counts(cfg.trainer, fit=self.subcommand == "fit")
         if cfg.run.checkpoint_every_n_steps < 1:
             raise UserError(f"run.checkpoint_every_n_steps={cfg.run.checkpoint_every_n_steps} must be >= 1")
+        if self.subcommand in EVALUATIONS and not cfg.get("ckpt_path") and not cfg.run.untrained:
+            raise UserError(
+                f"`resnet-lab {self.subcommand}` without --ckpt_path would score randomly initialised weights. Pass "
+                "--ckpt_path runs/NAME/RUN/checkpoints/last.ckpt (or `last` for this model's newest run), or "
+                "--run.untrained true to score the initialisation on purpose"
+            )
+
+    def instantiate_classes(self) -> None:
+        """Build the configured objects; a value a class refuses (Trainer devices=0, SGD
+        lr=-0.1) is a config error: one message naming the section, not a traceback."""
+        from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, MisconfigurationException) as e:
+            if user_error(e) is not None:  # ours, maybe wrapped by jsonargparse: it names the fix
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise OptionError(f"the config does not build ({type(e).__name__}): {first}") from e
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
@@ -283,32 +397,48 @@ class ResNetLabCLI(LightningCLI):
         return {"optimizer": optimizer, "lr_scheduler": cfg}
 
     # -- the run directory --------------------------------------------------
-    def _run_dir(self, cfg) -> Path:
+    def _run_dir(self, cfg) -> Path | None:
+        """The run directory: a new one for a fit, the checkpoint's for a resume or an
+        evaluation of a run's checkpoint; None for validate/test/predict of anything else
+        (they print their metrics and write nothing)."""
         # DDP children re-run this CLI; they must land in the parent's directory.
         if int(os.environ.get("LOCAL_RANK", "0")) > 0 and os.environ.get("RESNET_LAB_RUN_DIR"):
             return Path(os.environ["RESNET_LAB_RUN_DIR"])
         ckpt = cfg.get("ckpt_path")
         if ckpt and Path(ckpt).parent.name == "checkpoints" and (Path(ckpt).parent.parent / "run.json").exists():
             return Path(ckpt).parent.parent  # resuming: same run directory, same W&B run
+        if self.subcommand in EVALUATIONS:
+            return None
         name = cfg.run.name or self.model.spec.name
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
         return Path(cfg.run.root) / name / run_id
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        self.run_dir = run_dir = self._run_dir(cfg).resolve()
-        self.created_run_dir = not run_dir.exists()
-        self.run_info = self._run_info(cfg, run_dir)  # git commit etc., read once
-        os.environ["RESNET_LAB_RUN_DIR"] = str(run_dir)
+        run_dir = self._run_dir(cfg)
+        self.run_dir = run_dir = run_dir.resolve() if run_dir is not None else None
+        self.created_run_dir = run_dir is not None and not run_dir.exists()
+        if self.created_run_dir:
+            try:
+                run_dir.mkdir(parents=True)
+            except OSError as e:
+                raise UserError(
+                    f"cannot create the run directory {run_dir} ({e.strerror}); set --run.root to a writable place"
+                ) from e
+        self.run_info = self._run_info(cfg, run_dir) if run_dir else {}  # git commit etc., read once
+        if run_dir is not None:
+            os.environ["RESNET_LAB_RUN_DIR"] = str(run_dir)
         trainer_cfg = self._get(self.config_init, "trainer", default={})  # instantiated objects
         if trainer_cfg.get("logger") in (None, True):  # the user did not pick loggers: ours
-            kwargs["logger"] = self._loggers(cfg, run_dir) or False
+            kwargs["logger"] = (self._loggers(cfg, run_dir) if run_dir else []) or False
         kwargs["callbacks"] = [*_as_list(trainer_cfg.get("callbacks")), *self._callbacks(run_dir, kwargs["logger"])]
         kwargs["plugins"] = [*_as_list(trainer_cfg.get("plugins")), AtomicCheckpointIO()]
-        if trainer_cfg.get("default_root_dir") is None:
+        if self.subcommand in EVALUATIONS:  # evaluation writes no checkpoints
+            kwargs["enable_checkpointing"] = False
+        if trainer_cfg.get("default_root_dir") is None and run_dir is not None:
             kwargs["default_root_dir"] = str(run_dir)
         trainer = super().instantiate_trainer(**kwargs)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and run_dir is not None:
             self._write_run_files(cfg, run_dir, trainer)
         return trainer
 
@@ -342,10 +472,13 @@ class ResNetLabCLI(LightningCLI):
             loggers.append(HistoryCSVLogger(str(run_dir), name=f"csv-{self.subcommand}"))
         return loggers
 
-    def _callbacks(self, run_dir: Path, loggers: Any) -> list[Callback]:
-        cfg = self.config[self.subcommand]
+    def _callbacks(self, run_dir: Path | None, loggers: Any) -> list[Callback]:
+        if self.subcommand in EVALUATIONS:
+            return []
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
         ckpt_dir = run_dir / "checkpoints"
         callbacks: list[Callback] = [
+            ValidateFinalStep(),
             LastCheckpoint(
                 dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=cfg.run.checkpoint_every_n_steps
             ),
@@ -385,6 +518,41 @@ class ResNetLabCLI(LightningCLI):
                 define_wandb_metrics(lg.experiment)
 
 
+def check_trainer_counts(t, fit: bool) -> None:
+    """Trainer counts that Lightning would divide by, or loop on, are checked up front."""
+
+    def bad(name: str, why: str) -> UserError:
+        return UserError(f"trainer.{name}={t.get(name)!r} {why}")
+
+    if fit:
+        for name in ("max_steps", "max_epochs"):
+            v = t.get(name)
+            if v is not None and (v == 0 or v < -1):
+                raise bad(name, "must be a positive count (or -1 for no limit)")
+    for name in ("check_val_every_n_epoch", "accumulate_grad_batches", "log_every_n_steps", "num_nodes"):
+        v = t.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise bad(name, "must be a positive integer" + (" (or null)" if name == "check_val_every_n_epoch" else ""))
+    for name in ("min_steps", "min_epochs"):
+        v = t.get(name)
+        if v is not None and v < 0:
+            raise bad(name, "must be >= 0")
+    v = t.get("num_sanity_val_steps")
+    if v is not None and v < -1:
+        raise bad("num_sanity_val_steps", "must be >= 0 (or -1 for the whole validation set)")
+    for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches"):
+        v = t.get(name)
+        if v is not None and (v < 0 or (isinstance(v, float) and v > 1)):
+            raise bad(name, "must be a count of batches >= 0, or a fraction in [0, 1]")
+    v = t.get("val_check_interval")
+    if v is not None and not isinstance(v, str) and v <= 0:
+        raise bad("val_check_interval", "must be > 0: a fraction of an epoch, or a count of training batches")
+    devices = t.get("devices")
+    count = devices is not None and not isinstance(devices, list) and str(devices).lstrip("-").isdigit()
+    if count and (int(devices) == 0 or int(devices) < -1):
+        raise bad("devices", "must be a positive count, -1 (all), a list of device ids, or auto")
+
+
 def _as_list(x: Any) -> list[Any]:
     return [] if x is None else list(x) if isinstance(x, list) else [x]
 
@@ -417,19 +585,13 @@ def latest_checkpoint(cfg) -> Path:
 
 
 def _spec_fields(model_cfg: dict[str, Any]) -> dict[str, Any]:
-    fields = (
-        "depth", "shortcut", "plain", "num_classes", "stride_on", "zero_init_residual", "base_width",
-        "preact", "block_type", "stochastic_depth", "survival_last", "active_blocks",
-    )  # fmt: skip
-    return {k: model_cfg.get(k) for k in fields}
+    return {k: model_cfg.get(k) for k in SPEC_OPTIONS}
 
 
 def check_checkpoint_matches(ckpt_path: str, model_cfg) -> None:
     """Raise CheckpointMismatchError unless the checkpoint holds the configured architecture."""
-    try:
-        hp = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
-    except Exception as e:
-        raise CheckpointMismatchError(f"{ckpt_path} is not a readable checkpoint: {e}") from e
+    ckpt = read_checkpoint(ckpt_path, weights_only=True)
+    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     m = dict(model_cfg)
     want = (
         ResNetSpec.from_dict(m["spec"])
@@ -468,14 +630,30 @@ def expand_args_json(args: list[str]) -> list[str]:
     return out
 
 
+def arch_starts_over(args: list[str]) -> list[str]:
+    """`--model.arch NAME` on the command line starts the architecture over from NAME.
+
+    The spec options that no command-line flag sets (a --config file's `depth: 20`) are
+    cleared right after it, so `--config sweeps/depth.yaml --model.arch resnet56` builds
+    resnet56. Options given as flags still refine the name, in any order, and one that
+    contradicts it (`--model.arch plain20 --model.plain false`) is refused by the registry."""
+    at = [i for i, a in enumerate(args) if a == "--model.arch" or a.startswith("--model.arch=")]
+    if not at:
+        return args
+    end = at[-1] + (1 if "=" in args[at[-1]] else 2)
+    flagged = {a[len("--model.") :].split("=", 1)[0] for a in args if a.startswith("--model.")}
+    reset = [f"--model.{k}=null" for k in SPEC_OPTIONS if k not in flagged and k != "num_classes"]
+    return [*args[:end], *reset, *args[end:]]
+
+
 def cli_main(args: list[str] | None = None, run: bool = True, extra_callbacks: list[Any] | None = None) -> ResNetLabCLI:
     """Run the CLI (in-process callers pass `args`). Any W&B run it opened is
     finished on return, so in-process callers (sweeps, tests) get one run each.
     `extra_callbacks` are added to the Trainer (a sweep's pruning callback)."""
-    if args is None and any(a.startswith("--args_json") for a in sys.argv):
-        args = expand_args_json(sys.argv[1:])
-    elif args is not None:
-        args = expand_args_json(args)
+    if args is None:  # the console: Lightning's DDP launcher re-runs sys.argv in its children
+        sys.argv = [sys.argv[0], *arch_starts_over(expand_args_json(sys.argv[1:]))]
+    else:
+        args = arch_starts_over(expand_args_json(args))
     try:
         return _make_cli(args, run, extra_callbacks or [])
     finally:
@@ -494,6 +672,7 @@ def _make_cli(args: list[str] | None, run: bool, extra_callbacks: list[Any]) -> 
             "callbacks": extra_callbacks,
         },
         parser_kwargs={"allow_abbrev": False},
+        parser_class=ResNetLabArgumentParser,
         args=args,
         run=run,
     )

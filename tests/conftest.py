@@ -1,8 +1,12 @@
 import os
 from pathlib import Path
 
+import numpy as np
+import optuna
 import pytest
 import torch
+import yaml
+from PIL import Image
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -117,3 +121,48 @@ def fit_args(tmp_path, *extra, steps=6, logger="csv"):
         logger,
         *extra,
     ]
+
+
+# -- sweeps -------------------------------------------------------------------
+TINY = {
+    "data": {
+        "class_path": "resnet_lab.data.cifar.CIFAR10DataModule",
+        "init_args": {"source": "synthetic", "val_size": 200, "eval_subset": 100, "batch_size": 32},
+    },
+    "trainer": {"max_steps": 4, "check_val_every_n_epoch": 1, "enable_model_summary": False},
+    "run": {"logger": "csv", "checkpoint_every_n_steps": 4},
+}
+
+
+def tiny_config(tmp_path, sweep: dict, name="tiny.yaml", extra: dict | None = None) -> str:
+    cfg = {**TINY, **(extra or {}), "sweep": {"root": str(tmp_path / "sweeps"), **sweep}}
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(cfg))
+    return str(p)
+
+
+def load(tmp_path, name):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/sweeps/{name}/study.db")
+
+
+# -- user errors ---------------------------------------------------------------
+def one_message(capsys, *words: str) -> str:
+    """The error output is one `error:` line (no traceback, no usage dump) naming `words`."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and "error:" in lines[0] and err.count("error:") == 1, err
+    assert lines[-1] == "(run again with --debug for the traceback)" and len(lines) <= 6, err
+    for w in words:
+        assert w in err, (w, err)
+    return err
+
+
+# -- data ------------------------------------------------------------------------
+def write_cifar_tree(root: Path, classes=("cat", "dog"), per_class=3) -> Path:
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root

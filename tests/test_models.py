@@ -141,7 +141,7 @@ def test_stride_placement_switch():
 
 
 def test_generic_depths():
-    assert len(create_model("resnet20", depth=74).block_names) == 36
+    assert len(create_model("cifar_resnet", depth=74).block_names) == 36
     assert create_model("cifar_resnet", depth=8).spec.layers == (1, 1, 1)
     assert create_model("imagenet_resnet", depth=200).spec.layers == (3, 24, 36, 3)
 
@@ -162,8 +162,9 @@ def test_zero_init_residual():
     "kwargs, match",
     [
         (dict(name="resnet21"), "unknown model 'resnet21'.*Did you mean"),
-        (dict(name="resnet20", depth=21), "6n\\+2"),
-        (dict(name="resnet18", depth=40), r"ImageNet depth must be one of \[10, 18"),
+        (dict(name="cifar_resnet", depth=21), "6n\\+2"),
+        (dict(name="resnet20", depth=56), "'resnet20' is depth=20, but depth=56 was given.*'resnet56'"),
+        (dict(name="imagenet_resnet", depth=40), r"ImageNet depth must be one of \[10, 18"),
         (dict(name="resnet20", shortcut="D"), "unknown shortcut option 'D'.*'A'"),
         (dict(name="resnet50", stride_on="5x5"), "stride_on"),
         (dict(name="resnet20", widht=3), "unknown spec field.*widht.*valid"),

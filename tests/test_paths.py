@@ -131,8 +131,8 @@ def test_plain_net_is_refused_by_the_api():
 @pytest.fixture(scope="module")
 def preact_checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("preact")
-    cli_main(fit_args(root, "--model.arch", "preact_resnet20", "--model.depth", "8", "--run.test_after_fit", "false",
-                      logger="none"))  # fmt: skip
+    arch = ["--model.arch", "cifar_preact_resnet", "--model.depth", "8"]
+    cli_main(fit_args(root, *arch, "--run.test_after_fit", "false", logger="none"))
     (p,) = (root / "runs" / "preact_resnet8").glob("*/checkpoints/last.ckpt")
     return str(p)
 

@@ -91,16 +91,21 @@ def test_cifar_bottleneck_layout_and_names():
     m = create_model("preact_resnet164")
     assert m.spec.block == "bottleneck" and m.spec.layers == (18, 18, 18) and len(m.block_names) == 54
     assert m.spec.name == "preact_resnet164"
-    basic = create_model("preact_resnet164", block_type="basic", shortcut="A")
+    basic = create_model("preact_resnet164_basic")  # the name reports print resolves back to the net
     assert basic.spec.layers == (27, 27, 27) and basic.spec.name == "preact_resnet164_basic"
+    assert basic.spec.shortcut == "A" and create_model("preact_resnet56_bottleneck").spec.layers == (6, 6, 6)
+    with pytest.raises(SpecError, match="'preact_resnet164' is block_type='bottleneck'"):
+        create_model("preact_resnet164", block_type="basic")
     assert create_model("preact_resnet110").spec.name == "preact_resnet110"
-    assert create_model("preact_resnet164", depth=29).spec.name == "preact_resnet29_bottleneck"
-    assert create_model("resnet20", block_type="bottleneck", depth=29).spec.name == "resnet29_bottleneck"
+    assert (
+        create_model("cifar_preact_resnet", depth=29, block_type="bottleneck").spec.name == "preact_resnet29_bottleneck"
+    )
+    assert create_model("cifar_resnet", block_type="bottleneck", depth=29).spec.name == "resnet29_bottleneck"
     assert create_model("preact_resnet1001").spec.layers == (111, 111, 111)
     with pytest.raises(SpecError, match="9n\\+2"):
-        create_model("preact_resnet164", depth=30)
+        create_model("cifar_preact_resnet", block_type="bottleneck", depth=30)
     with pytest.raises(SpecError, match="applies to CIFAR nets only"):
-        create_model("preact_resnet50", block_type="basic")
+        create_model("imagenet_preact_resnet", depth=50, block_type="basic")
     with pytest.raises(SpecError, match="block_type"):
         create_model("preact_resnet20", block_type="wide")
 
@@ -130,7 +135,7 @@ def test_survival_schedule_is_huangs_linear_rule():
 
 
 def _tiny(**kw):
-    return create_model("preact_resnet20", depth=14, base_width=2, **kw)
+    return create_model("cifar_preact_resnet", depth=14, base_width=2, **kw)
 
 
 def _branch_counts(m, steps, batch=1):
@@ -180,7 +185,7 @@ def test_per_sample_drops_follow_the_schedule():
 @torch.no_grad()
 def test_eval_uses_the_branch_in_expectation_deterministically():
     torch.manual_seed(0)
-    sd = trained_like("preact_resnet20", depth=14, stochastic_depth="batch", survival_last=0.5)
+    sd = trained_like("cifar_preact_resnet", depth=14, stochastic_depth="batch", survival_last=0.5)
     # The same weights without stochastic depth, each branch's last conv scaled by p_l:
     # F is linear in that conv, so this net computes exactly p_l * F(x) + x.
     ref = copy.deepcopy(sd)
@@ -249,8 +254,8 @@ def test_stochastic_depth_lives_in_the_checkpoint_and_lesions_run_unchanged(tmp_
     from .conftest import fit_args
 
     sd = ["--model.stochastic_depth", "sample", "--model.survival_last", "0.7"]
-    cli_main(fit_args(tmp_path, "--model.arch", "preact_resnet20", "--model.depth", "8", *sd, "--run.test_after_fit",
-                      "false", logger="none"))  # fmt: skip
+    arch = ["--model.arch", "cifar_preact_resnet", "--model.depth", "8"]
+    cli_main(fit_args(tmp_path, *arch, *sd, "--run.test_after_fit", "false", logger="none"))
     (ckpt,) = (tmp_path / "runs" / "preact_resnet8_sd0.7s").glob("*/checkpoints/last.ckpt")
     loaded = load_checkpoint(ckpt)
     assert (loaded.spec.stochastic_depth, loaded.spec.survival_last, loaded.spec.preact) == ("sample", 0.7, True)

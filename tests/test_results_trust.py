@@ -17,7 +17,7 @@ from resnet_lab.data.cifar import CIFAR10DataModule
 from resnet_lab.module import ResNetClassifier
 from resnet_lab.train import cli_main
 
-from .conftest import CIFAR_ARCHIVE, REPO, TINY_IMAGENET, fit_args, need
+from .conftest import CIFAR_ARCHIVE, REPO, TINY_IMAGENET, fit_args, load, need, tiny_config, write_cifar_tree
 
 
 def ablate_rows(out: Path) -> list[dict]:
@@ -114,8 +114,6 @@ def test_a_diverged_sweep_trial_is_failed_not_complete(tmp_path):
 
     from resnet_lab.sweep.cli import main as sweep_main
 
-    from .test_sweep import load, tiny_config
-
     cfg = tiny_config(
         tmp_path,
         {"study_name": "nan", "space": {"optimizer.init_args.lr": [1e6]}},
@@ -124,16 +122,6 @@ def test_a_diverged_sweep_trial_is_failed_not_complete(tmp_path):
     assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg]) == 1
     (t,) = load(tmp_path, "nan").trials
     assert t.state == TrialState.FAIL and "diverged" in t.user_attrs["error"]
-
-
-def write_cifar_tree(root: Path, classes=("cat", "dog"), per_class=3) -> Path:
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for c in classes:
-            (root / split / c).mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
-    return root
 
 
 def test_tree_cache_sees_files_added_inside_class_folders(tmp_path):

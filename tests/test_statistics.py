@@ -18,8 +18,7 @@ from resnet_lab.sweep.cli import main as sweep_main
 from resnet_lab.sweep.space import SweepError, SweepSpec
 from resnet_lab.sweep.summary import cells, summarize, trial_rows
 
-from .conftest import DEPTH
-from .test_sweep import load, tiny_config
+from .conftest import DEPTH, load, tiny_config
 
 
 def test_wilson_interval_on_known_counts():

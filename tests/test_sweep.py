@@ -18,27 +18,7 @@ from resnet_lab.sweep.cli import main as sweep_main
 from resnet_lab.sweep.cli import wandb_agent_command
 from resnet_lab.train import expand_args_json
 
-from .conftest import REPO
-
-TINY = {
-    "data": {
-        "class_path": "resnet_lab.data.cifar.CIFAR10DataModule",
-        "init_args": {"source": "synthetic", "val_size": 200, "eval_subset": 100, "batch_size": 32},
-    },
-    "trainer": {"max_steps": 4, "check_val_every_n_epoch": 1, "enable_model_summary": False},
-    "run": {"logger": "csv", "checkpoint_every_n_steps": 4},
-}
-
-
-def tiny_config(tmp_path, sweep: dict, name="tiny.yaml", extra: dict | None = None) -> str:
-    cfg = {**TINY, **(extra or {}), "sweep": {"root": str(tmp_path / "sweeps"), **sweep}}
-    p = tmp_path / name
-    p.write_text(yaml.safe_dump(cfg))
-    return str(p)
-
-
-def load(tmp_path, name):
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/sweeps/{name}/study.db")
+from .conftest import REPO, TINY, load, tiny_config
 
 
 def test_grid_runs_every_cell_once_and_summarizes(tmp_path, capsys):
@@ -361,7 +341,7 @@ def test_preact_and_stochastic_depth_nets_sweep_with_the_paths_study(tmp_path):
             "study_name": "p",
             "metric": "lesion/mean_single_error",
             "ablation": {"studies": ["single", "paths"], "samples": 2, "limit": 50, "paths_images": 10},
-            "space": {"model.arch": ["resnet20", "preact_resnet20"], "model.depth": [8]},
+            "space": {"model.arch": ["cifar_resnet", "cifar_preact_resnet"], "model.depth": [8]},
         },
         extra={"model": {"stochastic_depth": "batch", "survival_last": 0.8}},
     )
@@ -369,7 +349,7 @@ def test_preact_and_stochastic_depth_nets_sweep_with_the_paths_study(tmp_path):
     done = {t.params["model.arch"]: t for t in load(tmp_path, "p").trials if t.state == TrialState.COMPLETE}
     assert set(done) == {"resnet20", "preact_resnet20"}
     for arch, t in done.items():
-        assert t.user_attrs["spec"]["preact"] == (arch == "preact_resnet20")
+        assert t.user_attrs["spec"]["preact"] == (arch == "cifar_preact_resnet")
         assert t.user_attrs["spec"]["stochastic_depth"] == "batch" and t.user_attrs["spec"]["survival_last"] == 0.8
         lo, hi = t.user_attrs["lesion/paths_range_lo"], t.user_attrs["lesion/paths_range_hi"]
         assert 0 <= lo <= hi <= 3  # 3 blocks: lengths 0..3

@@ -81,7 +81,17 @@ def folder_classes(path: str | os.PathLike) -> list[str]:
         raise DataError(f"{path} is neither a directory nor a .tar/.tar.gz archive")
     if not names:
         raise DataError(f"{path} holds no train/<class>/ images; expected {{train,test}}/<class>/*.jpg")
-    return sorted(names)
+    return check_classes(path, sorted(names))
+
+
+def check_classes(where: str | os.PathLike, classes: list[str]) -> list[str]:
+    """A classifier needs two classes or more: one class folder is a wrong layout."""
+    if len(classes) < 2:
+        raise DataError(
+            f"{where} has {len(classes)} class folder(s) ({', '.join(classes) or 'none'}); a classifier needs two or "
+            "more. Expected an ImageFolder tree {train,test or val}/<class>/*.jpg with one folder per class"
+        )
+    return classes
 
 
 def is_archive(path: str | os.PathLike) -> bool:

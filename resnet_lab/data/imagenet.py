@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
-from .common import DataError, absolute, check_counts, extract_archive, find_split_root, is_archive
+from .common import DataError, absolute, check_classes, check_counts, extract_archive, find_split_root, is_archive
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -138,9 +138,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         # Known at construction so the CLI can link it into model.num_classes.
         self._resolve()
         folder = self.split_dirs["train"] or self.split_dirs["val"]
-        self.classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
-        if not self.classes:
-            raise DataError(f"{folder} has no class folders")
+        self.classes = check_classes(folder, sorted(d.name for d in folder.iterdir() if d.is_dir()))
         return len(self.classes)
 
     def _transforms(self, train: bool):

@@ -314,8 +314,6 @@ class ResNet(nn.Module):
 
     def __init__(self, spec: ResNetSpec) -> None:
         super().__init__()
-        if spec.plain and spec.zero_init_residual:
-            raise SpecError("zero_init_residual needs shortcuts: a plain net would output zeros")
         self.spec = spec
         block_cls = BLOCKS[(spec.block, spec.preact)]
         w = spec.width

@@ -24,6 +24,7 @@ STRIDE_ON: tuple[str, ...] = ("3x3", "1x1")
 FAMILIES: tuple[str, ...] = ("cifar", "imagenet")
 BLOCK_TYPES: tuple[str, ...] = ("basic", "bottleneck")
 DROP_MODES: tuple[str, ...] = ("batch", "sample")
+DEFAULT_SURVIVAL = 0.5  # Huang et al.'s p_L
 # CIFAR depths that the literature (He et al. 2016) names for bottleneck nets: "ResNet-164"
 # and "ResNet-1001" are 9n+2 bottleneck nets, although 164 is also a valid 6n+2 basic depth.
 # Names keep both readable and unambiguous: preact_resnet164 is the bottleneck net, the
@@ -96,7 +97,7 @@ class ResNetSpec:
     preact: bool = False
     block_type: BlockType | None = None
     stochastic_depth: DropMode | None = None
-    survival_last: float = 0.5
+    survival_last: float = DEFAULT_SURVIVAL
     active_blocks: int | None = None
 
     def __post_init__(self) -> None:
@@ -131,6 +132,34 @@ class ResNetSpec:
         if self.num_classes < 1:
             raise SpecError(f"num_classes must be >= 1, got {self.num_classes}")
         self._check_drops()
+        self._check_effective()
+
+    def _check_effective(self) -> None:
+        """Refuse values the network would not implement: the spec is what a checkpoint
+        rebuilds and what reports name, so it never holds a setting that did nothing."""
+        for name, v in (("base_width", self.base_width), ("in_chans", self.in_chans)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise SpecError(
+                    f"{name}={v!r} must be a positive integer"
+                    + (" (or null for the default)" if name == "base_width" else "")
+                )
+        if self.stride_on != "3x3" and self.block != "bottleneck":
+            raise SpecError(
+                f"stride_on={self.stride_on!r} places the stride inside a bottleneck; {self.name} has basic blocks. "
+                "Drop stride_on (or use a bottleneck net)"
+            )
+        if self.plain and self.shortcut != "A":
+            raise SpecError(
+                f"a plain net has no shortcuts, so shortcut={self.shortcut!r} would do nothing; drop the shortcut "
+                "option (or set plain to false)"
+            )
+        if self.plain and self.zero_init_residual:
+            raise SpecError("zero_init_residual needs shortcuts: a plain net would output zeros")
+        if self.stochastic_depth is None and self.survival_last != DEFAULT_SURVIVAL:
+            raise SpecError(
+                f"survival_last={self.survival_last} applies only with stochastic_depth (batch or sample); "
+                "set stochastic_depth too, or drop survival_last"
+            )
 
     def _check_drops(self) -> None:
         sd, k = self.stochastic_depth, self.active_blocks
@@ -218,5 +247,23 @@ class ResNetSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ResNetSpec:
-        # Checkpoints written before a field existed rebuild with its default.
+        """The spec a checkpoint stores. Checkpoints written before a field existed rebuild
+        with its default; settings that older versions accepted but never implemented
+        (a plain net's shortcut, survival_last without stochastic depth, base_width 0,
+        stride_on of basic blocks) are read as what the network really was."""
+        d = dict(d)
+        if d.get("plain"):
+            d["shortcut"] = "A"
+        if d.get("stochastic_depth") is None:
+            d["survival_last"] = DEFAULT_SURVIVAL
+        if d.get("base_width") == 0:
+            d["base_width"] = None
+        if d.get("stride_on") not in (None, "3x3") and not _is_bottleneck(d):
+            d["stride_on"] = "3x3"
         return cls(**d)
+
+
+def _is_bottleneck(d: dict[str, Any]) -> bool:
+    if d.get("family", "cifar") == "cifar":
+        return d.get("block_type") == "bottleneck"
+    return IMAGENET_LAYOUTS.get(d.get("depth"), ("basic",))[0] == "bottleneck"

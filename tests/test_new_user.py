@@ -1,0 +1,189 @@
+"""What a new user hits (issue 18): each test here failed on the code before its fix."""
+
+import csv
+import dataclasses
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnet_lab.cli import main as cli
+from resnet_lab.models import ResNetSpec, SpecError, create_model, resolve_spec
+from resnet_lab.module import SPEC_OPTIONS, ResNetClassifier
+from resnet_lab.train import _spec_fields, cli_main
+
+from .conftest import DEPTH, fit_args, one_message, write_cifar_tree
+
+# -- A. the network the user named -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, name",
+    [
+        (["--model.arch", "resnet56"], "resnet56"),  # the YAML's depth: 20 used to win
+        (["--model.arch", "plain20"], "plain20"),  # used to train the residual resnet20
+        (["--model.arch", "preact_resnet110"], "preact_resnet110"),
+        (["--model.depth", "56", "--model.plain", "true"], "plain56"),  # the generic arch of depth.yaml
+        (["--model.plain", "true", "--model.arch", "cifar_resnet", "--model.depth", "32"], "plain32"),  # any order
+        (["--model.arch", "preact_resnet164_basic"], "preact_resnet164_basic"),  # names the README uses
+        (["--model.arch", "preact_resnet56_bottleneck"], "preact_resnet56_bottleneck"),
+        (["--model.arch", "resnet20", "--model.shortcut", "B"], "resnet20"),  # options the name leaves open
+    ],
+)
+def test_the_arch_name_defines_the_network(extra, name):
+    cli = cli_main(["--config", DEPTH, "--data.init_args.source", "synthetic", *extra], run=False)
+    assert cli.model.spec.name == name
+    assert cli.model.spec == resolve_spec(name, **({"shortcut": "B"} if "B" in extra else {}))
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--model.arch", "plain20", "--model.plain", "false"], ["'plain20' is plain=True", "plain=False"]),
+        (["--model.arch", "preact_resnet20", "--model.preact", "false"], ["'preact_resnet20' is preact=True"]),
+        (["--model.arch", "resnet20", "--model.depth", "56"], ["'resnet20' is depth=20", "'resnet56'"]),
+        (["--model.base_width", "0"], ["base_width=0 must be a positive integer"]),
+        (["--model.survival_last", "0.3"], ["survival_last=0.3 applies only with stochastic_depth"]),
+        (["--model.stride_on", "1x1"], ["stride_on='1x1'", "basic blocks"]),
+        (["--model.plain", "true", "--model.shortcut", "C"], ["plain net has no shortcuts"]),
+    ],
+)
+def test_contradicting_or_ineffective_model_options_are_refused(tmp_path, capsys, extra, words):
+    assert cli(fit_args(tmp_path, *extra)) == 2
+    one_message(capsys, *words)
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*/*"))
+
+
+def test_every_spec_name_resolves_back_to_its_spec():
+    specs = [
+        ResNetSpec(depth=164, preact=True),
+        ResNetSpec(depth=56, preact=True, block_type="bottleneck", shortcut="B"),
+        ResNetSpec(depth=110, preact=True, stochastic_depth="sample", survival_last=0.7),
+        ResNetSpec(depth=20, preact=True, active_blocks=5),
+        ResNetSpec(depth=50),  # cifar_resnet50, not the ImageNet net
+        ResNetSpec(depth=32, plain=True),
+        ResNetSpec(family="imagenet", depth=50, shortcut="B", num_classes=1000),
+    ]
+    for spec in specs:
+        assert resolve_spec(spec.name) == spec, spec.name
+    with pytest.raises(SpecError, match="unknown model 'resnet21'"):
+        resolve_spec("resnet21")
+
+
+def test_checkpoints_of_settings_that_did_nothing_load_as_what_they_were():
+    legacy = dataclasses.asdict(ResNetSpec(depth=20, plain=True))
+    legacy.update(shortcut="C", base_width=0, survival_last=0.3, stride_on="1x1")  # accepted and ignored before
+    spec = ResNetSpec.from_dict(legacy)
+    assert (spec.shortcut, spec.base_width, spec.survival_last, spec.stride_on) == ("A", None, 0.5, "3x3")
+    assert spec == create_model("plain20").spec
+
+
+def test_spec_fields_are_derived_once():
+    """A new ResNetSpec field must reach the module's CLI options and the resume check."""
+    fields = {f.name for f in dataclasses.fields(ResNetSpec)} - {"family", "in_chans"}
+    assert set(SPEC_OPTIONS) == fields
+    assert fields <= set(inspect.signature(ResNetClassifier).parameters)
+    assert set(_spec_fields({})) == fields
+
+
+# -- A3, C. refused early, in one line ----------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["validate", "test", "predict"])
+def test_evaluating_random_weights_needs_a_flag(tmp_path, capsys, command):
+    assert cli([command, *fit_args(tmp_path)[1:]]) == 2
+    one_message(capsys, "without --ckpt_path", "--run.untrained true")
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--trainer.check_val_every_n_epoch", "0"], ["trainer.check_val_every_n_epoch=0"]),
+        (["--trainer.accumulate_grad_batches", "0"], ["trainer.accumulate_grad_batches=0"]),
+        (["--trainer.log_every_n_steps", "0"], ["trainer.log_every_n_steps=0"]),
+        (["--trainer.limit_val_batches", "-1"], ["trainer.limit_val_batches=-1"]),
+        (["--trainer.devices", "0"], ["trainer.devices"]),
+        (["--optimizer.init_args.lr", "-0.1"], ["Invalid learning rate: -0.1"]),
+        (["--lr_scheduler.init_args.gamma", "abc"], ["'abc'", "--lr_scheduler.init_args.gamma", "float"]),
+        (["--model.depth", "abc"], ["invalid value 'abc' for --model.depth", "expected int or null"]),
+        (["--run.logger", "foo"], ["invalid choice: 'foo'"]),
+        (["--trainer.max_stepz", "3"], ["unknown option --trainer.max_stepz", "did you mean --trainer.max_steps"]),
+    ],
+)
+def test_bad_trainer_and_option_values_are_one_line(tmp_path, capsys, extra, words):
+    assert cli(fit_args(tmp_path, *extra)) == 2
+    err = one_message(capsys, *words)
+    assert "usage:" not in err
+
+
+def test_a_text_file_as_checkpoint_is_named_without_torch_advice(tmp_path, capsys):
+    text = tmp_path / "notes.ckpt"
+    text.write_text("hello\n")
+    for command in ("fit", "test"):
+        assert cli([command, *fit_args(tmp_path, "--ckpt_path", str(text))[1:]]) == 2
+        err = one_message(capsys, "notes.ckpt is not a readable PyTorch checkpoint (not a PyTorch file)")
+        assert "weights_only" not in err
+
+
+def test_a_run_root_that_cannot_be_created(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert cli(fit_args(tmp_path, "--run.root", str(tmp_path / "file" / "runs"))) == 2
+    one_message(capsys, "cannot create the run directory", "--run.root")
+
+
+def test_a_cifar_folder_with_one_class_is_a_layout_error(tmp_path, capsys):
+    write_cifar_tree(tmp_path / "c", classes=("cat",))
+    extra = ["--data.init_args.source", "folder", "--data.init_args.folder", str(tmp_path / "c")]
+    assert cli(fit_args(tmp_path, *extra)) == 2
+    one_message(capsys, "1 class folder(s) (cat)", "two or more")
+
+
+# -- B. best-by-val sees the final weights -----------------------------------------
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _run_dir(tmp_path: Path) -> Path:
+    (run,) = {p.parent for p in (tmp_path / "runs").glob("*/*/run.json")}
+    return run
+
+
+@pytest.mark.parametrize("every", ["1", "2"])
+def test_a_fit_that_stops_mid_epoch_validates_its_final_weights(tmp_path, every):
+    # 1,800 training images in batches of 128: 14 steps per epoch; 6 steps end mid-epoch 0,
+    # and with check_val_every_n_epoch 2 that epoch would never validate.
+    cli_main(fit_args(tmp_path, "--model.depth", "8", "--trainer.check_val_every_n_epoch", every, steps=6))
+    run = _run_dir(tmp_path)
+    assert any(r.get("val/error") for r in _rows(run))
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    assert torch.load(best, weights_only=False)["global_step"] == 6  # the final weights were a candidate
+    assert any(r.get("best_test/error") for r in _rows(run))
+
+
+def test_a_finished_fit_resumed_after_a_killed_test_completes_its_tests(tmp_path):
+    # A kill during the post-fit test leaves the finished last.ckpt; the resumed run must test it.
+    cli_main(fit_args(tmp_path, "--model.depth", "8", "--run.test_after_fit", "false", steps=6))
+    run = _run_dir(tmp_path)
+    assert not any(r.get("test/error") for r in _rows(run))
+    cli_main(fit_args(tmp_path, "--model.depth", "8", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), steps=6))
+    rows = _rows(run)
+    assert [r["step"] for r in rows if r.get("test/error")] == ["6"]
+    assert [r["step"] for r in rows if r.get("best_test/error")] == ["6"]
+
+
+def test_validate_and_test_write_no_new_run_and_no_checkpoint_warnings(tmp_path, recwarn):
+    cli_main(fit_args(tmp_path, "--model.depth", "8", "--run.test_after_fit", "false", steps=2))
+    run = _run_dir(tmp_path)
+    last = run / "checkpoints" / "last.ckpt"
+    outside = tmp_path / "elsewhere.ckpt"
+    outside.write_bytes(last.read_bytes())
+    before = sorted(p.name for p in run.iterdir())
+    for ckpt in (last, outside, last):
+        cli_main(["test", *fit_args(tmp_path, "--model.depth", "8", "--ckpt_path", str(ckpt))[1:]])
+    assert len(list((tmp_path / "runs").glob("*/*"))) == 1  # nothing new for the outside checkpoint
+    assert sorted(p.name for p in run.iterdir()) == sorted({*before, "config-test.yaml", "csv-test"})
+    assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]
