@@ -41,7 +41,7 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from torch.optim.lr_scheduler import OneCycleLR
 
 from .errors import DivergenceError, UserError, user_error
-from .models import ResNetSpec, resolve_spec
+from .models import ResNetSpec, named_fields, resolve_spec
 from .module import SPEC_OPTIONS, CheckpointMismatchError, ResNetClassifier, check_spec_matches, read_checkpoint
 from .schedules import PaperLR
 
@@ -542,7 +542,7 @@ def check_trainer_counts(t, fit: bool) -> None:
         raise bad("num_sanity_val_steps", "must be >= 0 (or -1 for the whole validation set)")
     for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches"):
         v = t.get(name)
-        if v is not None and (v < 0 or (isinstance(v, float) and v > 1)):
+        if v is not None and (v < 0 or (isinstance(v, float) and v > 1 and v % 1)):  # 2.0 is 2 batches
             raise bad(name, "must be a count of batches >= 0, or a fraction in [0, 1]")
     v = t.get("val_check_interval")
     if v is not None and not isinstance(v, str) and v <= 0:
@@ -566,15 +566,7 @@ def resume_step(ckpt_path: str | None) -> int | None:
 
 def latest_checkpoint(cfg) -> Path:
     """`--ckpt_path last`: the newest last.ckpt among this experiment's runs."""
-    m = dict(cfg.model)
-    name = (
-        cfg.run.name
-        or (
-            ResNetSpec.from_dict(m["spec"])
-            if m.get("spec")
-            else resolve_spec(m.get("arch") or "resnet20", **_spec_fields(m))
-        ).name
-    )
+    name = cfg.run.name or spec_of(dict(cfg.model)).name
     found = sorted(Path(cfg.run.root).glob(f"{name}/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise CheckpointMismatchError(
@@ -588,16 +580,19 @@ def _spec_fields(model_cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: model_cfg.get(k) for k in SPEC_OPTIONS}
 
 
+def spec_of(model_cfg: dict[str, Any]) -> ResNetSpec:
+    """The architecture a resolved `model:` config section builds (what ResNetClassifier does)."""
+    if model_cfg.get("spec"):
+        return ResNetSpec.from_dict(model_cfg["spec"])
+    return resolve_spec(model_cfg.get("arch") or "resnet20", **_spec_fields(model_cfg))
+
+
 def check_checkpoint_matches(ckpt_path: str, model_cfg) -> None:
     """Raise CheckpointMismatchError unless the checkpoint holds the configured architecture."""
     ckpt = read_checkpoint(ckpt_path, weights_only=True)
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     m = dict(model_cfg)
-    want = (
-        ResNetSpec.from_dict(m["spec"])
-        if m.get("spec")
-        else resolve_spec(m.get("arch") or "resnet20", **_spec_fields(m))
-    )
+    want = spec_of(m)
     # num_classes comes from the data (linked at instantiation) unless set explicitly.
     ignore = ("num_classes",) if m.get("num_classes") is None else ()
     check_spec_matches(hp.get("spec"), want, ckpt_path, ignore)
@@ -630,19 +625,47 @@ def expand_args_json(args: list[str]) -> list[str]:
     return out
 
 
-def arch_starts_over(args: list[str]) -> list[str]:
-    """`--model.arch NAME` on the command line starts the architecture over from NAME.
+# Library messages that are known and harmless here. They repeated for every sweep trial.
+KNOWN_WARNINGS = (
+    "LightningCLI's args parameter is intended",  # in-process callers (sweeps, tests) pass args on purpose
+    r"`ResNetClassifier.configure_optimizers` will be overridden",  # the CLI's optimizer: sections, by design
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # inside pytorch_lightning, with this torch
+    "Checkpoint directory .* exists and is not empty",  # every fit has its own run directory; a resume reuses it
+)
 
-    The spec options that no command-line flag sets (a --config file's `depth: 20`) are
-    cleared right after it, so `--config sweeps/depth.yaml --model.arch resnet56` builds
-    resnet56. Options given as flags still refine the name, in any order, and one that
-    contradicts it (`--model.arch plain20 --model.plain false`) is refused by the registry."""
+
+def quiet_known_warnings() -> None:
+    """Hide KNOWN_WARNINGS and Lightning's litlogger tip (idempotent)."""
+    import logging
+    import warnings
+
+    for message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(getattr(f, "resnet_lab", False) for f in log.filters):
+        tip = logging.Filter()
+        tip.filter = lambda record: "litlogger" not in record.getMessage()  # type: ignore[method-assign]
+        tip.resnet_lab = True  # type: ignore[attr-defined]
+        log.addFilter(tip)
+
+
+def arch_starts_over(args: list[str]) -> list[str]:
+    """`--model.arch NAME` on the command line overrides what a --config file says about the
+    fields the name states (`resnet56`: depth, plain, preact, block type).
+
+    Those fields, unless a command-line flag sets them too, are cleared right after the
+    flag, so `--config sweeps/depth.yaml --model.arch resnet56` builds resnet56 although
+    the file says `depth: 20`. Everything the name leaves open (shortcut, width, stochastic
+    depth, ...) keeps the config's value. A flag that contradicts the name
+    (`--model.arch plain20 --model.plain false`) is refused by the registry."""
     at = [i for i, a in enumerate(args) if a == "--model.arch" or a.startswith("--model.arch=")]
     if not at:
         return args
-    end = at[-1] + (1 if "=" in args[at[-1]] else 2)
+    flag = args[at[-1]]
+    end = at[-1] + (1 if "=" in flag else 2)
+    name = flag.split("=", 1)[1] if "=" in flag else (args[at[-1] + 1] if end <= len(args) else "")
     flagged = {a[len("--model.") :].split("=", 1)[0] for a in args if a.startswith("--model.")}
-    reset = [f"--model.{k}=null" for k in SPEC_OPTIONS if k not in flagged and k != "num_classes"]
+    reset = [f"--model.{k}=null" for k in named_fields(name) if k in SPEC_OPTIONS and k not in flagged]
     return [*args[:end], *reset, *args[end:]]
 
 
@@ -650,6 +673,7 @@ def cli_main(args: list[str] | None = None, run: bool = True, extra_callbacks: l
     """Run the CLI (in-process callers pass `args`). Any W&B run it opened is
     finished on return, so in-process callers (sweeps, tests) get one run each.
     `extra_callbacks` are added to the Trainer (a sweep's pruning callback)."""
+    quiet_known_warnings()
     if args is None:  # the console: Lightning's DDP launcher re-runs sys.argv in its children
         sys.argv = [sys.argv[0], *arch_starts_over(expand_args_json(sys.argv[1:]))]
     else:

@@ -13,7 +13,7 @@ from resnet_lab.models import ResNetSpec, SpecError, create_model, resolve_spec
 from resnet_lab.module import SPEC_OPTIONS, ResNetClassifier
 from resnet_lab.train import _spec_fields, cli_main
 
-from .conftest import DEPTH, fit_args, one_message, write_cifar_tree
+from .conftest import DEPTH, fit_args, load, one_message, tiny_config, write_cifar_tree
 
 # -- A. the network the user named -------------------------------------------------
 
@@ -35,6 +35,13 @@ def test_the_arch_name_defines_the_network(extra, name):
     cli = cli_main(["--config", DEPTH, "--data.init_args.source", "synthetic", *extra], run=False)
     assert cli.model.spec.name == name
     assert cli.model.spec == resolve_spec(name, **({"shortcut": "B"} if "B" in extra else {}))
+
+
+def test_the_arch_name_keeps_the_config_options_it_leaves_open(tmp_path):
+    sd = tmp_path / "sd.yaml"
+    sd.write_text("model:\n  stochastic_depth: batch\n  survival_last: 0.8\n")
+    args = ["--config", DEPTH, "--config", str(sd), "--data.init_args.source", "synthetic"]
+    assert cli_main([*args, "--model.arch", "preact_resnet56"], run=False).model.spec.name == "preact_resnet56_sd0.8"
 
 
 @pytest.mark.parametrize(
@@ -187,3 +194,122 @@ def test_validate_and_test_write_no_new_run_and_no_checkpoint_warnings(tmp_path,
     assert len(list((tmp_path / "runs").glob("*/*"))) == 1  # nothing new for the outside checkpoint
     assert sorted(p.name for p in run.iterdir()) == sorted({*before, "config-test.yaml", "csv-test"})
     assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]
+
+
+# -- A4, A5, C. sweeps: everything checked before any trial trains ----------------------
+
+
+def _sweep(tmp_path, sweep: dict, *extra: str, capsys=None) -> int:
+    from resnet_lab.sweep.cli import main as sweep_main
+
+    return sweep_main(["--config", DEPTH, "--config", tiny_config(tmp_path, sweep), *extra])
+
+
+@pytest.mark.parametrize(
+    "sweep, words",
+    [
+        ({"ablation": {"studies": ["single", "bogus"]}}, ["unknown studies ['bogus']", "single, k"]),
+        ({"ablation": {"split": "train"}}, ["split='train'"]),
+        ({"ablation": {"bn_recalib": 0}}, ["bn_recalib=0 must be an integer >= 1"]),
+        ({"ablation": {"paths_images": 0}}, ["paths_images=0"]),
+        ({"space": {"model.depth": [8, 14], "ablation.studies": [["single"], ["k", "nope"]]}}, ["['nope']"]),
+        ({"space": {"model.depth": [8, 21, 14]}}, ["cell", "'model.depth': 21", "6n+2"]),
+        ({"space": {"model.depth": [8], "model.shortcut": ["A", "D"]}}, ["'model.shortcut': 'D'"]),
+        ({"ablation": {"studies": ["k"], "k_max": 4}}, ["k_max=4 exceeds the 3 blocks of resnet8"]),
+        ({"metric": "test/eror"}, ["unknown sweep.metric 'test/eror'", "test/error"]),
+        ({"metric": "lesion/kmax_error"}, ["runs no ablation"]),
+        ({"metric": "lesion/kmax_error", "ablation": {"studies": ["single"]}}, ["'k' ablation study"]),
+        ({"space": ["model.depth"]}, ["sweep.space must be a mapping"]),
+        ({"sampler": "random", "n_trials": 2, "space": {"optimizer.init_args.lr": {"low": "a", "high": 1}}}, ["low"]),
+        ({"storage": "sqlite://"}, ["malformed storage URL 'sqlite://'", "in-memory"]),
+        ({"storage": "sqlite:///:memory:"}, ["in-memory"]),
+    ],
+)
+def test_sweep_configuration_errors_stop_before_any_training(tmp_path, capsys, sweep, words):
+    base = {"study_name": "bad", "space": {"model.depth": [8]}, "metric": "test/error"}
+    assert _sweep(tmp_path, {**base, **sweep}) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+    assert not list(tmp_path.rglob("runs/*/*/checkpoints"))  # nothing trained
+
+
+def test_summary_of_an_in_memory_storage_is_a_malformed_url(tmp_path, capsys):
+    assert (
+        _sweep(
+            tmp_path, {"study_name": "s", "space": {"model.depth": [8]}}, "--summary", "--sweep.storage", "sqlite://"
+        )
+        == 2
+    )
+    assert "malformed storage URL" in capsys.readouterr().err
+
+
+def test_a_malformed_sweep_yaml_is_one_line(tmp_path, capsys):
+    from resnet_lab.sweep.cli import main as sweep_main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sweep:\n  study_name: x\n  space: {model.depth: [8, 14}\n")
+    assert sweep_main(["--config", DEPTH, "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml is not valid YAML at line 3" in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_a_trial_stopped_by_a_configuration_error_is_failed_not_running(tmp_path, monkeypatch):
+    from optuna.trial import TrialState
+
+    import resnet_lab.sweep.run as sweep_run
+
+    def broken(*args, **kwargs):
+        raise SystemExit(2)  # what a parser error inside the trial's ablation used to do
+
+    monkeypatch.setattr(sweep_run, "run_lesions", broken)
+    with pytest.raises(SystemExit):
+        _sweep(tmp_path, {"study_name": "f", "space": {"model.depth": [8]}, "ablation": {"studies": ["single"]}})
+    (t,) = load(tmp_path, "f").trials
+    assert t.state == TrialState.FAIL and "SystemExit" in t.user_attrs["error"]
+
+
+def test_known_library_warnings_are_not_repeated_per_trial(tmp_path, recwarn, caplog):
+    import re
+
+    from resnet_lab.train import KNOWN_WARNINGS
+
+    assert _sweep(tmp_path, {"study_name": "w", "space": {"model.depth": [8, 14]}}) == 0
+    known = [*KNOWN_WARNINGS, "Heartbeat of storage"]
+    assert not [str(w.message) for w in recwarn if any(re.search(m, str(w.message)) for m in known)]
+    assert "litlogger" not in caplog.text
+
+
+# -- D. numbers a researcher reads --------------------------------------------------------
+
+
+def test_errors_are_whole_images_without_float32_noise(tmp_path):
+    fit = cli_main(fit_args(tmp_path, "--model.depth", "8", "--data.init_args.eval_subset", "300", steps=3))
+    for key in ("val/error", "test/error", "test/acc", "test/error5", "best_test/error"):
+        value = {**fit.fit_metrics, **fit.test_metrics}[key]
+        wrong = value * 300 / 100 if not key.startswith("val") else value * 200 / 100
+        assert abs(wrong - round(wrong)) < 1e-9 and len(repr(value)) <= 7, (key, value)
+    rows = _rows(_run_dir(tmp_path))
+    assert all(len(r["test/error"]) <= 7 for r in rows if r.get("test/error"))
+
+
+def test_one_run_has_no_spread():
+    from resnet_lab.ablation.report import k_table
+    from resnet_lab.sweep.summary import _fmt, describe
+
+    one = describe([21.79])
+    assert one["std"] is None and _fmt(one) == "21.79 (n = 1)"
+    assert _fmt(describe([20.0, 22.0])) == "21.00 ± 1.41 (20.00, 22.00)"
+    rows = [{"condition": "eval-bn", "checkpoint": "n", "study": "k", "k": 1, "error": 30.0}]
+    assert k_table(rows)[1] == [["1", "30.00 (n = 1)"]]
+
+
+def test_ablate_refuses_bn_recalib_0_and_says_when_paths_images_is_cut(two_checkpoints, tmp_path, capsys):
+    out = str(tmp_path / "rep")
+    with pytest.raises(SystemExit):
+        cli(["ablate", two_checkpoints[0], "--out", out, "--bn-recalib", "0"])
+    assert "--bn-recalib: 0 must be >= 1" in capsys.readouterr().err
+    argv = ["ablate", two_checkpoints[0], "--out", out, "--studies", "paths", "--paths-images", "5000"]
+    assert cli([*argv, "--samples", "1", "--limit", "10", "--no-progress"]) == 0
+    assert "--paths-images 5000 exceeds the 500 images of the test split" in capsys.readouterr().err

@@ -19,12 +19,12 @@ from resnet_lab.train import cli_main
 from .conftest import fit_args, trained_like
 
 NETS = [
-    ("resnet20", dict(shortcut="A")),
-    ("resnet20", dict(shortcut="B")),
-    ("resnet20", dict(shortcut="C")),
-    ("preact_resnet20", dict(shortcut="A")),
-    ("preact_resnet20", dict(shortcut="B")),
-    ("preact_resnet20", dict(stochastic_depth="batch")),
+    ("cifar_resnet", dict(shortcut="A")),
+    ("cifar_resnet", dict(shortcut="B")),
+    ("cifar_resnet", dict(shortcut="C")),
+    ("cifar_preact_resnet", dict(shortcut="A")),
+    ("cifar_preact_resnet", dict(shortcut="B")),
+    ("cifar_preact_resnet", dict(stochastic_depth="batch")),
 ]
 
 

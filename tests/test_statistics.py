@@ -168,8 +168,8 @@ def test_pooling_never_merges_different_architectures():
             ("preact_resnet20", {"stochastic_depth": "sample"}),
             ("preact_resnet20", {"stochastic_depth": "batch", "survival_last": 0.8}),
             ("preact_resnet20", {"active_blocks": 4}),
-            ("resnet20", {"depth": 56}),
-            ("resnet20", {"depth": 56, "block_type": "bottleneck", "shortcut": "B"}),
+            ("resnet56", {}),
+            ("cifar_resnet", {"depth": 56, "block_type": "bottleneck", "shortcut": "B"}),
             ("resnet20", {"shortcut": "B"}),
             ("plain20", {}),
         ]

@@ -347,7 +347,7 @@ def test_preact_and_stochastic_depth_nets_sweep_with_the_paths_study(tmp_path):
     )
     assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg]) == 0
     done = {t.params["model.arch"]: t for t in load(tmp_path, "p").trials if t.state == TrialState.COMPLETE}
-    assert set(done) == {"resnet20", "preact_resnet20"}
+    assert set(done) == {"cifar_resnet", "cifar_preact_resnet"}
     for arch, t in done.items():
         assert t.user_attrs["spec"]["preact"] == (arch == "cifar_preact_resnet")
         assert t.user_attrs["spec"]["stochastic_depth"] == "batch" and t.user_attrs["spec"]["survival_last"] == 0.8

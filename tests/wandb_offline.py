@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ def _payloads(path: Path) -> Iterator[bytes]:
             pos += left
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a record still being written
+            return
         chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == _FULL:
@@ -43,16 +46,32 @@ def _payloads(path: Path) -> Iterator[bytes]:
             pos += _BLOCK - pos % _BLOCK if pos % _BLOCK else 0
 
 
-def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
+def read_offline_run(run_dir: str | Path, timeout: float = 60.0) -> dict[str, Any]:
     """{"history": [row, ...], "config": {...}, "summary": {...}, "tags": [...], "group": str,
-    "files": [...]} of the (single) offline run under `run_dir` (searched recursively)."""
+    "files": [...]} of the (single) offline run under `run_dir` (searched recursively).
+
+    W&B's service process writes the file after `run.finish()` returns control to its
+    caller; under load that takes a moment. The file is read again until it holds the run's
+    exit record (it is then complete), for at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        files = sorted(Path(run_dir).rglob("offline-run-*/run-*.wandb"))
+        if len(files) > 1:
+            raise ValueError(f"{len(files)} offline W&B runs under {run_dir}; expected one: {files}")
+        out = _read(files[0]) if files else None
+        if out is not None and out["exited"]:
+            return out
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no complete offline W&B run under {run_dir} after {timeout} s (files: {files})")
+        time.sleep(0.2)
+
+
+def _read(path: Path) -> dict[str, Any]:
     from wandb.proto import wandb_internal_pb2
 
-    files = sorted(Path(run_dir).rglob("offline-run-*/run-*.wandb"))
-    if not files:
-        raise FileNotFoundError(f"no offline W&B run under {run_dir}")
     out: dict[str, Any] = {"history": [], "config": {}, "summary": {}, "tags": [], "group": "", "files": []}
-    for payload in _payloads(files[-1]):
+    out["exited"] = False
+    for payload in _payloads(path):
         rec = wandb_internal_pb2.Record()
         rec.ParseFromString(payload)
         kind = rec.WhichOneof("record_type")
@@ -70,4 +89,6 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
                 out["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
         elif kind == "files":
             out["files"] += [f.path for f in rec.files.files]
+        elif kind == "exit":
+            out["exited"] = True
     return out

@@ -16,6 +16,7 @@ import torch
 from ..errors import UserError, count
 from .report import PLOTS, complete_paths, lesion_summary, write_report
 from .runner import (
+    SPLITS,
     STUDIES,
     AblationError,
     Store,
@@ -41,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
         "state-dict FILE",
     )
     p.add_argument("--out", required=True, help="report directory (resumable; refuses a different configuration)")
-    p.add_argument("--split", choices=["val", "test"], default="test")
+    p.add_argument("--split", choices=SPLITS, default="test")
     p.add_argument("--studies", nargs="+", choices=STUDIES, default=["single", "k", "responses"])
     p.add_argument(
         "--blocks",
@@ -57,8 +58,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=count(1), default=500, help="images per chunk (bounds memory)")
     p.add_argument(
         "--bn-recalib",
-        type=count(0),
-        default=0,
+        type=count(1),
+        default=None,
         metavar="N",
         help="also report single-block removal with BN re-estimated on N training images",
     )
@@ -136,12 +137,19 @@ def _run(args: argparse.Namespace, argv: list[str]) -> Path:
     check_compatible(ckpts, dm.num_classes)
     keys = ("split", "studies", "blocks", "k_max", "samples", "seed", "limit", "bn_recalib", "paths_images")
     asked = {k: getattr(args, k) for k in keys if k != "paths_images" or "paths" in opts.studies}
+    asked["bn_recalib"] = args.bn_recalib or 0  # as reports before --bn-recalib became optional stored it
     if args.data_folder is not None:  # other data, other results: never resumed into the same report
         asked["data_folder"] = str(Path(args.data_folder).resolve())
     store = Store(Path(args.out), manifest_for(ckpts, asked), args.overwrite)
     out = store.out
-    n_split = len(dm.splits[args.split][1]) if hasattr(dm, "splits") else len(dm.val_set)
+    n_split = dm.eval_size(args.split)
     n_images = min(n_split, args.limit or n_split)
+    if "paths" in opts.studies and args.paths_images > n_split:
+        print(
+            f"note: --paths-images {args.paths_images} exceeds the {n_split} images of the {args.split} split; "
+            f"the paths study measures on all {n_split} (the report says so)",
+            file=sys.stderr,
+        )
 
     from tqdm.auto import tqdm
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .paths import with_shares
-from .stats import across_checkpoints
+from .stats import across_checkpoints, mean_spread
 
 PLOTS = {
     "seeds": "across_seeds.png",
@@ -24,8 +24,8 @@ PLOTS = {
 }
 
 
-def _mean_std(v: list[float]) -> tuple[float, float]:
-    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+def _mean_std(v: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else None)
 
 
 def summarize(rows: list[dict]) -> dict[str, Any]:
@@ -293,7 +293,7 @@ def _plot_k(ax, s: dict, colour: dict) -> None:
     for (ck, cond), curve in s["k"].items():
         ks = sorted(curve)
         m = [curve[k][0] for k in ks]
-        sd = [curve[k][1] for k in ks]
+        sd = [curve[k][1] or 0.0 for k in ks]
         ax.plot(ks, m, "o-", color=colour[ck], label=f"{ck} [{cond}]")
         ax.fill_between(ks, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], alpha=0.2, color=colour[ck])
     ax.set(xlabel="blocks removed (k)", ylabel="error (%)", title="Random k-block lesions (mean ± std)")
@@ -383,10 +383,7 @@ def k_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         return [], []
     ks = sorted({k for c in s["k"].values() for k in c})
     head = ["k", *[f"{ck} [{cond}]" for ck, cond in series]]
-    body = [
-        [str(k), *[f"{s['k'][t][k][0]:.2f} ± {s['k'][t][k][1]:.2f}" if k in s["k"][t] else "-" for t in series]]
-        for k in ks
-    ]
+    body = [[str(k), *[mean_spread(*s["k"][t][k]) if k in s["k"][t] else "-" for t in series]] for k in ks]
     return head, body
 
 

@@ -37,6 +37,7 @@ from .engine import Condition
 from .stats import arch_label, wilson
 
 STUDIES = ("single", "k", "reorder", "responses", "paths")
+SPLITS = ("val", "test")
 PATH_LENGTHS_PER_UNIT = 8  # the paths study is stored in units of this many lengths
 
 
@@ -148,26 +149,12 @@ def build_datamodule(data: dict[str, Any], folder: str | None = None, **override
         raise AblationError(f"{cls} takes no {unknown}; this ablation cannot run on its data")
     init.update({k: v for k, v in overrides.items() if v is not None})
     where = init.get(loc) if loc else None
-    if where and not Path(where).exists() and _needs_location(cls, init):
+    if where and not Path(where).exists() and dm_cls.reads_location(init):
         raise AblationError(
             f"the data of this run, {where}, does not exist (moved, or stored relative to another directory); "
             "pass its new location with --data-folder PATH"
         )
     return dm_cls(**{k: v for k, v in init.items() if k in accepted})
-
-
-def _needs_location(cls: str, init: dict[str, Any]) -> bool:
-    """Whether the DataModule reads its data from the location argument: always for
-    ImageNet; for CIFAR unless torchvision's files are there to take over ("auto")."""
-    if cls != "CIFAR10DataModule":
-        return True
-    source = init.get("source", "auto")
-    if source != "auto":
-        return source == "folder"
-    from ..data.cifar import torchvision_files_present
-    from ..data.common import cache_root
-
-    return not torchvision_files_present(init.get("root") or cache_root(init.get("cache_dir")) / "torchvision")
 
 
 def batches(dm, split: str, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -297,8 +284,25 @@ class StudyOptions:
     samples: int = 10
     seed: int = 0
     limit: int | None = None
-    bn_recalib: int = 0
+    bn_recalib: int | None = None  # training images to re-estimate BN on (None: off)
     paths_images: int = 256  # images of the split the paths study measures on
+
+    def __post_init__(self) -> None:
+        """Every option checked here, for `ablate` and for a sweep before any trial trains."""
+        if self.split not in SPLITS:
+            raise AblationError(f"split={self.split!r}: use one of {', '.join(SPLITS)}")
+        unknown = [s for s in self.studies if s not in STUDIES]
+        if not self.studies or unknown or isinstance(self.studies, str):
+            raise AblationError(f"unknown studies {unknown or list(self.studies)}; valid: {', '.join(STUDIES)}")
+        counts = {"k_max": self.k_max, "samples": self.samples, "paths_images": self.paths_images}
+        counts.update(limit=self.limit, bn_recalib=self.bn_recalib)  # None: all images / off
+        for name, v in counts.items():
+            if (v is not None or name in ("k_max", "samples", "paths_images")) and (
+                not isinstance(v, int) or isinstance(v, bool) or v < 1
+            ):
+                raise AblationError(f"{name}={v!r} must be an integer >= 1" + (" (or null)" if v is None else ""))
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise AblationError(f"seed={self.seed!r} must be an integer")
 
 
 class UnitRunner:

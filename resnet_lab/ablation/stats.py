@@ -79,3 +79,11 @@ def across_checkpoints(rows: list[dict]) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def mean_spread(mean: float, std: float | None, n: int, extra: str = "") -> str:
+    """'mean ± std`extra`' over n values; one value has no sample spread, so it reads
+    'mean (n = 1)' rather than a made-up ± 0.00."""
+    if n < 2 or std is None:
+        return f"{mean:.2f} (n = 1)"
+    return f"{mean:.2f} ± {std:.2f}{extra}"

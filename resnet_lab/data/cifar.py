@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -238,6 +239,19 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.classes: list[str] = self._peek_classes()
         self.num_classes = len(self.classes)  # known now: the CLI links it into the model
         self.mean: Tensor | None = None  # (3, 32, 32), of the training split
+
+    @classmethod
+    def reads_location(cls, init: dict[str, Any]) -> bool:
+        """Whether these init args read the data from `folder` (its location argument):
+        source folder, or auto without torchvision's files to take over."""
+        source = init.get("source", "auto")
+        if source != "auto":
+            return source == "folder"
+        return not torchvision_files_present(init.get("root") or cache_root(init.get("cache_dir")) / "torchvision")
+
+    def eval_size(self, split: str) -> int:
+        """Images of an evaluation split (after setup)."""
+        return len(self.splits[split][1])
 
     def resolved_paths(self) -> dict[str, str | None]:
         """The data locations, as absolute paths (what a run's config.yaml stores)."""

@@ -61,27 +61,29 @@ def check_counts(prefix: str, **counts: int | None) -> None:
             raise DataError(f"{prefix}.{name}={v!r} must be a positive integer (or null for the default)")
 
 
-def folder_classes(path: str | os.PathLike) -> list[str]:
-    """Sorted class names under train/ of an ImageFolder tree or archive, without
-    decoding any image (an archive's member names are listed)."""
+def folder_classes(path: str | os.PathLike, splits: tuple[str, ...] = ("train",), bare: bool = False) -> list[str]:
+    """Sorted class names of an ImageFolder tree or archive, without decoding any image
+    (an archive's member names are listed, nothing is extracted): the folders under the
+    first of `splits` that holds images, or with `bare`, a folder of class folders."""
     path = Path(path)
     if path.is_dir():
-        names = {f.parent.name for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTS and "train" in f.parts[-4:-2]}
+        members = [f.relative_to(path).parts for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTS]
     elif is_archive(path):
         try:
             with tarfile.open(path) as tar:
-                names = {
-                    Path(m).parts[-2]
-                    for m in tar.getnames()
-                    if Path(m).suffix.lower() in IMAGE_EXTS and "train" in Path(m).parts[:-2]
-                }
+                members = [Path(m).parts for m in tar.getnames() if Path(m).suffix.lower() in IMAGE_EXTS]
         except (tarfile.TarError, EOFError, OSError) as e:
             raise DataError(f"cannot read archive {path}: {e}. Re-download or re-copy it.") from e
     else:
         raise DataError(f"{path} is neither a directory nor a .tar/.tar.gz archive")
-    if not names:
-        raise DataError(f"{path} holds no train/<class>/ images; expected {{train,test}}/<class>/*.jpg")
-    return check_classes(path, sorted(names))
+    for split in splits:
+        names = {parts[parts.index(split) + 1] for parts in members if split in parts[:-2]}  # ImageFolder's classes
+        if names:
+            return check_classes(path, sorted(names))
+    if bare and members:
+        return check_classes(path, sorted({parts[-2] for parts in members if len(parts) >= 2}))
+    want = "/".join(splits)
+    raise DataError(f"{path} holds no {want}/<class>/ images; expected an ImageFolder tree {want}/<class>/*.jpg")
 
 
 def check_classes(where: str | os.PathLike, classes: list[str]) -> list[str]:

@@ -18,7 +18,16 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
-from .common import DataError, absolute, check_classes, check_counts, extract_archive, find_split_root, is_archive
+from .common import (
+    DataError,
+    absolute,
+    check_classes,
+    check_counts,
+    extract_archive,
+    find_split_root,
+    folder_classes,
+    is_archive,
+)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -96,28 +105,60 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.hparams.update(path=absolute(path), cache_dir=absolute(cache_dir))
         self.root: Path | None = None
         self.split_dirs: dict[str, Path | None] = {}
-        self.classes: list[str] = []
-        self.num_classes = self._count_classes()
+        # Known at construction so the CLI can link it into model.num_classes; read from the
+        # folder names (an archive's member names), never by extracting: that is prepare_data's.
+        self.classes: list[str] = self._peek_classes()
+        self.num_classes = len(self.classes)
+
+    @classmethod
+    def reads_location(cls, init: dict) -> bool:
+        """ImageNet data always comes from `path` (its location argument)."""
+        return True
+
+    def eval_size(self, split: str) -> int:
+        """Images of an evaluation split (after setup): val and test are both the val set."""
+        return len(self.val_set)
 
     def resolved_paths(self) -> dict[str, str | None]:
         """The data locations, as absolute paths (what a run's config.yaml stores)."""
         return {k: self.hparams[k] for k in ("path", "cache_dir")}
 
+    def _location(self) -> Path:
+        p = Path(self.hparams.path)
+        if not p.exists():
+            raise DataError(
+                f"no ImageNet data at {p}. Set --data.path to a folder or .tar.gz with train/<wnid>/ and "
+                "val/<wnid>/ (e.g. ../shared/data/tiny-imagenet-10.tar.gz)"
+            )
+        return p
+
+    def _peek_classes(self) -> list[str]:
+        p = self._location()
+        if is_archive(p):
+            return folder_classes(p, splits=("train", "val"), bare=True)
+        _, dirs = self._layout(p)
+        folder = dirs["train"] or dirs["val"]
+        return check_classes(folder, sorted(d.name for d in folder.iterdir() if d.is_dir()))
+
+    def prepare_data(self) -> None:
+        # One process extracts an archive into the cache; setup() on every rank then reads it.
+        if is_archive(self._location()):
+            extract_archive(self._location(), self.hparams.cache_dir)
+
     def _resolve(self) -> Path:
         if self.root is None:
-            p = Path(self.hparams.path)
-            if not p.exists():
-                raise DataError(
-                    f"no ImageNet data at {p}. Set --data.path to a folder or .tar.gz with train/<wnid>/ and "
-                    "val/<wnid>/ (e.g. ../shared/data/tiny-imagenet-10.tar.gz)"
-                )
+            p = self._location()
             top = extract_archive(p, self.hparams.cache_dir) if is_archive(p) else p
-            try:
-                self.root = find_split_root(top, ("train", "val"))
-                self.split_dirs = {"train": self.root / "train", "val": self.root / "val"}
-            except DataError:
-                self.root, self.split_dirs = self._eval_only(top)
+            self.root, self.split_dirs = self._layout(top)
         return self.root
+
+    def _layout(self, top: Path) -> tuple[Path, dict[str, Path | None]]:
+        """(root, {train, val}) of a tree: train/ and val/, or an evaluation-only layout."""
+        try:
+            root = find_split_root(top, ("train", "val"))
+            return root, {"train": root / "train", "val": root / "val"}
+        except DataError:
+            return self._eval_only(top)
 
     @staticmethod
     def _eval_only(top: Path) -> tuple[Path, dict[str, Path | None]]:
@@ -133,13 +174,6 @@ class ImageNetDataModule(pl.LightningDataModule):
             f"{top} has no train/<wnid>/ and val/<wnid>/ folders (nor val/ alone, nor class folders of images); "
             "expected an ImageNet-layout tree"
         )
-
-    def _count_classes(self) -> int:
-        # Known at construction so the CLI can link it into model.num_classes.
-        self._resolve()
-        folder = self.split_dirs["train"] or self.split_dirs["val"]
-        self.classes = check_classes(folder, sorted(d.name for d in folder.iterdir() if d.is_dir()))
-        return len(self.classes)
 
     def _transforms(self, train: bool):
         hp = self.hparams
@@ -170,6 +204,8 @@ class ImageNetDataModule(pl.LightningDataModule):
             self.train_set = ImageFolder(str(train), self._transforms(True), loader=_checked_loader)
             if self.train_set.classes != val.classes:
                 raise DataError(f"{root}: val/ classes differ from train/ classes")
+        if val.classes != self.classes:
+            raise DataError(f"{root}: its class folders changed since the model was built; run again")
         # ImageFolder lists images class by class; a fixed shuffle makes any prefix
         # (limit_val_batches, an ablation's --limit) a fair sample of all classes.
         perm = torch.randperm(len(val), generator=torch.Generator().manual_seed(0)).tolist()

@@ -6,6 +6,7 @@ from .registry import (
     create_model,
     list_models,
     load_torchvision_weights,
+    named_fields,
     register_model,
     resolve_spec,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "create_model",
     "list_models",
     "load_torchvision_weights",
+    "named_fields",
     "register_model",
     "resolve_spec",
 ]

@@ -128,6 +128,16 @@ def _named_spec(name: str) -> tuple[ResNetSpec, dict[str, Any]] | None:
     return spec.replace(**drops), {**fixed, **drops}
 
 
+def named_fields(name: str) -> dict[str, Any]:
+    """The spec fields `name` itself states (depth, plain, ... for `resnet56`; only the
+    family for `cifar_resnet`); empty for an unknown name."""
+    try:
+        found = _named_spec(name)
+    except SpecError:
+        return {}
+    return found[1] if found else {}
+
+
 def resolve_spec(name: str, **overrides: Any) -> ResNetSpec:
     """The architecture `name` states with non-None `overrides` applied. An override
     that contradicts the name (resnet20 with depth=56, plain20 with plain=False) is an

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import io
+import json
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -28,7 +29,14 @@ def merged_sweep_section(configs: list[str]) -> dict[str, Any]:
         p = Path(c)
         if not p.is_file():
             raise SweepError(f"config file {c} does not exist")
-        d = yaml.safe_load(p.read_text()) or {}
+        try:
+            d = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            raise SweepError(f"{c} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+        if not isinstance(d, dict) or not isinstance(d.get("sweep") or {}, dict):
+            raise SweepError(f"{c} must be a YAML mapping whose `sweep:` is a mapping (see sweeps/depth.yaml)")
         # A later file replaces whole options (a preset's `space:` is the space, not a patch).
         merged.update(d.get("sweep") or {})
     return merged
@@ -53,6 +61,9 @@ def fit_config(configs: list[str], overrides: dict[str, Any] | None = None) -> d
             if e.code not in (0, None):
                 what = "sweep.space values do not parse" if overrides else "the fit config does not parse"
                 raise SweepError(f"{what}: {err.getvalue().strip()[-1000:]}") from None
+        except UserError as e:  # a bad option or value, in one line
+            what = f"the fit options {overrides_to_args(overrides)} do not parse" if overrides else "the fit config"
+            raise SweepError(f"{what}: {e}") from None
     return yaml.safe_load(buf.getvalue())
 
 
@@ -117,8 +128,49 @@ def check_space_keys(spec: SweepSpec, configs: list[str]) -> None:
                 close = difflib.get_close_matches(k, sorted(keys), n=3, cutoff=0.6)
                 raise SweepError(f"unknown option {k!r} in sweep.overrides; close matches: {close or 'none'}")
         probes.append({**probes[0], **rule["set"]})
-    for probe in probes:
-        check_single_process(fit_config(configs, probe))
+    resolved = [fit_config(configs, probe) for probe in probes]
+    for cfg in resolved:
+        check_single_process(cfg)
+    check_cell_models(spec, resolved[0])  # every cell sets the swept keys of this first probe itself
+
+
+def check_cell_models(spec: SweepSpec, base: dict[str, Any]) -> None:
+    """Every cell's network must exist, and hold the blocks its ablation removes: an
+    impossible depth or shortcut would otherwise fail each of those trials, and a k_max
+    over the net's blocks only after it has trained."""
+    from ..models import named_fields
+    from ..module import SPEC_OPTIONS
+    from ..train import spec_of
+
+    cells = spec.grid() if spec.sampler == "grid" else [{}]
+    k_max = max(v for v in spec.ablation_values("k_max")) if "k" in _studies(spec) else 0
+    seen: dict[str, Any] = {}
+    for cell in cells:
+        params = {**cell, **spec.cell_overrides(cell)}
+        model = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith("model.")}
+        key = json.dumps(model, sort_keys=True, default=str)
+        if key in seen:
+            continue
+        cfg = dict(base.get("model") or {})
+        if "arch" in model:  # the name's own fields give way to it (train.arch_starts_over)
+            cfg.update({k: None for k in named_fields(str(model["arch"])) if k in SPEC_OPTIONS})
+        cfg.update(model)
+        try:
+            seen[key] = net = spec_of(cfg)
+        except UserError as e:
+            raise SweepError(f"sweep cell {params}: {e}") from None
+        if k_max > net.num_blocks:
+            raise SweepError(
+                f"ablation k_max={k_max} exceeds the {net.num_blocks} blocks of {net.name} (cell {params})"
+            )
+
+
+def _studies(spec: SweepSpec) -> set[str]:
+    return (
+        {s for v in spec.ablation_values("studies") for s in v}
+        if spec.ablation or any(k.startswith("ablation.") for k in spec.space)
+        else set()
+    )
 
 
 def _matches(rule: dict[str, Any], cell: dict[str, Any]) -> bool:

@@ -34,11 +34,24 @@ import torch
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
-from .space import SweepError, SweepSpec, changed_categoricals, overrides_to_args, split_params, train_key
+from .space import (
+    LESION_DEFAULTS,
+    SweepError,
+    SweepSpec,
+    changed_categoricals,
+    overrides_to_args,
+    split_params,
+    train_key,
+)
 
-# Heartbeats and stale-trial retries are marked experimental by Optuna, but they are the
-# documented way to survive killed workers; say it once here rather than on every call.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+def quiet_optuna() -> None:
+    """Optuna warnings that are known and harmless here, hidden for each worker."""
+    # Heartbeats and stale-trial retries are marked experimental by Optuna, but they are the
+    # documented way to survive killed workers.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # Our own heartbeat thread beats for trials run outside Study.optimize (see Heartbeat).
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 class OptunaPruning(pl.Callback):
@@ -73,6 +86,11 @@ def storage_url(spec: SweepSpec) -> tuple[str, Any]:
         ) from e
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
         raise SweepError(f"unsupported storage {parsed.get_backend_name()!r}; use sqlite:/// or postgresql://")
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise SweepError(
+            f"malformed storage URL {url!r}: an in-memory SQLite database dies with this process and no other "
+            "worker can see it; give a file, sqlite:///runs/sweeps/NAME/study.db (three slashes, then the path)"
+        )
     return url, parsed
 
 
@@ -205,6 +223,7 @@ def open_study(spec: SweepSpec, force: bool = False) -> tuple[optuna.Study, RDBS
 
 def load_existing_study(spec: SweepSpec) -> optuna.Study:
     """The study, read-only (for --summary): nothing is created, enqueued or overwritten."""
+    quiet_optuna()
     storage, _ = make_storage(spec, create=False)
     names = optuna.get_all_study_names(storage)
     if spec.study_name not in names:
@@ -279,17 +298,7 @@ def run_lesions(ckpt_path: str, ablation: dict[str, Any], out: Path) -> dict[str
     from ..ablation.cli import parser, run
     from ..ablation.report import lesion_summary
 
-    a = {
-        "studies": ["single"],
-        "k_max": 1,
-        "samples": 5,
-        "seed": 0,
-        "split": "test",
-        "limit": None,
-        "bn_recalib": 0,
-        "paths_images": 256,
-        **ablation,
-    }
+    a = {**LESION_DEFAULTS, **ablation}
     argv = [
         ckpt_path,
         "--out",
@@ -305,8 +314,7 @@ def run_lesions(ckpt_path: str, ablation: dict[str, Any], out: Path) -> dict[str
         "--split",
         a["split"],
         "--no-progress",
-        "--bn-recalib",
-        str(a["bn_recalib"]),
+        *(["--bn-recalib", str(a["bn_recalib"])] if a["bn_recalib"] else []),
         "--paths-images",
         str(a["paths_images"]),
         *(["--limit", str(a["limit"])] if a["limit"] else []),
@@ -429,6 +437,7 @@ def run_worker(
     spec: SweepSpec, configs: list[str], force: bool = False, max_trials: int | None = None
 ) -> tuple[int, int]:
     """Run trials until the study is exhausted (or `max_trials`); returns (ran, failed)."""
+    quiet_optuna()
     study, storage, url = open_study(spec, force)
     done = failed = 0
     with WorkerSlot(spec) as slot:
@@ -452,7 +461,8 @@ def run_trial(
             value = objective(trial, spec, configs, study)
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED)
-        except SweepError:
+        except (SweepError, SystemExit) as e:  # a config error: FAIL the trial (never left RUNNING), then stop
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
             study.tell(trial, state=TrialState.FAIL)
             raise
         except Exception as e:  # a diverged or crashed fit: FAIL, never COMPLETE

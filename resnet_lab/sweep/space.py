@@ -29,6 +29,7 @@ import difflib
 import hashlib
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,30 @@ import optuna
 from ..errors import UserError
 
 SEED_KEY = "seed_everything"
-ABLATION_KEYS = ("studies", "k_max", "samples", "seed", "split", "limit", "bn_recalib", "paths_images")
+# A trial's test-time ablation: these defaults, then sweep.ablation, then the cell's ablation.* values.
+LESION_DEFAULTS: dict[str, Any] = {
+    "studies": ["single"],
+    "k_max": 1,
+    "samples": 5,
+    "seed": 0,
+    "split": "test",
+    "limit": None,
+    "bn_recalib": None,
+    "paths_images": 256,
+}
+ABLATION_KEYS = tuple(LESION_DEFAULTS)
+STAGES = ("train", "val", "test", "best_test")  # fit's metric prefixes (best_test: the best-by-val checkpoint)
+FIT_METRICS = ("error", "error5", "acc", "acc5", "loss")
+# lesion/* summaries (ablation.report.lesion_summary) and the study that produces each.
+LESION_METRICS = {
+    "intact_error": "single",
+    "mean_single_error": "single",
+    "max_single_error": "single",
+    "kmax_error": "k",
+    "paths_range_lo": "paths",
+    "paths_range_hi": "paths",
+    "paths_path_share": "paths",
+}
 
 
 class SweepError(UserError, ValueError):
@@ -78,6 +102,15 @@ class SweepSpec:
             raise SweepError(f"unknown sweep option(s) {sorted(unknown)}; did you mean {hints}? valid: {sorted(known)}")
         if not d.get("study_name"):
             raise SweepError("sweep.study_name is required")
+        for name, kind, what in (
+            ("space", dict, "a mapping of option: [values] or {low, high}"),
+            ("ablation", dict, "a mapping of ablation option: value"),
+            ("overrides", list, "a list of {when: {...}, set: {...}} rules"),
+            ("seeds", list, "a list of integers"),
+            ("pruner", dict, "{class_path: ..., init_args: {...}}"),
+        ):
+            if d.get(name) is not None and not isinstance(d[name], kind):
+                raise SweepError(f"sweep.{name} must be {what}; got {type(d[name]).__name__} {d[name]!r:.80}")
         spec = cls(**d)
         spec.validate()
         if spec.seeds:
@@ -98,8 +131,7 @@ class SweepSpec:
             elif isinstance(v, dict):
                 if self.sampler == "grid":
                     raise SweepError(f"sweep.space.{k} is a range; a grid needs a list of values")
-                if not {"low", "high"} <= set(v):
-                    raise SweepError(f"sweep.space.{k} needs low and high (and optionally log, step, type)")
+                _check_range(k, v)
             else:
                 raise SweepError(f"sweep.space.{k} must be a list of values or a {{low, high}} range, got {v!r}")
             if k.startswith("ablation.") and k.split(".", 1)[1] not in ABLATION_KEYS:
@@ -120,7 +152,8 @@ class SweepSpec:
                 "(e.g. val/error, or lesion/ metrics with ablation.split: val), use sampler: grid, or set "
                 "sweep.allow_test_objective: true to do it knowingly"
             )
-        self._check_ablation_counts()
+        self._check_metric()
+        self._check_ablation_options()
         self._check_seeds_and_overrides()
         if self.max_retry < 0:
             raise SweepError(f"sweep.max_retry={self.max_retry} must be >= 0")
@@ -162,21 +195,60 @@ class SweepSpec:
                 out.update(rule["set"])
         return out
 
-    def _check_ablation_counts(self) -> None:
-        """Test-time counts must be valid before any trial trains (k_max, samples, limit >= 1)."""
-        values: dict[str, list[Any]] = {k: [v] for k, v in (self.ablation or {}).items()}
-        for k, v in self.space.items():
-            if k.startswith("ablation.") and isinstance(v, list):
-                values.setdefault(k.split(".", 1)[1], []).extend(v)
-        for name, minimum in (("k_max", 1), ("samples", 1), ("limit", 1), ("bn_recalib", 0)):
-            for v in values.get(name, []):
-                if v is None and name == "limit":
-                    continue
-                if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-                    raise SweepError(f"ablation {name}={v!r} must be an integer >= {minimum}")
+    def _check_metric(self) -> None:
+        """The objective must be a metric a trial produces: a typo would fail only after training."""
+        stage, _, name = self.metric.partition("/")
+        if stage == "lesion":
+            if not self.ablation and not any(k.startswith("ablation.") for k in self.space):
+                raise SweepError(
+                    f"sweep.metric {self.metric!r} is a test-time ablation result, but the sweep runs no ablation: "
+                    "add sweep.ablation (e.g. {studies: [single, k], k_max: 3}) or ablation.* parameters to the space"
+                )
+            study = LESION_METRICS.get(name) or ("k" if re.fullmatch(r"k\d+_error", name) else None)
+            if study is None:
+                close = difflib.get_close_matches(name, [*LESION_METRICS, "k1_error"], n=2)
+                raise SweepError(
+                    f"unknown lesion metric {self.metric!r}; close: {close}; "
+                    f"valid: lesion/{{{', '.join(LESION_METRICS)}, kN_error}}"
+                )
+            studies = {s for v in self.ablation_values("studies") for s in v}
+            if study not in studies:
+                raise SweepError(
+                    f"sweep.metric {self.metric!r} comes from the {study!r} ablation study, which this sweep does not "
+                    f"run (ablation studies: {sorted(studies)}); add it to sweep.ablation.studies"
+                )
+            return
+        valid = [f"{s}/{m}" for s in STAGES for m in FIT_METRICS]
+        if self.metric not in valid:
+            close = difflib.get_close_matches(self.metric, valid, n=2)
+            raise SweepError(
+                f"unknown sweep.metric {self.metric!r}; did you mean {close}? valid: {', '.join(valid)}, lesion/..."
+            )
+
+    def ablation_values(self, key: str) -> list[Any]:
+        """Every value `key` takes in this sweep's test-time ablations (default, section, space)."""
+        swept = self.space.get(f"ablation.{key}")
+        if isinstance(swept, list):
+            return list(swept)
+        return [(self.ablation or {}).get(key, LESION_DEFAULTS[key])]
+
+    def _check_ablation_options(self) -> None:
+        """Every test-time option is checked before any trial trains (the ablate CLI's checks)."""
         unknown = set(self.ablation or {}) - set(ABLATION_KEYS)
         if unknown:
             raise SweepError(f"unknown sweep.ablation option(s) {sorted(unknown)}; valid: {list(ABLATION_KEYS)}")
+        if not self.ablation and not any(k.startswith("ablation.") for k in self.space):
+            return
+        from ..ablation.runner import StudyOptions
+        from ..errors import UserError
+
+        base = {**LESION_DEFAULTS, **(self.ablation or {})}
+        for key in ABLATION_KEYS:
+            for v in self.ablation_values(key):
+                try:
+                    StudyOptions(**{**base, key: v, "studies": tuple(v if key == "studies" else base["studies"])})
+                except (UserError, TypeError) as e:
+                    raise SweepError(f"sweep ablation {key}={v!r}: {e}") from None
 
     # -- derived ----------------------------------------------------------------
     def on_test_split(self) -> bool:
@@ -274,3 +346,16 @@ def train_key(configs: list[str], overrides: dict[str, Any]) -> str:
 
     body = json.dumps({"configs": [Path(c).read_text() for c in configs], "overrides": overrides}, sort_keys=True)
     return hashlib.sha1(body.encode()).hexdigest()[:16]
+
+
+def _check_range(key: str, v: dict[str, Any]) -> None:
+    """A {low, high[, log, step, type]} range with numeric bounds."""
+    extra = set(v) - {"low", "high", "log", "step", "type"}
+    if not {"low", "high"} <= set(v) or extra:
+        raise SweepError(f"sweep.space.{key} must be {{low, high}} (and optionally log, step, type); got {v!r}")
+    if not numeric([v["low"], v["high"]]) or v["low"] > v["high"]:
+        raise SweepError(f"sweep.space.{key}: low and high must be numbers with low <= high; got {v!r}")
+    if v.get("type") not in (None, "int", "float") or not isinstance(v.get("log", False), bool):
+        raise SweepError(f"sweep.space.{key}: type is int or float and log is true or false; got {v!r}")
+    if v.get("step") is not None and (not numeric([v["step"]]) or v["step"] <= 0):
+        raise SweepError(f"sweep.space.{key}: step must be a positive number; got {v!r}")

@@ -24,6 +24,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from ..ablation.stats import mean_spread
 from .space import SEED_KEY
 
 STATS = ("test/error", "train/error_end", "best_test/error", "val/error")
@@ -69,11 +70,11 @@ def cell_params(rows: list[dict]) -> list[str]:
 
 
 def describe(values: list[float]) -> dict[str, float]:
-    """n, mean, sample std (0 for one run), min, max."""
+    """n, mean, sample std (None for one run: it has no spread), min, max."""
     return {
         "n": len(values),
         "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "std": statistics.stdev(values) if len(values) > 1 else None,
         "min": min(values),
         "max": max(values),
     }
@@ -104,7 +105,9 @@ def cells(rows: list[dict]) -> list[dict[str, Any]]:
 def _fmt(d: dict[str, float] | None) -> str:
     if not d:
         return "-"
-    return f"{d['mean']:.2f} ± {d['std']:.2f} ({d['min']:.2f}, {d['max']:.2f})"
+    if d["n"] < 2:
+        return mean_spread(d["mean"], None, d["n"])
+    return mean_spread(d["mean"], d["std"], d["n"], f" ({d['min']:.2f}, {d['max']:.2f})")
 
 
 def cell_table(cs: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -201,7 +204,7 @@ def _plot_error_vs_depth(cs: list[dict], out: Path) -> str | None:
                 ax.errorbar(
                     d,
                     [c[stat]["mean"] for c in cl],
-                    yerr=[c[stat]["std"] for c in cl],
+                    yerr=[c[stat]["std"] or 0.0 for c in cl],
                     fmt=style,
                     color=f"C{i}",
                     capsize=3,
@@ -220,7 +223,7 @@ def _plot_shortcuts(cs: list[dict], out: Path) -> str | None:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.5))
     labels = [_series_label(c, ()) for c in cl]
-    ax.bar(range(len(cl)), [c["test/error"]["mean"] for c in cl], yerr=[c["test/error"]["std"] for c in cl],
+    ax.bar(range(len(cl)), [c["test/error"]["mean"] for c in cl], yerr=[c["test/error"]["std"] or 0.0 for c in cl],
            color="tab:green", capsize=3)  # fmt: skip
     ax.set_xticks(range(len(cl)), labels, rotation=30, fontsize=7)
     ax.set(ylabel="test error (%)", title="Shortcut comparison (mean ± std over seeds)")
@@ -240,7 +243,7 @@ def _plot_lesions(rows: list[dict], out: Path) -> str | None:
     for plain, pts in sorted(groups.items()):
         d = sorted(pts)
         stats = [describe(pts[x]) for x in d]
-        ax.errorbar(d, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], fmt="o-", capsize=3,
+        ax.errorbar(d, [s["mean"] for s in stats], yerr=[s["std"] or 0.0 for s in stats], fmt="o-", capsize=3,
                     color="tab:red" if plain else "tab:blue", label="plain" if plain else "resnet")  # fmt: skip
     ax.set(xlabel="depth", ylabel="mean error, one block removed (%)", title="Lesion summary vs depth")
     ax.legend(fontsize=8)
