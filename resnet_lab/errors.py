@@ -9,6 +9,9 @@ data folder, a mismatched checkpoint, a diverged run) derives from `UserError`. 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
+from typing import Any
 
 
 class UserError(Exception):
@@ -45,3 +48,15 @@ def count(minimum: int):
 
     parse.__name__ = f"integer >= {minimum}"
     return parse
+
+
+def load_yaml(path: str | os.PathLike) -> Any:
+    """A YAML file's content, or one UserError naming the file, line and column."""
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise UserError(f"{path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None

@@ -40,7 +40,7 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from torch.optim.lr_scheduler import OneCycleLR
 
-from .errors import DivergenceError, UserError, user_error
+from .errors import DivergenceError, UserError, load_yaml, user_error
 from .models import ResNetSpec, named_fields, resolve_spec
 from .module import SPEC_OPTIONS, CheckpointMismatchError, ResNetClassifier, check_spec_matches, read_checkpoint
 from .schedules import PaperLR
@@ -649,6 +649,20 @@ def quiet_known_warnings() -> None:
         log.addFilter(tip)
 
 
+def check_config_files(args: list[str]) -> None:
+    """A --config file that is not valid YAML: one line with its name, line and column."""
+    for i, a in enumerate(args):
+        path = (
+            a.split("=", 1)[1]
+            if a.startswith("--config=")
+            else args[i + 1]
+            if a == "--config" and i + 1 < len(args)
+            else None
+        )
+        if path and Path(path).is_file():
+            load_yaml(path)
+
+
 def arch_starts_over(args: list[str]) -> list[str]:
     """`--model.arch NAME` on the command line overrides what a --config file says about the
     fields the name states (`resnet56`: depth, plain, preact, block type).
@@ -674,6 +688,7 @@ def cli_main(args: list[str] | None = None, run: bool = True, extra_callbacks: l
     finished on return, so in-process callers (sweeps, tests) get one run each.
     `extra_callbacks` are added to the Trainer (a sweep's pruning callback)."""
     quiet_known_warnings()
+    check_config_files(sys.argv[1:] if args is None else args)
     if args is None:  # the console: Lightning's DDP launcher re-runs sys.argv in its children
         sys.argv = [sys.argv[0], *arch_starts_over(expand_args_json(sys.argv[1:]))]
     else:

@@ -90,6 +90,7 @@ ARGS = [
 ]
 
 
+@pytest.mark.slow
 def test_ablate_report_and_resume(two_checkpoints, tmp_path):
     out = tmp_path / "rep"
     assert ablate_main([*two_checkpoints, "--out", str(out), *ARGS]) == 0
@@ -123,6 +124,7 @@ def test_ablate_report_and_resume(two_checkpoints, tmp_path):
     assert json.loads((out / "results.json").read_text()) == rows
 
 
+@pytest.mark.slow
 def test_ablate_logs_table_to_wandb_offline(two_checkpoints, tmp_path):
     out = tmp_path / "rep"
     assert (

@@ -1,9 +1,12 @@
 import subprocess
 import sys
 
+import pytest
+
 from resnet_lab.cli import main
 
 
+@pytest.mark.slow
 def test_models_lists_exact_counts(capsys):
     assert main(["models", "--filter", "resnet"]) == 0
     out = capsys.readouterr().out
@@ -14,6 +17,7 @@ def test_models_lists_exact_counts(capsys):
     assert rows["resnet56"][7] == "A" and rows["resnet56"][5] == "27"
 
 
+@pytest.mark.slow
 def test_console_script_usage():
     r = subprocess.run([sys.executable, "-m", "resnet_lab.cli", "nope"], capture_output=True, text=True)
     assert r.returncode == 2 and "usage: resnet-lab" in r.stderr

@@ -93,6 +93,7 @@ def test_synthetic_split_and_mean(cache_dir):
     torch.testing.assert_close(out, xb.float() / 255 - dm.mean)
 
 
+@pytest.mark.slow
 def test_cifar_archive_decodes_and_caches(cache_dir):
     dm = CIFAR10DataModule(folder=str(need(CIFAR_ARCHIVE)), download=False, val_size=5000)
     dm.setup()
@@ -148,6 +149,7 @@ def test_corrupt_file_is_named(tmp_path, cache_dir):
         list(dm.val_dataloader())
 
 
+@pytest.mark.slow
 def test_tiny_imagenet_layout_and_transforms(cache_dir):
     dm = ImageNetDataModule(
         str(need(TINY_IMAGENET)), batch_size=8, num_workers=0, scale=(64, 80), crop=56, eval_resize=64

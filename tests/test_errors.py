@@ -43,6 +43,7 @@ def test_fit_user_errors_are_one_message(tmp_path, capsys, extra, words):
     assert not list((tmp_path / "runs").glob("*/*"))  # a fit that failed before its first step leaves nothing
 
 
+@pytest.mark.slow
 def test_checkpoint_mismatch_is_one_message_and_debug_shows_the_traceback(tmp_path, capsys):
     cli_main(fit_args(tmp_path, "--model.depth", "8", steps=2))
     (last,) = (tmp_path / "runs").glob("*/*/checkpoints/last.ckpt")
@@ -54,12 +55,14 @@ def test_checkpoint_mismatch_is_one_message_and_debug_shows_the_traceback(tmp_pa
         cli(fit_args(tmp_path, "--model.depth", "14", "--ckpt_path", str(last), "--debug", steps=4))
 
 
+@pytest.mark.slow
 def test_console_script_prints_no_traceback(tmp_path):
     exe = Path(sys.executable).parent / "resnet-lab"
     r = subprocess.run([str(exe), *fit_args(tmp_path, "--model.depth", "21")], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "6n+2" in r.stderr
 
 
+@pytest.mark.slow
 def test_ckpt_path_last_resumes_the_newest_run(tmp_path, capsys):
     assert cli(fit_args(tmp_path, "--model.depth", "8", "--ckpt_path", "last", steps=2)) == 2
     one_message(capsys, "no ", "last.ckpt to resume")
@@ -113,6 +116,7 @@ def test_imagenet_counts_are_validated(tmp_path):
         ImageNetDataModule(path=str(tmp_path), batch_size=0)
 
 
+@pytest.mark.slow
 def test_stale_temporary_checkpoints_are_removed(tmp_path):
     cli_main(fit_args(tmp_path, "--model.depth", "8", steps=2))
     (last,) = (tmp_path / "runs").glob("*/*/checkpoints/last.ckpt")

@@ -26,6 +26,7 @@ def only_run_dir(tmp_path) -> Path:
     return dirs[0]
 
 
+@pytest.mark.slow
 def test_fit_cifar_archive_subset(tmp_path, cache_dir):
     cli = cli_main(
         fit_args(
@@ -103,6 +104,7 @@ def test_fit_tiny_imagenet(tmp_path, cache_dir):
     assert cli.model.spec.num_classes == 10 and cli.model.spec.shortcut == "A"  # linked from the data
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_has_val_metrics_and_config(tmp_path):
     cli_main(fit_args(tmp_path, "--model.depth", "8", "--seed_everything", "123", logger="wandb", steps=14))
     run = only_run_dir(tmp_path)
@@ -121,6 +123,7 @@ def test_wandb_offline_run_has_val_metrics_and_config(tmp_path):
     assert json.loads((run / "run.json").read_text())["seed"] == 123
 
 
+@pytest.mark.slow
 def test_second_run_does_not_collide(tmp_path):
     # Lightning's default config saving fails on the 2nd run with a shared log dir.
     for _ in range(2):
@@ -272,6 +275,7 @@ def test_unknown_config_key(tmp_path, capsys):
         cli_main(["fit", "--config", DEPTH, "--config", str(bad)])
 
 
+@pytest.mark.slow
 def test_print_config_shows_paper_recipe():
     r = subprocess.run(
         [sys.executable, "-m", "resnet_lab.cli", "fit", "--config", DEPTH, "--print_config"],
@@ -288,11 +292,13 @@ def test_print_config_shows_paper_recipe():
         "- 32000",
         "- 48000",
         "max_steps: 64000",
-        "shortcut: A",
+        "arch: cifar_resnet",
     ]:
         assert line in out, line
+    assert cli_main(["--config", DEPTH, "--data.init_args.source", "synthetic"], run=False).model.spec.shortcut == "A"
 
 
+@pytest.mark.slow
 def test_response_std_logging(tmp_path):
     cli = cli_main(
         fit_args(

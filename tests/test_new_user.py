@@ -159,6 +159,7 @@ def _run_dir(tmp_path: Path) -> Path:
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("every", ["1", "2"])
 def test_a_fit_that_stops_mid_epoch_validates_its_final_weights(tmp_path, every):
     # 1,800 training images in batches of 128: 14 steps per epoch; 6 steps end mid-epoch 0,
@@ -171,6 +172,7 @@ def test_a_fit_that_stops_mid_epoch_validates_its_final_weights(tmp_path, every)
     assert any(r.get("best_test/error") for r in _rows(run))
 
 
+@pytest.mark.slow
 def test_a_finished_fit_resumed_after_a_killed_test_completes_its_tests(tmp_path):
     # A kill during the post-fit test leaves the finished last.ckpt; the resumed run must test it.
     cli_main(fit_args(tmp_path, "--model.depth", "8", "--run.test_after_fit", "false", steps=6))
@@ -182,6 +184,7 @@ def test_a_finished_fit_resumed_after_a_killed_test_completes_its_tests(tmp_path
     assert [r["step"] for r in rows if r.get("best_test/error")] == ["6"]
 
 
+@pytest.mark.slow
 def test_validate_and_test_write_no_new_run_and_no_checkpoint_warnings(tmp_path, recwarn):
     cli_main(fit_args(tmp_path, "--model.depth", "8", "--run.test_after_fit", "false", steps=2))
     run = _run_dir(tmp_path)
@@ -255,6 +258,7 @@ def test_a_malformed_sweep_yaml_is_one_line(tmp_path, capsys):
     assert "bad.yaml is not valid YAML at line 3" in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_trial_stopped_by_a_configuration_error_is_failed_not_running(tmp_path, monkeypatch):
     from optuna.trial import TrialState
 
@@ -270,6 +274,7 @@ def test_a_trial_stopped_by_a_configuration_error_is_failed_not_running(tmp_path
     assert t.state == TrialState.FAIL and "SystemExit" in t.user_attrs["error"]
 
 
+@pytest.mark.slow
 def test_known_library_warnings_are_not_repeated_per_trial(tmp_path, recwarn, caplog):
     import re
 
@@ -313,3 +318,16 @@ def test_ablate_refuses_bn_recalib_0_and_says_when_paths_images_is_cut(two_check
     argv = ["ablate", two_checkpoints[0], "--out", out, "--studies", "paths", "--paths-images", "5000"]
     assert cli([*argv, "--samples", "1", "--limit", "10", "--no-progress"]) == 0
     assert "--paths-images 5000 exceeds the 500 images of the test split" in capsys.readouterr().err
+
+
+def test_torchvision_names_without_weights_are_not_suggested(tmp_path, capsys):
+    assert cli(["ablate", "torchvision:resnet200", "--out", str(tmp_path / "r"), "--data-folder", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "torchvision ships no resnet200" in err and "torchvision.models.resnet200" not in err
+
+
+def test_a_malformed_fit_config_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  depth: [20\n")
+    assert cli(fit_args(tmp_path, "--config", str(bad))) == 2
+    one_message(capsys, "bad.yaml is not valid YAML at line 3, column 1")

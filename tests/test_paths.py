@@ -125,7 +125,7 @@ def test_path_study_rows_and_short_paths_in_a_preact_net():
 
 def test_plain_net_is_refused_by_the_api():
     with pytest.raises(paths.PathsError, match="plain net"):
-        paths.routed_input_grads(small("plain20"), *data(), torch.ones(1, 6, dtype=torch.bool))
+        paths.routed_input_grads(small("cifar_resnet", plain=True), *data(), torch.ones(1, 6, dtype=torch.bool))
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +169,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "resnet_lab.cli", "ablate", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_paths_bad_inputs_give_one_clear_error(two_checkpoints, tmp_path):
     r = _cli(two_checkpoints[1], "--out", str(tmp_path / "a"), "--studies", "paths")
     assert r.returncode == 2 and "Traceback" not in r.stderr
@@ -196,7 +197,7 @@ def test_ablate_logs_the_paths_study_to_wandb_offline(two_checkpoints, tmp_path)
 
 
 def test_norms_match_the_full_gradients_and_shared_suffixes_change_nothing():
-    m = small("preact_resnet20", shortcut="B")
+    m = small("cifar_preact_resnet", shortcut="B")
     x, y = data()
     routes = torch.tensor(list(itertools.product([False, True], repeat=6)))[torch.randperm(64)]  # shuffled order
     _, grads = paths.routed_input_grads(m, x, y, routes)
@@ -210,7 +211,7 @@ def test_a_study_frees_its_activations_without_the_garbage_collector():
     import gc
     import weakref
 
-    m = small("preact_resnet20")
+    m = small("cifar_preact_resnet")
     x, y = data()
     routes = paths.sample_routes(6, 3, 4, random.Random(0))
     saved = []

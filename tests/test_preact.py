@@ -110,6 +110,7 @@ def test_cifar_bottleneck_layout_and_names():
         create_model("preact_resnet20", block_type="wide")
 
 
+@pytest.mark.slow
 def test_models_command_lists_the_preact_nets():
     r = subprocess.run(
         [sys.executable, "-m", "resnet_lab.cli", "models", "--filter", "preact"], capture_output=True, text=True
@@ -151,6 +152,7 @@ def _branch_counts(m, steps, batch=1):
     return calls
 
 
+@pytest.mark.slow
 def test_per_batch_drops_follow_the_schedule():
     torch.manual_seed(0)
     m = _tiny(stochastic_depth="batch", survival_last=0.3)
@@ -246,6 +248,7 @@ def test_preact_responses_are_the_3x3_conv_outputs():
     assert stds["layer2.1.conv1"] == pytest.approx(blk.conv1(F.relu(blk.bn1(h))).std().item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_stochastic_depth_lives_in_the_checkpoint_and_lesions_run_unchanged(tmp_path):
     from resnet_lab.ablation import load_checkpoint
     from resnet_lab.ablation.cli import main as ablate_main

@@ -44,6 +44,7 @@ def _ablate(*args):
                           capture_output=True, text=True)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_state_dict_file_on_a_val_folder_matches_torchvision(weights, val_folder, tmp_path, cache_dir):
     d, tv = weights
     out = tmp_path / "rep"
@@ -67,6 +68,7 @@ def test_state_dict_file_on_a_val_folder_matches_torchvision(weights, val_folder
     assert len([r for r in rows if r["study"] == "single"]) == 1 + 8  # intact + the 8 blocks of a ResNet-18
 
 
+@pytest.mark.slow
 def test_torchvision_name_reads_the_hub_cache_and_never_downloads(weights, tmp_path, monkeypatch, cache_dir):
     d, _ = weights
     hub = tmp_path / "torch" / "hub" / "checkpoints"
@@ -83,6 +85,7 @@ def test_torchvision_name_reads_the_hub_cache_and_never_downloads(weights, tmp_p
     assert "resnet18 (torchvision: resnet18-f37072fd.pth)" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_bad_weights_give_one_clear_error(weights, tmp_path, cache_dir):
     d, _ = weights
     tiny = need(TINY_IMAGENET)

@@ -109,6 +109,7 @@ def test_divergence_stops_fit_and_keeps_no_nan_checkpoint(tmp_path, capsys):
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), ckpt
 
 
+@pytest.mark.slow
 def test_a_diverged_sweep_trial_is_failed_not_complete(tmp_path):
     from optuna.trial import TrialState
 
@@ -160,6 +161,7 @@ def test_cifar_folder_with_three_classes_gets_a_three_way_head(tmp_path):
     assert torch.load(ckpt, weights_only=False)["hyper_parameters"]["spec"]["num_classes"] == 3
 
 
+@pytest.mark.slow
 def test_resumed_fit_keeps_the_csv_history(tmp_path):
     def fit(steps, *extra):
         return cli_main(
@@ -195,6 +197,7 @@ def _csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_ten_crop_test_averages_the_crop_logits(tmp_path, cache_dir):
     from torchvision import transforms as T
 
@@ -251,6 +254,7 @@ def test_ten_crop_test_averages_the_crop_logits(tmp_path, cache_dir):
     assert got == pytest.approx(100 * wrong / 20, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_ablate_imagenet_run_takes_data_folder_and_no_augmentation(tmp_path, cache_dir):
     data = str(need(TINY_IMAGENET))
     cli_main(
@@ -289,6 +293,7 @@ def test_ablate_imagenet_run_takes_data_folder_and_no_augmentation(tmp_path, cac
     assert "RandomCrop" not in names and "RandomHorizontalFlip" not in names
 
 
+@pytest.mark.slow
 def test_ablate_from_another_directory_and_its_hint(two_checkpoints, tmp_path, monkeypatch, capsys, cache_dir):
     archive = need(CIFAR_ARCHIVE)
     monkeypatch.chdir(REPO)

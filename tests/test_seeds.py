@@ -3,6 +3,7 @@
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from pytorch_lightning.callbacks import Callback
 
@@ -33,6 +34,7 @@ def run(tmp_path, seed: int, steps: int, *extra: str) -> tuple[Batches, Path]:
     return rec, Path(cli.run_dir)
 
 
+@pytest.mark.slow
 def test_seeds_change_the_order_and_a_resume_continues_it(tmp_path):
     a, _ = run(tmp_path / "a", 0, 40)
     b, _ = run(tmp_path / "b", 1, 3)

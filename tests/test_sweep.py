@@ -21,6 +21,7 @@ from resnet_lab.train import expand_args_json
 from .conftest import REPO, TINY, load, tiny_config
 
 
+@pytest.mark.slow
 def test_grid_runs_every_cell_once_and_summarizes(tmp_path, capsys):
     cfg = tiny_config(tmp_path, {"study_name": "g", "space": {"model.depth": [8, 14], "model.plain": [False, True]}})
     assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg]) == 0
@@ -41,6 +42,7 @@ def test_grid_runs_every_cell_once_and_summarizes(tmp_path, capsys):
     assert len(load(tmp_path, "g").trials) == 4
 
 
+@pytest.mark.slow
 def test_test_time_params_reuse_the_checkpoint(tmp_path):
     cfg = tiny_config(
         tmp_path,
@@ -61,6 +63,7 @@ def test_test_time_params_reuse_the_checkpoint(tmp_path):
     assert t0.value == t0.user_attrs["lesion/k1_error"]
 
 
+@pytest.mark.slow
 def test_pruning_stops_a_bad_trial(tmp_path):
     cfg = tiny_config(
         tmp_path,
@@ -97,6 +100,7 @@ def test_bad_inputs(tmp_path, capsys, sweep, match):
     assert __import__("re").search(match, capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_existing_study_with_other_space_is_refused(tmp_path, capsys):
     a = tiny_config(tmp_path, {"study_name": "s", "space": {"model.depth": [8]}}, "a.yaml")
     b = tiny_config(tmp_path, {"study_name": "s", "space": {"model.depth": [14]}}, "b.yaml")
@@ -243,6 +247,7 @@ def test_worker_threads_share_the_cores(tmp_path):
         assert me.threads() == 3
 
 
+@pytest.mark.slow
 def test_rerun_completes_a_killed_last_cell(tmp_path):
     from resnet_lab.sweep.run import open_study
     from resnet_lab.sweep.space import SweepSpec
@@ -262,6 +267,7 @@ def test_rerun_completes_a_killed_last_cell(tmp_path):
     assert [t.state for t in trials if t.number == trial.number] == [TrialState.FAIL]
 
 
+@pytest.mark.slow
 def test_force_with_a_changed_grid_runs_the_new_cells(tmp_path):
     a = tiny_config(tmp_path, {"study_name": "f", "space": {"model.depth": [8]}}, "a.yaml")
     b = tiny_config(tmp_path, {"study_name": "f", "space": {"model.depth": [8, 14]}}, "b.yaml")
@@ -271,6 +277,7 @@ def test_force_with_a_changed_grid_runs_the_new_cells(tmp_path):
     assert done == [8, 14]  # the new cell ran, the old one did not run twice
 
 
+@pytest.mark.slow
 def test_summary_is_read_only(tmp_path, capsys):
     a = tiny_config(tmp_path, {"study_name": "r", "space": {"model.depth": [8]}}, "a.yaml")
     b = tiny_config(tmp_path, {"study_name": "r", "space": {"model.depth": [14, 20]}}, "b.yaml")
@@ -334,6 +341,7 @@ def test_storage_errors_are_one_clear_message(tmp_path, capsys, storage, match):
     assert match in err and "server running" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_preact_and_stochastic_depth_nets_sweep_with_the_paths_study(tmp_path):
     cfg = tiny_config(
         tmp_path,

@@ -71,6 +71,9 @@ def layout_of(sd: dict[str, torch.Tensor]) -> tuple[int, int]:
     raise WeightsError(f"the state dict is not a torchvision ResNet of a known depth ({kind} blocks, stages {layers})")
 
 
+TORCHVISION_DEPTHS = (18, 34, 50, 101, 152)  # the ResNets torchvision.models ships weights for
+
+
 def load_pretrained(arg: str) -> tuple[str, str, Any, dict[str, Any]]:
     """(path, label, model, data config) for `torchvision:NAME[=PATH]` or a state-dict file."""
     if is_torchvision_ref(arg):
@@ -79,6 +82,11 @@ def load_pretrained(arg: str) -> tuple[str, str, Any, dict[str, Any]]:
         if not m or int(m[1]) not in IMAGENET_LAYOUTS:
             valid = ", ".join(f"resnet{d}" for d in IMAGENET_LAYOUTS)
             raise WeightsError(f"unknown torchvision model {name!r} in {arg!r}; valid: {valid}")
+        if not file and int(m[1]) not in TORCHVISION_DEPTHS:
+            raise WeightsError(
+                f"torchvision ships no {name} (its ResNets: {', '.join(f'resnet{d}' for d in TORCHVISION_DEPTHS)}); "
+                f"pass a state-dict file in torchvision's layout: {PREFIX}{name}=PATH"
+            )
         path = Path(file) if file else hub_file(name)
         want: int | None = int(m[1])
     else:

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import UserError, count
+from ..errors import UserError, count, load_yaml
 from .space import SweepError, SweepSpec, overrides_to_args
 
 
@@ -29,12 +29,7 @@ def merged_sweep_section(configs: list[str]) -> dict[str, Any]:
         p = Path(c)
         if not p.is_file():
             raise SweepError(f"config file {c} does not exist")
-        try:
-            d = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            where = getattr(e, "problem_mark", None)
-            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-            raise SweepError(f"{c} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+        d = load_yaml(p) or {}
         if not isinstance(d, dict) or not isinstance(d.get("sweep") or {}, dict):
             raise SweepError(f"{c} must be a YAML mapping whose `sweep:` is a mapping (see sweeps/depth.yaml)")
         # A later file replaces whole options (a preset's `space:` is the space, not a patch).
