@@ -223,6 +223,7 @@ def _sweep(tmp_path, sweep: dict, *extra: str, capsys=None) -> int:
         ({"metric": "lesion/kmax_error"}, ["runs no ablation"]),
         ({"metric": "lesion/kmax_error", "ablation": {"studies": ["single"]}}, ["'k' ablation study"]),
         ({"space": ["model.depth"]}, ["sweep.space must be a mapping"]),
+        ({"space": {"model.depth": [8, "abc"]}}, ["invalid value 'abc' for --model.depth (expected int or null)"]),
         ({"sampler": "random", "n_trials": 2, "space": {"optimizer.init_args.lr": {"low": "a", "high": 1}}}, ["low"]),
         ({"storage": "sqlite://"}, ["malformed storage URL 'sqlite://'", "in-memory"]),
         ({"storage": "sqlite:///:memory:"}, ["in-memory"]),

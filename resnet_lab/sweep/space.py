@@ -245,6 +245,8 @@ class SweepSpec:
         base = {**LESION_DEFAULTS, **(self.ablation or {})}
         for key in ABLATION_KEYS:
             for v in self.ablation_values(key):
+                if key == "studies" and not isinstance(v, list | tuple):
+                    raise SweepError(f"sweep ablation studies={v!r} must be a list, e.g. [single, k]")
                 try:
                     StudyOptions(**{**base, key: v, "studies": tuple(v if key == "studies" else base["studies"])})
                 except (UserError, TypeError) as e:
