@@ -264,7 +264,7 @@ def test_single_block_plot_never_mislabels_blocks():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from resnet_lab.ablation.report import _plot_single, summarize
+    from resnet_lab.ablation.studies.single import by_net, plot_single
 
     def rows(ck, names, positions):
         return [{"checkpoint": ck, "condition": "eval-bn", "study": "single", "key": f"drop:{b}", "block": b,
@@ -275,7 +275,7 @@ def test_single_block_plot_never_mislabels_blocks():
         (rows("a", ["layer1.0", "layer2.0"], [0, 3]) + rows("b", ["layer1.0", "layer1.3"], [0, 3]), {}),  # 2 depths
     ]:
         fig, ax = plt.subplots()
-        _plot_single(ax, summarize(rs), {"a": "C0", "b": "C1"}, 10)
+        plot_single(ax, by_net(rs), {}, {"a": "C0", "b": "C1"}, 10)
         ticks = zip(ax.get_xticks(), ax.get_xticklabels())
         got = {int(t): lab.get_text() for t, lab in ticks if lab.get_text().startswith("layer")}
         plt.close(fig)

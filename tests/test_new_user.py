@@ -218,7 +218,8 @@ def _sweep(tmp_path, sweep: dict, *extra: str, capsys=None) -> int:
         ({"space": {"model.depth": [8, 14], "ablation.studies": [["single"], ["k", "nope"]]}}, ["['nope']"]),
         ({"space": {"model.depth": [8, 21, 14]}}, ["cell", "'model.depth': 21", "6n+2"]),
         ({"space": {"model.depth": [8], "model.shortcut": ["A", "D"]}}, ["'model.shortcut': 'D'"]),
-        ({"ablation": {"studies": ["k"], "k_max": 4}}, ["k_max=4 exceeds the 3 blocks of resnet8"]),
+        ({"ablation": {"studies": ["k"], "k_max": 4}}, ["k_max 4 exceeds the 3 removable blocks of resnet8"]),
+        ({"space": {"model.plain": [True]}, "ablation": {"studies": ["paths"]}}, ["paths needs a residual net"]),
         ({"metric": "test/eror"}, ["unknown sweep.metric 'test/eror'", "test/error"]),
         ({"metric": "lesion/kmax_error"}, ["runs no ablation"]),
         ({"metric": "lesion/kmax_error", "ablation": {"studies": ["single"]}}, ["'k' ablation study"]),
@@ -301,7 +302,7 @@ def test_errors_are_whole_images_without_float32_noise(tmp_path):
 
 
 def test_one_run_has_no_spread():
-    from resnet_lab.ablation.report import k_table
+    from resnet_lab.ablation.studies.k import table as k_table
     from resnet_lab.sweep.summary import _fmt, describe
 
     one = describe([21.79])

@@ -356,7 +356,7 @@ def test_report_chance_line_and_kept_projections(tmp_path):
          "downsample": False, "removed_as": "relu(BN(conv1x1(x)))"},
     ]  # fmt: skip
     spec = {"num_classes": 5}
-    meta = {"command": "x", "split": "test", "n_images": 5, "bn_recalib": 0,
+    meta = {"command": "x", "split": "test", "n_images": 5, "n_split": 5, "options": {"studies": ["single"]},
             "checkpoints": [{"label": "n", "path": "p", "spec": spec, "train_metrics": {}}]}  # fmt: skip
     write_report(rows, tmp_path, meta)
     md = (tmp_path / "report.md").read_text()

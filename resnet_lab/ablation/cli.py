@@ -9,18 +9,18 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..errors import UserError, count
-from .report import PLOTS, complete_paths, lesion_summary, write_report
+from .report import complete, lesion_summary, write_report
 from .runner import (
-    SPLITS,
-    STUDIES,
     AblationError,
+    Loaded,
     Store,
-    StudyOptions,
     UnitRunner,
     build_datamodule,
     check_blocks,
@@ -28,6 +28,7 @@ from .runner import (
     load_checkpoints,
     manifest_for,
 )
+from .studies import StudyOptions, check_nets
 
 
 def parser() -> argparse.ArgumentParser:
@@ -42,34 +43,8 @@ def parser() -> argparse.ArgumentParser:
         "state-dict FILE",
     )
     p.add_argument("--out", required=True, help="report directory (resumable; refuses a different configuration)")
-    p.add_argument("--split", choices=SPLITS, default="test")
-    p.add_argument("--studies", nargs="+", choices=STUDIES, default=["single", "k", "responses"])
-    p.add_argument(
-        "--blocks",
-        nargs="+",
-        default=None,
-        metavar="NAME",
-        help="removable blocks for the single and k studies (default: all; see model.block_names)",
-    )
-    p.add_argument("--k-max", type=count(1), default=5, help="k-block lesion: k = 1..K")
-    p.add_argument("--samples", type=count(1), default=10, help="random subsets / permutations per k or swap level")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=count(1), default=None, help="use only the first N images of the split")
+    add_study_options(p)
     p.add_argument("--batch-size", type=count(1), default=500, help="images per chunk (bounds memory)")
-    p.add_argument(
-        "--bn-recalib",
-        type=count(1),
-        default=None,
-        metavar="N",
-        help="also report single-block removal with BN re-estimated on N training images",
-    )
-    p.add_argument(
-        "--paths-images",
-        type=count(1),
-        default=256,
-        metavar="N",
-        help="paths study: images of the split to measure routed gradients on (--samples routings per length)",
-    )
     p.add_argument(
         "--data-folder",
         default=None,
@@ -83,6 +58,34 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_study_options(p: argparse.ArgumentParser) -> None:
+    """One flag per field of StudyOptions (the common options and every study's), as declared there."""
+    for f in fields(StudyOptions):
+        m, flag = f.metadata, "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"default": f.default, "help": m["help"], "metavar": m["metavar"]}
+        if m["kind"] in ("count", "count?"):
+            kw["type"] = count(1)
+        elif m["kind"] == "int":
+            kw["type"] = int
+        elif m["kind"] == "choice":
+            kw["choices"] = m["choices"]
+        else:  # names, studies
+            kw["nargs"] = "+"
+            kw["choices"] = m["choices"] or None
+            kw["default"] = list(f.default) if f.default else None
+        p.add_argument(flag, **kw)
+
+
+def command_for(checkpoints: list[str], out: Path, opts: Any) -> str:
+    """The `resnet-lab ablate` command line that runs `opts` (non-default options only)."""
+    argv = [*checkpoints, "--out", str(out)]
+    for f in fields(opts):
+        v = getattr(opts, f.name)
+        if v != f.default:
+            argv += ["--" + f.name.replace("_", "-"), *(map(str, v) if isinstance(v, tuple) else [str(v)])]
+    return "resnet-lab ablate " + shlex.join(argv)
+
+
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     try:
@@ -94,93 +97,94 @@ def main(argv: list[str]) -> int:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> Path:
-    with torch.no_grad():  # scoped: an in-process sweep goes on to train
-        return _run(args, argv)
-
-
-def _run(args: argparse.Namespace, argv: list[str]) -> Path:
-    ckpts = load_checkpoints(args.checkpoints)
-    check_compatible(ckpts)
-    if ckpts[0].pretrained and args.data_folder is None:
-        raise AblationError(
-            f"{ckpts[0].label} carries no data location: pass --data-folder with an ImageNet-layout folder "
-            "(val/<wnid>/..., or the val folder itself)"
-        )
-    opts = StudyOptions(
-        split=args.split,
-        studies=tuple(args.studies),
-        blocks=tuple(args.blocks) if args.blocks else None,
-        k_max=args.k_max,
-        samples=args.samples,
-        seed=args.seed,
-        limit=args.limit,
-        bn_recalib=args.bn_recalib,
-        paths_images=args.paths_images,
-    )
-    if "paths" in opts.studies and all(c.spec.plain for c in ckpts):
-        raise AblationError(
-            "--studies paths needs a residual net: every checkpoint given is plain (one path, no skips); "
-            "add a residual checkpoint or drop 'paths'"
-        )
-    for c in ckpts:
-        n = len(check_blocks(c.model, args.blocks))
-        if "k" in opts.studies and opts.k_max > n:
-            raise AblationError(f"--k-max {opts.k_max} exceeds the {n} removable blocks of {c.spec.name}")
-    dm = build_datamodule(
-        ckpts[0].data,
-        folder=args.data_folder,
-        augment=False,
-        eval_batch_size=args.batch_size,
+    opts = StudyOptions(**{f.name: getattr(args, f.name) for f in fields(StudyOptions)})
+    return ablate(
+        args.checkpoints,
+        Path(args.out),
+        opts,
+        command="resnet-lab ablate " + shlex.join(argv),
         batch_size=args.batch_size,
+        data_folder=args.data_folder,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        wandb_project=args.wandb_project if args.wandb else None,
     )
-    dm.setup("test")
-    check_compatible(ckpts, dm.num_classes)
-    keys = ("split", "studies", "blocks", "k_max", "samples", "seed", "limit", "bn_recalib", "paths_images")
-    asked = {k: getattr(args, k) for k in keys if k != "paths_images" or "paths" in opts.studies}
-    asked["bn_recalib"] = args.bn_recalib or 0  # as reports before --bn-recalib became optional stored it
-    if args.data_folder is not None:  # other data, other results: never resumed into the same report
-        asked["data_folder"] = str(Path(args.data_folder).resolve())
-    store = Store(Path(args.out), manifest_for(ckpts, asked), args.overwrite)
-    out = store.out
-    n_split = dm.eval_size(args.split)
-    n_images = min(n_split, args.limit or n_split)
-    if "paths" in opts.studies and args.paths_images > n_split:
-        print(
-            f"note: --paths-images {args.paths_images} exceeds the {n_split} images of the {args.split} split; "
-            f"the paths study measures on all {n_split} (the report says so)",
-            file=sys.stderr,
+
+
+def ablate(
+    checkpoints: list[str],
+    out: Path,
+    opts: Any,
+    *,
+    command: str,
+    batch_size: int = 500,
+    data_folder: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    wandb_project: str | None = None,
+) -> Path:
+    """Run the selected studies on the checkpoints into `out` (resumable) and write the report."""
+    with torch.no_grad():  # scoped: an in-process sweep goes on to train
+        ckpts = load_checkpoints(checkpoints)
+        check_compatible(ckpts)
+        if ckpts[0].pretrained and data_folder is None:
+            raise AblationError(
+                f"{ckpts[0].label} carries no data location: pass --data-folder with an ImageNet-layout folder "
+                "(val/<wnid>/..., or the val folder itself)"
+            )
+        for c in ckpts:
+            check_blocks(c.model, list(opts.blocks) if opts.blocks else None)
+        check_nets([c.spec for c in ckpts], opts)
+        dm = build_datamodule(
+            ckpts[0].data, folder=data_folder, augment=False, eval_batch_size=batch_size, batch_size=batch_size
         )
+        dm.setup("test")
+        check_compatible(ckpts, dm.num_classes)
+        asked = opts.asked()
+        if data_folder is not None:  # other data, other results: never resumed into the same report
+            asked["data_folder"] = str(Path(data_folder).resolve())
+        store = Store(out, manifest_for(ckpts, asked), overwrite)
+        n_split = dm.eval_size(opts.split)
+        n_images = min(n_split, opts.limit or n_split)
+        from .studies import REGISTRY
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(desc="lesion evaluations", unit="img", disable=args.no_progress, unit_scale=True)
-    for c in ckpts:
-        bar.set_postfix_str(c.label)
-        UnitRunner(c, dm, store, opts, progress=bar.update).run()
-    bar.close()
-    rows = complete_paths(store.rows())
+        for study in REGISTRY.selected(opts.studies):
+            for note in study.data_notes(opts, n_split):
+                print(f"note: {note}", file=sys.stderr)
+        rows = _evaluate(ckpts, dm, store, opts, progress)
     evaluated = {r["n"] for r in rows if "n" in r}
     if evaluated and evaluated != {n_images}:
         raise AblationError(f"internal check failed: units evaluated {sorted(evaluated)} images, expected {n_images}")
     meta = {
-        "command": "resnet-lab ablate " + shlex.join(argv),
-        "split": args.split,
+        "command": command,
+        "split": opts.split,
         "n_images": n_images,
-        "bn_recalib": args.bn_recalib,
-        "paths": {"images": min(n_split, args.paths_images), "samples": args.samples, "seed": args.seed},
+        "n_split": n_split,
+        "options": asdict(opts),
         "checkpoints": [
             {"label": c.label, "path": c.path, "spec": c.spec.to_dict(), "train_metrics": c.train_metrics}
             for c in ckpts
         ],
     }
-    write_report(rows, out, meta)
-    if args.wandb:
-        log_to_wandb(rows, out, ckpts, args)
-    print(f"report: {out / 'report.html'}")
-    return out
+    plots = write_report(rows, store.out, meta)
+    if wandb_project:
+        log_to_wandb(rows, store.out, ckpts, opts, plots, wandb_project)
+    print(f"report: {store.out / 'report.html'}")
+    return store.out
 
 
-def log_to_wandb(rows, out: Path, ckpts, args) -> None:
+def _evaluate(ckpts: list[Loaded], dm, store: Store, opts: Any, progress: bool) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="lesion evaluations", unit="img", disable=not progress, unit_scale=True)
+    for c in ckpts:
+        bar.set_postfix_str(c.label)
+        UnitRunner(c, dm, store, opts, progress=bar.update).run()
+    bar.close()
+    return complete(store.rows())
+
+
+def log_to_wandb(rows, out: Path, ckpts, opts, plots: dict[str, str], project: str) -> None:
     """One W&B run of job_type 'ablation', grouped and tagged with the training runs."""
     import json
 
@@ -196,20 +200,13 @@ def log_to_wandb(rows, out: Path, ckpts, args) -> None:
             groups.add((cfg.get("run") or {}).get("wandb_group") or "")
     group = next(iter(groups - {""}), None) or "ablation"
     run = wandb.init(
-        project=args.wandb_project,
+        project=project,
         job_type="ablation",
         group=group,
         dir=str(out),
         tags=["ablation", *[c.spec.name for c in ckpts]],
         mode="offline" if wandb_offline() else "online",
-        config={
-            "checkpoints": [c.path for c in ckpts],
-            "split": args.split,
-            "studies": args.studies,
-            "k_max": args.k_max,
-            "samples": args.samples,
-            "seed": args.seed,
-        },
+        config={"checkpoints": [c.path for c in ckpts], **asdict(opts)},
         reinit="finish_previous",
     )
     cols = sorted({k for r in rows for k in r})
@@ -218,9 +215,8 @@ def log_to_wandb(rows, out: Path, ckpts, args) -> None:
         data=[[json.dumps(r.get(k)) if isinstance(r.get(k), list | dict) else r.get(k) for k in cols] for r in rows],
     )
     payload = {"ablation/results": table}
-    for study, name in PLOTS.items():
-        if (out / name).exists():
-            payload[f"ablation/{study}"] = wandb.Image(str(out / name))
+    for name, file in plots.items():
+        payload[f"ablation/{name}"] = wandb.Image(str(out / file))
     run.log(payload)
     for c in ckpts:
         for k, v in lesion_summary(rows, c.label).items():

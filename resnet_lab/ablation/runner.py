@@ -8,9 +8,8 @@ Layout of `out/`:
                     most the unit in progress
     results.csv / results.json / *.png / report.md / report.html   (report.py)
 
-A unit is (checkpoint, study, condition set): the single-block sweep of one net, one
-k of the k-lesion study, one swap level of the reorder study, the response stds, eight
-path lengths of the paths study.
+A unit is (checkpoint, study, condition set), each study choosing its own (studies/):
+e.g. the single-block sweep of one net, or one k of the k-lesion study.
 """
 
 from __future__ import annotations
@@ -30,19 +29,11 @@ from typing import Any
 import torch
 import yaml
 
-from ..errors import UserError
 from ..models import ResNet, ResNetSpec
-from . import engine, paths, pretrained
+from . import engine, pretrained
 from .engine import Condition
 from .stats import arch_label, wilson
-
-STUDIES = ("single", "k", "reorder", "responses", "paths")
-SPLITS = ("val", "test")
-PATH_LENGTHS_PER_UNIT = 8  # the paths study is stored in units of this many lengths
-
-
-class AblationError(UserError, RuntimeError):
-    """Bad ablation input; the message says how to fix it."""
+from .study import AblationError
 
 
 @dataclass
@@ -273,70 +264,38 @@ def check_compatible(ckpts: list[Loaded], num_classes: int | None = None) -> Non
             )
 
 
-@dataclass(frozen=True)
-class StudyOptions:
-    """What to run on each checkpoint (the `ablate` options that shape the results)."""
-
-    split: str = "test"
-    studies: tuple[str, ...] = ("single", "k", "responses")
-    blocks: tuple[str, ...] | None = None  # removable blocks of the single and k studies
-    k_max: int = 5
-    samples: int = 10
-    seed: int = 0
-    limit: int | None = None
-    bn_recalib: int | None = None  # training images to re-estimate BN on (None: off)
-    paths_images: int = 256  # images of the split the paths study measures on
-
-    def __post_init__(self) -> None:
-        """Every option checked here, for `ablate` and for a sweep before any trial trains."""
-        if self.split not in SPLITS:
-            raise AblationError(f"split={self.split!r}: use one of {', '.join(SPLITS)}")
-        unknown = [s for s in self.studies if s not in STUDIES]
-        if not self.studies or unknown or isinstance(self.studies, str):
-            raise AblationError(f"unknown studies {unknown or list(self.studies)}; valid: {', '.join(STUDIES)}")
-        counts = {"k_max": self.k_max, "samples": self.samples, "paths_images": self.paths_images}
-        counts.update(limit=self.limit, bn_recalib=self.bn_recalib)  # None: all images / off
-        for name, v in counts.items():
-            if (v is not None or name in ("k_max", "samples", "paths_images")) and (
-                not isinstance(v, int) or isinstance(v, bool) or v < 1
-            ):
-                raise AblationError(f"{name}={v!r} must be an integer >= 1" + (" (or null)" if v is None else ""))
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise AblationError(f"seed={self.seed!r} must be an integer")
-
-
 class UnitRunner:
-    """Runs the unfinished units of one checkpoint into the store."""
+    """Runs the unfinished units of one checkpoint into the store: each selected study's
+    `run` asks for its units through `conditions` (the engine's prefix-shared lesion
+    evaluation) or computes them itself and stores them with `add`."""
 
-    def __init__(self, ckpt: Loaded, dm, store: Store, opts: StudyOptions, progress=None) -> None:
+    def __init__(self, ckpt: Loaded, dm, store: Store, opts: Any, progress=None) -> None:
         self.ckpt, self.dm, self.store, self.opts, self.progress = ckpt, dm, store, opts, progress
+        self.model = ckpt.model
         self.blocks = check_blocks(ckpt.model, list(opts.blocks) if opts.blocks else None)
 
     def run(self) -> None:
-        model, o = self.ckpt.model, self.opts
-        if "single" in o.studies:
-            self.unit("all", engine.single_block_conditions(model, self.blocks), "single")
-            if o.bn_recalib:
-                self.unit("all", engine.single_block_conditions(model, self.blocks)[1:], "single", "recalibrated-bn")
-        if "k" in o.studies:
-            if o.k_max > len(self.blocks):
-                raise AblationError(
-                    f"--k-max {o.k_max} exceeds the {len(self.blocks)} removable blocks of {self.ckpt.spec.name}"
-                )
-            for k in range(1, o.k_max + 1):
-                self.unit(f"k{k}", engine.k_conditions(model, k, o.samples, o.seed, self.blocks), "k")
-        if "reorder" in o.studies and model.swappable_groups():
-            for swaps in (1, 2, 4, 8, 16, 32)[: max(1, min(6, len(model.block_names) // 2))]:
-                self.unit(f"swaps{swaps}", engine.reorder_conditions(model, swaps, o.samples, o.seed), "reorder")
-        if "responses" in o.studies:
-            self.responses()
-        if "paths" in o.studies:
-            self.paths()
+        from .studies import REGISTRY
 
-    def _key(self, study: str, unit: str, condition: str) -> str:
+        for study in REGISTRY.selected(self.opts.studies):
+            study.run(self)
+
+    def key(self, study: str, unit: str, condition: str = "eval-bn") -> str:
+        """A unit's key in results.jsonl: finished units are skipped on a rerun."""
         return f"{self.ckpt.label}|{study}|{unit}|{condition}"
 
-    def _row(self, study: str, condition: str, **fields: Any) -> dict[str, Any]:
+    def done(self, key: str) -> bool:
+        return key in self.store.done
+
+    def add(self, key: str, rows: list[dict]) -> None:
+        self.store.add(key, rows)
+
+    def batches(self, split: str | None = None, limit: int | None = None):
+        """The evaluation split's batches (default: the run's split and --limit)."""
+        o = self.opts
+        return batches(self.dm, split or o.split, limit if split else o.limit)
+
+    def row(self, study: str, condition: str, **fields: Any) -> dict[str, Any]:
         c = self.ckpt
         return {
             "checkpoint": c.label,
@@ -348,71 +307,43 @@ class UnitRunner:
             **fields,
         }
 
-    def _tallies(self, conds: list[Condition], condition: str) -> dict[str, engine.Tally]:
-        o, model = self.opts, self.ckpt.model
+    def _tallies(self, conds: list[Condition], condition: str, bn_recalib: int | None) -> dict[str, engine.Tally]:
+        model = self.model
         if condition == "eval-bn":
-            return engine.evaluate(model, batches(self.dm, o.split, o.limit), conds, self.progress)
+            return engine.evaluate(model, self.batches(), conds, self.progress)
         tallies = {}  # re-estimate BN after each change: one pass of training batches per condition
         for c in conds:
             m = copy.deepcopy(model)
             with m.remove_blocks(c.removed):
-                engine.recalibrate_bn(m, batches(self.dm, "train", o.bn_recalib), engine.first_changed(m, c))
-                tallies.update(engine.evaluate(m, batches(self.dm, o.split, o.limit), [c], self.progress))
+                engine.recalibrate_bn(m, batches(self.dm, "train", bn_recalib), engine.first_changed(m, c))
+                tallies.update(engine.evaluate(m, self.batches(), [c], self.progress))
         return tallies
 
-    def unit(self, u: str, conds: list[Condition], study: str, condition: str = "eval-bn") -> None:
-        key = self._key(study, u, condition)
-        if key in self.store.done:
+    def conditions(
+        self, study: str, unit: str, conds: list[Condition], condition: str = "eval-bn", bn_recalib: int | None = None
+    ) -> None:
+        """One unit of lesion conditions: error, loss and Wilson interval of each, with its meta.
+        condition "recalibrated-bn" re-estimates BN on `bn_recalib` training images first."""
+        key = self.key(study, unit, condition)
+        if self.done(key):
             return
-        tallies = self._tallies(conds, condition)
-        rows = [
-            self._row(
-                study,
-                condition,
-                key=c.key,
-                error=tallies[c.key].error,
-                loss=tallies[c.key].mean_loss,
-                n=tallies[c.key].n,
-                wrong=tallies[c.key].wrong,
-                **dict(zip(("error_ci_lo", "error_ci_hi"), wilson(tallies[c.key].wrong, tallies[c.key].n))),
-                **c.meta,
+        tallies = self._tallies(conds, condition, bn_recalib)
+        rows = []
+        for c in conds:
+            t = tallies[c.key]
+            lo, hi = wilson(t.wrong, t.n)
+            rows.append(
+                self.row(
+                    study,
+                    condition,
+                    key=c.key,
+                    error=t.error,
+                    loss=t.mean_loss,
+                    n=t.n,
+                    wrong=t.wrong,
+                    error_ci_lo=lo,
+                    error_ci_hi=hi,
+                    **c.meta,
+                )  # fmt: skip
             )
-            for c in conds
-        ]
-        self.store.add(key, rows)
-
-    def responses(self) -> None:
-        key = self._key("responses", "all", "eval-bn")
-        if key in self.store.done:
-            return
-        stds = engine.response_stds(self.ckpt.model, batches(self.dm, self.opts.split, self.opts.limit))
-        rows = [
-            self._row("responses", "eval-bn", key=layer, layer_index=i, std=v)
-            for i, (layer, v) in enumerate(stds.items())
-        ]
-        self.store.add(key, rows)
-
-    def paths(self) -> None:
-        """Veit et al. Fig. 6: routed gradient norms for every path length k = 0..n,
-        stored in units of PATH_LENGTHS_PER_UNIT lengths (a kill loses one unit)."""
-        model, o = self.ckpt.model, self.opts
-        if model.spec.plain:
-            key = self._key("paths", "all", "eval-bn")
-            if key not in self.store.done:
-                why = "plain net: no skip connections, one path through every block"
-                self.store.add(key, [self._row("paths", "eval-bn", key="not applicable", applicable=False, reason=why)])
-            return
-        n = len(model.block_names)
-        data = None  # the same images for every unit, read once and only if a unit is left
-        for lo in range(0, n + 1, PATH_LENGTHS_PER_UNIT):
-            lengths = range(lo, min(n, lo + PATH_LENGTHS_PER_UNIT - 1) + 1)
-            key = self._key("paths", f"k{lengths[0]}-{lengths[-1]}", "eval-bn")
-            if key in self.store.done:
-                continue
-            data = data or list(batches(self.dm, o.split, o.paths_images))
-            stats = paths.gradient_by_length(model, data, lengths, o.samples, o.seed, self.progress)
-            images = sum(len(y) for _, y in data)
-            rows = [
-                self._row("paths", "eval-bn", applicable=True, **r) for r in paths.length_rows(model, stats, images)
-            ]
-            self.store.add(key, rows)
+        self.add(key, rows)

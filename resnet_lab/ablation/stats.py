@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from ..models import ResNetSpec
@@ -44,22 +45,18 @@ def arch_label(spec: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def across_checkpoints(rows: list[dict]) -> list[dict[str, Any]]:
-    """Mean ± std of each condition's error over the checkpoints of one architecture.
+def across_checkpoints(rows: list[dict], pooled: Callable[[dict], list[tuple[str, float]]]) -> list[dict[str, Any]]:
+    """Mean ± std of each pooled value over the checkpoints of one architecture.
 
-    Single-block and intact rows are pooled per (arch, condition, key); k rows are first
-    averaged over their random subsets within each checkpoint (one number per checkpoint
-    and k), then pooled; so is "mean over blocks", each checkpoint's mean single-block
-    error. Only architectures with at least two checkpoints are reported."""
+    `pooled(row)` gives the (key, value) pairs a row pools under (its study decides: e.g.
+    a dropped block's error, and again under "mean over blocks"). Values of one key are
+    first averaged within each checkpoint (k-subsets: one number per checkpoint and k),
+    then pooled. Only architectures with at least two checkpoints are reported."""
     per: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         arch = r.get("arch", r["spec"])
-        if r["study"] == "single":
-            per[(arch, r["condition"], "single", r["key"])][r["checkpoint"]].append(r["error"])
-            if r["key"] != "intact":
-                per[(arch, r["condition"], "single", "mean over blocks")][r["checkpoint"]].append(r["error"])
-        elif r["study"] == "k":
-            per[(arch, r["condition"], "k", f"k={r['k']}")][r["checkpoint"]].append(r["error"])
+        for key, value in pooled(r):
+            per[(arch, r["condition"], r["study"], key)][r["checkpoint"]].append(value)
     out = []
     for (arch, cond, study, key), by_ck in per.items():
         values = [statistics.fmean(v) for v in by_ck.values()]

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError, count, load_yaml
-from .space import SweepError, SweepSpec, overrides_to_args
+from .space import SweepError, SweepSpec, overrides_to_args, split_params
 
 
 def merged_sweep_section(configs: list[str]) -> dict[str, Any]:
@@ -130,42 +130,34 @@ def check_space_keys(spec: SweepSpec, configs: list[str]) -> None:
 
 
 def check_cell_models(spec: SweepSpec, base: dict[str, Any]) -> None:
-    """Every cell's network must exist, and hold the blocks its ablation removes: an
-    impossible depth or shortcut would otherwise fail each of those trials, and a k_max
-    over the net's blocks only after it has trained."""
+    """Every cell's network must exist and suit its test-time ablation (each study's own
+    check, e.g. a k_max within the net's blocks): an impossible depth or shortcut would
+    otherwise fail each of those trials, and an unsuitable net only after it has trained."""
+    from ..ablation.studies import check_nets
     from ..models import named_fields
     from ..module import SPEC_OPTIONS
     from ..train import spec_of
 
     cells = spec.grid() if spec.sampler == "grid" else [{}]
-    k_max = max(v for v in spec.ablation_values("k_max")) if "k" in _studies(spec) else 0
-    seen: dict[str, Any] = {}
+    seen: set[str] = set()
     for cell in cells:
         params = {**cell, **spec.cell_overrides(cell)}
-        model = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith("model.")}
-        key = json.dumps(model, sort_keys=True, default=str)
+        train, test = split_params(params)
+        model = {k.split(".", 1)[1]: v for k, v in train.items() if k.startswith("model.")}
+        key = json.dumps([model, test], sort_keys=True, default=str)
         if key in seen:
             continue
+        seen.add(key)
         cfg = dict(base.get("model") or {})
         if "arch" in model:  # the name's own fields give way to it (train.arch_starts_over)
             cfg.update({k: None for k in named_fields(str(model["arch"])) if k in SPEC_OPTIONS})
         cfg.update(model)
         try:
-            seen[key] = net = spec_of(cfg)
+            net = spec_of(cfg)
+            if spec.runs_ablation():
+                check_nets([net], spec.study_options({**(spec.ablation or {}), **test}, "ablation"))
         except UserError as e:
             raise SweepError(f"sweep cell {params}: {e}") from None
-        if k_max > net.num_blocks:
-            raise SweepError(
-                f"ablation k_max={k_max} exceeds the {net.num_blocks} blocks of {net.name} (cell {params})"
-            )
-
-
-def _studies(spec: SweepSpec) -> set[str]:
-    return (
-        {s for v in spec.ablation_values("studies") for s in v}
-        if spec.ablation or any(k.startswith("ablation.") for k in spec.space)
-        else set()
-    )
 
 
 def _matches(rule: dict[str, Any], cell: dict[str, Any]) -> bool:

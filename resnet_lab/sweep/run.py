@@ -35,7 +35,6 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_s
 from optuna.trial import TrialState
 
 from .space import (
-    LESION_DEFAULTS,
     SweepError,
     SweepSpec,
     changed_categoricals,
@@ -293,33 +292,12 @@ def run_fit(
     return {"ckpt_path": str(ckpt), "run_dir": str(cli.run_dir), "metrics": metrics, "spec": cli.model.spec.to_dict()}
 
 
-def run_lesions(ckpt_path: str, ablation: dict[str, Any], out: Path) -> dict[str, float]:
-    """A test-time ablation of one checkpoint; returns lesion/* summaries."""
-    from ..ablation.cli import parser, run
+def run_lesions(ckpt_path: str, opts: Any, out: Path) -> dict[str, float]:
+    """A test-time ablation of one checkpoint (`opts`: StudyOptions); returns lesion/* summaries."""
+    from ..ablation.cli import ablate, command_for
     from ..ablation.report import lesion_summary
 
-    a = {**LESION_DEFAULTS, **ablation}
-    argv = [
-        ckpt_path,
-        "--out",
-        str(out),
-        "--studies",
-        *a["studies"],
-        "--k-max",
-        str(a["k_max"]),
-        "--samples",
-        str(a["samples"]),
-        "--seed",
-        str(a["seed"]),
-        "--split",
-        a["split"],
-        "--no-progress",
-        *(["--bn-recalib", str(a["bn_recalib"])] if a["bn_recalib"] else []),
-        "--paths-images",
-        str(a["paths_images"]),
-        *(["--limit", str(a["limit"])] if a["limit"] else []),
-    ]
-    run(parser().parse_args(argv), argv)
+    ablate([ckpt_path], out, opts, command=command_for([ckpt_path], out, opts), progress=False)
     return lesion_summary(json.loads((out / "results.json").read_text()))
 
 
@@ -371,9 +349,9 @@ def objective(trial: optuna.Trial, spec: SweepSpec, configs: list[str], study: o
     for k, v in info["metrics"].items():
         trial.set_user_attr(k, v)
     values = dict(info["metrics"])
-    ablation = {**(spec.ablation or {}), **test}
-    if ablation:
-        lesions = run_lesions(info["ckpt_path"], ablation, Path(info["run_dir"]) / f"lesion-trial{trial.number}")
+    if spec.runs_ablation():
+        opts = spec.study_options({**(spec.ablation or {}), **test}, f"trial {trial.number} ablation")
+        lesions = run_lesions(info["ckpt_path"], opts, Path(info["run_dir"]) / f"lesion-trial{trial.number}")
         for k, v in lesions.items():
             trial.set_user_attr(k, v)
         values.update(lesions)

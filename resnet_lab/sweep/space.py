@@ -29,7 +29,6 @@ import difflib
 import hashlib
 import itertools
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,30 +37,21 @@ import optuna
 from ..errors import UserError
 
 SEED_KEY = "seed_everything"
-# A trial's test-time ablation: these defaults, then sweep.ablation, then the cell's ablation.* values.
-LESION_DEFAULTS: dict[str, Any] = {
-    "studies": ["single"],
-    "k_max": 1,
-    "samples": 5,
-    "seed": 0,
-    "split": "test",
-    "limit": None,
-    "bn_recalib": None,
-    "paths_images": 256,
-}
-ABLATION_KEYS = tuple(LESION_DEFAULTS)
 STAGES = ("train", "val", "test", "best_test")  # fit's metric prefixes (best_test: the best-by-val checkpoint)
 FIT_METRICS = ("error", "error5", "acc", "acc5", "loss")
-# lesion/* summaries (ablation.report.lesion_summary) and the study that produces each.
-LESION_METRICS = {
-    "intact_error": "single",
-    "mean_single_error": "single",
-    "max_single_error": "single",
-    "kmax_error": "k",
-    "paths_range_lo": "paths",
-    "paths_range_hi": "paths",
-    "paths_path_share": "paths",
-}
+
+
+def ablation_keys() -> tuple[str, ...]:
+    """The test-time options (`sweep.ablation` keys, `ablation.*` space keys): the ablate CLI's."""
+    return tuple(ablation_defaults())
+
+
+def ablation_defaults() -> dict[str, Any]:
+    """A trial's test-time ablation: these defaults (the ablate CLI's), then sweep.ablation,
+    then the cell's ablation.* values."""
+    from ..ablation.studies import defaults
+
+    return defaults()
 
 
 class SweepError(UserError, ValueError):
@@ -134,9 +124,10 @@ class SweepSpec:
                 _check_range(k, v)
             else:
                 raise SweepError(f"sweep.space.{k} must be a list of values or a {{low, high}} range, got {v!r}")
-            if k.startswith("ablation.") and k.split(".", 1)[1] not in ABLATION_KEYS:
-                close = difflib.get_close_matches(k.split(".", 1)[1], ABLATION_KEYS, n=2)
-                raise SweepError(f"unknown test-time parameter {k!r}; close: {close}; valid: {list(ABLATION_KEYS)}")
+            keys = ablation_keys()
+            if k.startswith("ablation.") and k.split(".", 1)[1] not in keys:
+                close = difflib.get_close_matches(k.split(".", 1)[1], keys, n=2)
+                raise SweepError(f"unknown test-time parameter {k!r}; close: {close}; valid: {list(keys)}")
         if self.sampler != "grid" and not self.n_trials:
             raise SweepError(f"sweep.n_trials is required with the {self.sampler} sampler")
         for name in ("n_trials", "threads", "heartbeat_interval", "grace_period"):
@@ -204,13 +195,16 @@ class SweepSpec:
                     f"sweep.metric {self.metric!r} is a test-time ablation result, but the sweep runs no ablation: "
                     "add sweep.ablation (e.g. {studies: [single, k], k_max: 3}) or ablation.* parameters to the space"
                 )
-            study = LESION_METRICS.get(name) or ("k" if re.fullmatch(r"k\d+_error", name) else None)
-            if study is None:
-                close = difflib.get_close_matches(name, [*LESION_METRICS, "k1_error"], n=2)
+            from ..ablation.studies import REGISTRY
+
+            owner = REGISTRY.metric_owner(name)
+            if owner is None:
+                names = [m for s in REGISTRY for m in s.metrics]
+                close = difflib.get_close_matches(name, names, n=2)
                 raise SweepError(
-                    f"unknown lesion metric {self.metric!r}; close: {close}; "
-                    f"valid: lesion/{{{', '.join(LESION_METRICS)}, kN_error}}"
+                    f"unknown lesion metric {self.metric!r}; close: {close}; valid: lesion/{{{', '.join(names)}}}"
                 )
+            study = owner.name
             studies = {s for v in self.ablation_values("studies") for s in v}
             if study not in studies:
                 raise SweepError(
@@ -230,27 +224,32 @@ class SweepSpec:
         swept = self.space.get(f"ablation.{key}")
         if isinstance(swept, list):
             return list(swept)
-        return [(self.ablation or {}).get(key, LESION_DEFAULTS[key])]
+        return [(self.ablation or {}).get(key, ablation_defaults()[key])]
 
     def _check_ablation_options(self) -> None:
         """Every test-time option is checked before any trial trains (the ablate CLI's checks)."""
-        unknown = set(self.ablation or {}) - set(ABLATION_KEYS)
+        unknown = set(self.ablation or {}) - set(ablation_keys())
         if unknown:
-            raise SweepError(f"unknown sweep.ablation option(s) {sorted(unknown)}; valid: {list(ABLATION_KEYS)}")
-        if not self.ablation and not any(k.startswith("ablation.") for k in self.space):
+            raise SweepError(f"unknown sweep.ablation option(s) {sorted(unknown)}; valid: {list(ablation_keys())}")
+        if not self.runs_ablation():
             return
-        from ..ablation.runner import StudyOptions
+        base = {**ablation_defaults(), **(self.ablation or {})}
+        for key in ablation_keys():
+            for v in self.ablation_values(key):
+                self.study_options({**base, key: v}, f"sweep ablation {key}={v!r}")
+
+    def runs_ablation(self) -> bool:
+        return bool(self.ablation) or any(k.startswith("ablation.") for k in self.space)
+
+    def study_options(self, values: dict[str, Any], where: str):
+        """The ablation's StudyOptions from flat values (defaults filled in), or one SweepError."""
+        from ..ablation.studies import StudyOptions
         from ..errors import UserError
 
-        base = {**LESION_DEFAULTS, **(self.ablation or {})}
-        for key in ABLATION_KEYS:
-            for v in self.ablation_values(key):
-                if key == "studies" and not isinstance(v, list | tuple):
-                    raise SweepError(f"sweep ablation studies={v!r} must be a list, e.g. [single, k]")
-                try:
-                    StudyOptions(**{**base, key: v, "studies": tuple(v if key == "studies" else base["studies"])})
-                except (UserError, TypeError) as e:
-                    raise SweepError(f"sweep ablation {key}={v!r}: {e}") from None
+        try:
+            return StudyOptions(**{**ablation_defaults(), **values})
+        except (UserError, TypeError) as e:
+            raise SweepError(f"{where}: {e}") from None
 
     # -- derived ----------------------------------------------------------------
     def on_test_split(self) -> bool:

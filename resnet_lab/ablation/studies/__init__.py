@@ -1,0 +1,97 @@
+"""The registered studies, and the flat options derived from them.
+
+Registering a study is its line in `REGISTRY`. Its `Options` fields join the common
+ones as flat names: the `ablate` flags (`k_max` -> `--k-max`), the manifest, the W&B
+config and the sweep's `ablation.*` keys all come from `StudyOptions`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import MISSING, asdict, field, fields, make_dataclass
+from typing import Any
+
+from ..study import AblationError, Common, Study, check_fields, option
+from . import k, paths, reorder, responses, single
+
+
+class Registry:
+    def __init__(self, studies: Sequence[Study]) -> None:
+        self._by_name = {s.name: s for s in studies}
+        if len(self._by_name) != len(studies):
+            raise TypeError("two studies share a name")
+
+    def __iter__(self) -> Iterator[Study]:
+        return iter(self._by_name.values())
+
+    def __getitem__(self, name: str) -> Study:
+        return self._by_name[name]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._by_name)
+
+    def selected(self, names: Sequence[str]) -> list[Study]:
+        """The studies a run asked for, in registry order (the order units run and rows are stored)."""
+        return [s for s in self if s.name in names]
+
+    def metric_owner(self, metric: str) -> Study | None:
+        """The study whose summary holds lesion/`metric`."""
+        return next((s for s in self if s.produces(metric)), None)
+
+
+REGISTRY = Registry([single.Single(), k.KLesion(), reorder.Reorder(), responses.Responses(), paths.Paths()])
+
+
+def _compose(registry: Registry) -> type:
+    specs: list[tuple[str, Any, Any]] = [(f.name, f.type, _copy(f)) for f in fields(Common)]
+    default = tuple(s.name for s in registry if s.default)
+    studies = option(default, "the studies to run", kind="studies", choices=registry.names)
+    specs.insert(1, ("studies", tuple[str, ...], studies))
+    owner = {f.name: "common" for f in fields(Common)}
+    for s in registry:
+        for f in fields(s.Options):
+            if f.name in owner:
+                raise TypeError(f"option {f.name!r} of study {s.name!r} is already an option of {owner[f.name]!r}")
+            owner[f.name] = s.name
+            specs.append((f.name, f.type, _copy(f)))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for s in registry.selected(self.studies):
+            s.options(self)  # the study's own checks
+
+    def asked(self) -> dict[str, Any]:
+        """The options that shape this run's results: the common ones and the selected studies'."""
+        keep = {n for n, o in owner.items() if o == "common" or o in self.studies} | {"studies"}
+        return {k: v for k, v in asdict(self).items() if k in keep}
+
+    doc = "Every `ablate` option that shapes the results: the common ones, then each study's."
+    return make_dataclass(
+        "StudyOptions",
+        specs,
+        frozen=True,
+        namespace={"__post_init__": __post_init__, "asked": asked, "__doc__": doc, "__module__": __name__},
+    )
+
+
+def _copy(f):
+    if f.default is MISSING:
+        raise TypeError(f"study option {f.name!r} needs a default")
+    return field(default=f.default, metadata=f.metadata)
+
+
+StudyOptions = _compose(REGISTRY)
+
+
+def defaults() -> dict[str, Any]:
+    return asdict(StudyOptions())
+
+
+def check_nets(specs: Sequence[Any], opts: Any) -> None:
+    """Every selected study's refusal of networks it cannot serve, before any evaluation."""
+    for s in REGISTRY.selected(opts.studies):
+        s.check(specs, opts)
+
+
+__all__ = ["REGISTRY", "AblationError", "StudyOptions", "check_nets", "defaults"]

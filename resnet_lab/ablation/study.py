@@ -1,0 +1,227 @@
+"""The study plug-in interface: one question asked of every checkpoint.
+
+A study is one module in `resnet_lab/ablation/studies/`, registered once in that
+package's `__init__`. It owns its options (a frozen dataclass of `option` fields, checked
+on construction), its units of work (`run`, resumable through the runner's store), its
+result rows, its `lesion/*` scalar summary, its report sections and plots, and how its
+rows pool across checkpoints of one architecture. Everything else (the `ablate` flags,
+the manifest, the W&B config, the sweep's `ablation.*` keys, the report) is derived
+from the registry, so adding a study touches its module, its registration line, its
+tests and the README.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..models import ResNetSpec
+    from .runner import UnitRunner
+
+SPLITS = ("val", "test")
+
+
+class AblationError(UserError, RuntimeError):
+    """Bad ablation input; the message says how to fix it."""
+
+
+# -- options ------------------------------------------------------------------------
+# Kinds: "count" (an integer >= 1), "count?" (the same, or None), "int", "choice" (one of
+# `choices`), "names" (a list of strings, or None), "studies" (registered study names).
+def option(default: Any, help: str, kind: str = "count", choices: Sequence[str] = (), metavar: str | None = None):
+    """A study option: its default, its `ablate --flag` help, and how it is checked."""
+    meta = {"help": help, "kind": kind, "choices": tuple(choices), "metavar": metavar}
+    return field(default=default, metadata=meta)
+
+
+def check_fields(opts: Any) -> None:
+    """Check (and normalise: lists become tuples) every `option` field of a frozen dataclass."""
+    for f in fields(opts):
+        v, kind = getattr(opts, f.name), f.metadata.get("kind")
+        if kind in ("count", "count?"):
+            if (v is not None or kind == "count") and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise AblationError(f"{f.name}={v!r} must be an integer >= 1" + (" (or null)" if v is None else ""))
+        elif kind == "int" and (not isinstance(v, int) or isinstance(v, bool)):
+            raise AblationError(f"{f.name}={v!r} must be an integer")
+        elif kind == "choice" and v not in f.metadata["choices"]:
+            raise AblationError(f"{f.name}={v!r}: use one of {', '.join(f.metadata['choices'])}")
+        elif kind in ("names", "studies"):
+            if v is None and kind == "names":
+                continue
+            if isinstance(v, str) or not isinstance(v, list | tuple) or not all(isinstance(s, str) for s in v):
+                example = ", ".join(f.metadata["choices"][:2]) or "a, b"
+                raise AblationError(f"{f.name}={v!r} must be a list of names, e.g. [{example}]")
+            object.__setattr__(opts, f.name, tuple(v))
+            unknown = [s for s in v if s not in f.metadata["choices"]] if kind == "studies" else []
+            if not v or unknown:
+                raise AblationError(f"unknown {f.name} {unknown or list(v)}; valid: {', '.join(f.metadata['choices'])}")
+
+
+@dataclass(frozen=True)
+class Common:
+    """The options every study shares (the runner's, and the random draws')."""
+
+    split: str = option("test", "the split to evaluate on", kind="choice", choices=SPLITS)
+    blocks: tuple[str, ...] | None = option(
+        None, "removable blocks of the lesion studies (default: all; see model.block_names)", "names", metavar="NAME"
+    )
+    samples: int = option(10, "random draws per level: block subsets, permutations, routings")
+    seed: int = option(0, "seed of every random draw", kind="int")
+    limit: int | None = option(None, "use only the first N images of the split", kind="count?", metavar="N")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+# -- report pieces ------------------------------------------------------------------
+Table = tuple[list[str], list[list[str]]]  # (head, body); an empty head: nothing to show
+
+
+@dataclass
+class Section:
+    """One part of the report, rendered alike as Markdown and HTML."""
+
+    title: str
+    notes: list[str] = field(default_factory=list)  # paragraphs before the table
+    table: Table | None = None
+    after: list[str] = field(default_factory=list)  # paragraphs after the table
+    items: list[str] = field(default_factory=list)  # a bullet list of literal (code) lines
+    images: list[str] = field(default_factory=list)  # PNG file names beside the report
+
+
+def markdown(title: str, preface: list[str], sections: list[Section]) -> str:
+    out = [f"# {title}\n", *[p + "\n" for p in preface]]
+    for s in sections:
+        out.append(f"## {s.title}\n")
+        out += [p + "\n" for p in s.notes]
+        out += [f"- `{i}`" for i in s.items] + ([""] if s.items else [])
+        if s.table is not None:
+            out.append(_md_table(*s.table))
+        out += [p + "\n" for p in s.after]
+        out += [f"![{p}]({p})\n" for p in s.images]
+    return "\n".join(out)
+
+
+def page(title: str, preface: list[str], sections: list[Section], out: Path) -> str:
+    """A self-contained HTML page (images inlined)."""
+    import base64
+
+    e = html.escape
+    body = [f"<h1>{e(title)}</h1>", *[f"<p>{e(p)}</p>" for p in preface]]
+    for s in sections:
+        body.append(f"<h2>{e(s.title)}</h2>")
+        body += [f"<p>{e(p)}</p>" for p in s.notes]
+        if s.items:
+            body.append("<ul>" + "".join(f"<li><code>{e(i)}</code></li>" for i in s.items) + "</ul>")
+        if s.table is not None:
+            body.append(_html_table(*s.table))
+        body += [f"<p>{e(p)}</p>" for p in s.after]
+        for p in s.images:
+            data = base64.b64encode((out / p).read_bytes()).decode()
+            body.append(f'<h3>{e(p)}</h3><img alt="{e(p)}" src="data:image/png;base64,{data}"/>')
+    style = (
+        "body{font-family:sans-serif;max-width:1000px;margin:auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}"
+    )
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{e(title)}</title><style>{style}</style>'
+        f"</head><body>\n" + "\n".join(body) + "\n</body></html>"
+    )
+
+
+def _md_table(head: list[str], body: list[list[str]]) -> str:
+    if not head:
+        return "_not run_\n"
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines) + "\n"
+
+
+def _html_table(head: list[str], body: list[list[str]]) -> str:
+    if not head:
+        return "<p><em>not run</em></p>"
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+    return f"<table><tr>{th}</tr>{trs}</table>"
+
+
+def chance_error(num_classes: int) -> float:
+    """Top-1 error (%) of a uniform guess over `num_classes` classes."""
+    return 100.0 * (1 - 1 / num_classes)
+
+
+def save_figure(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+# -- the interface --------------------------------------------------------------------
+class Study:
+    """One question asked of each checkpoint. Subclasses set the class attributes and
+    override what they produce; the defaults produce nothing."""
+
+    name: ClassVar[str]
+    default: ClassVar[bool] = False  # run when `--studies` is not given
+    Options: ClassVar[type] = NoOptions  # its own options (flat names, unique across studies)
+    metrics: ClassVar[dict[str, str]] = {}  # lesion/<name> summaries -> what each means
+
+    def options(self, opts: Any) -> Any:
+        """This study's options out of the flat options of a run."""
+        return self.Options(**{f.name: getattr(opts, f.name) for f in fields(self.Options)})
+
+    def mine(self, rows: list[dict]) -> list[dict]:
+        return [r for r in rows if r["study"] == self.name]
+
+    def check(self, specs: Sequence[ResNetSpec], opts: Any) -> None:
+        """Refuse, before anything is evaluated, options these networks cannot serve."""
+
+    def data_notes(self, opts: Any, n_split: int) -> list[str]:
+        """Notes on how the options meet the data (printed by `ablate`), e.g. a count cut to the split."""
+        return []
+
+    def run(self, unit: UnitRunner) -> None:
+        """Compute this study's unfinished units of one checkpoint into the store."""
+        raise NotImplementedError
+
+    def complete(self, rows: list[dict]) -> list[dict]:
+        """All rows, with this study's derived rows (re)computed from its stored ones."""
+        return rows
+
+    def summary(self, rows: list[dict]) -> dict[str, float]:
+        """`lesion/*` scalars of one checkpoint's eval-BN rows."""
+        return {}
+
+    def produces(self, metric: str) -> bool:
+        """Whether `summary` can hold lesion/`metric`."""
+        return metric in self.metrics
+
+    def pooled(self, row: dict) -> list[tuple[str, float]]:
+        """(key, value) pairs under which one of its rows pools across checkpoints."""
+        return []
+
+    def sections(self, rows: list[dict], meta: dict[str, Any]) -> list[Section]:
+        return []
+
+    def plot(self, rows: list[dict], out: Path, colour: dict[str, str], num_classes: int) -> str | None:
+        """One PNG of its rows under `out`; returns the file name (None: nothing to draw)."""
+        return None
+
+    def plot_pooled(self, ax, agg: list[dict], colour: str, label: str) -> bool:
+        """Draw one architecture's pooled rows (mean ± std over checkpoints); False: none."""
+        return False
