@@ -148,9 +148,10 @@ def build_datamodule(data: dict[str, Any], folder: str | None = None, **override
     return dm_cls(**{k: v for k, v in init.items() if k in accepted})
 
 
-def batches(dm, split: str, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Normalized, unaugmented (x, y) batches of a split, at most `limit` images."""
-    loader = {"val": dm.val_dataloader, "test": dm.test_dataloader, "train": dm.train_dataloader}[split]()
+def batches(dm, split: str, limit: int | None = None, loader=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalized, unaugmented (x, y) batches of a split (or of `loader`), at most `limit` images."""
+    if loader is None:
+        loader = {"val": dm.val_dataloader, "test": dm.test_dataloader}[split]()
     seen = 0
     for x, y in loader:
         x, y = dm.on_after_batch_transfer((x, y), 0)  # no trainer: normalization only
@@ -315,7 +316,8 @@ class UnitRunner:
         for c in conds:
             m = copy.deepcopy(model)
             with m.remove_blocks(c.removed):
-                engine.recalibrate_bn(m, batches(self.dm, "train", bn_recalib), engine.first_changed(m, c))
+                train = batches(self.dm, "train", loader=self.dm.sample_dataloader("train", bn_recalib, self.opts.seed))
+                engine.recalibrate_bn(m, train, engine.first_changed(m, c))
                 tallies.update(engine.evaluate(m, self.batches(), [c], self.progress))
         return tallies
 

@@ -375,6 +375,14 @@ class CIFAR10DataModule(pl.LightningDataModule):
     def train_dataloader(self) -> TensorLoader:
         return self._loader("train", True)
 
+    def sample_dataloader(self, split: str, n: int, seed: int) -> TensorLoader:
+        """`n` images of `split` drawn at random from `seed` alone (not the run's seed, which a
+        sweep's fit sets in the environment), unaugmented, in evaluation batches: e.g. the
+        training images `ablate --bn-recalib` re-estimates BN on."""
+        x, y = self.splits[split]
+        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n].to(y.device)
+        return TensorLoader(x[idx], y[idx], self.hparams.eval_batch_size, shuffle=False, drop_last=False)
+
     def val_dataloader(self) -> TensorLoader | list:
         return self._loader("val", False) if len(self.splits["val"][1]) else []
 

@@ -235,6 +235,15 @@ class ImageNetDataModule(pl.LightningDataModule):
             )
         return self._loader(self.train_set, True)
 
+    def sample_dataloader(self, split: str, n: int, seed: int) -> DataLoader:
+        """`n` images of `split` drawn at random from `seed` alone, in evaluation batches
+        (e.g. the training images `ablate --bn-recalib` re-estimates BN on)."""
+        ds = {"train": self.train_set, "val": self.val_set, "test": self.val_set}[split]
+        if ds is None:
+            raise DataError(f"{self.root} has no {split}/ images; --bn-recalib needs train/<wnid>/")
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+        return self._loader(Subset(ds, idx), False)
+
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, False)
 
