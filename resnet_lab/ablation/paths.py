@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..models import ResNet
+from .stats import Running
 
 
 class PathsError(UserError, ValueError):
@@ -155,31 +156,6 @@ def sample_routes(n: int, k: int, samples: int, rng: random.Random) -> Tensor:
     return routes
 
 
-@dataclass
-class GradStats:
-    """Running mean/std of routed gradient norms for one path length."""
-
-    n: int = 0
-    total: float = 0.0
-    total_sq: float = 0.0
-
-    def add(self, norms: Tensor) -> None:
-        v = norms.double()
-        self.n += v.numel()
-        self.total += float(v.sum())
-        self.total_sq += float((v * v).sum())
-
-    @property
-    def mean(self) -> float:
-        return self.total / self.n
-
-    @property
-    def std(self) -> float:
-        if self.n < 2:
-            return 0.0
-        return math.sqrt(max(0.0, (self.total_sq - self.total**2 / self.n) / (self.n - 1)))
-
-
 def gradient_by_length(
     model: ResNet,
     batches: Iterable[tuple[Tensor, Tensor]],
@@ -188,12 +164,12 @@ def gradient_by_length(
     seed: int,
     progress=None,
     max_batch: int = 128,
-) -> dict[int, GradStats]:
+) -> dict[int, Running]:
     """(b): ||dL/dh_0|| along `samples` random routings of each length k, per image
     and batch (fresh routings per batch, reproducible from seed, k and batch index).
     Batches are cut to `max_batch` images, so memory stays near a training step's."""
     n = len(model.block_names)
-    stats = {k: GradStats() for k in lengths}
+    stats = {k: Running() for k in lengths}
     cut = ((x[i : i + max_batch], y[i : i + max_batch]) for x, y in batches for i in range(0, len(y), max_batch))
     for bi, (x, y) in enumerate(cut):
         routes = torch.cat([sample_routes(n, k, samples, random.Random(f"{seed}:{k}:{bi}")) for k in lengths])
@@ -233,7 +209,7 @@ def effective_range(share: Sequence[float], level: float = 0.9) -> tuple[int, in
     return best[2], best[3], -best[1]
 
 
-def length_rows(model: ResNet, stats: dict[int, GradStats], images: int) -> list[dict]:
+def length_rows(model: ResNet, stats: dict[int, Running], images: int) -> list[dict]:
     """One row per measured length: (a) path_fraction, (b) grad_mean/std over grad_n
     measurements (routings x images)."""
     n = len(model.block_names)

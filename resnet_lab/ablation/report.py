@@ -80,7 +80,7 @@ def seeds_table(agg: list[dict]) -> tuple[list[str], list[list[str]]]:
         ]
         for a in agg
     ]
-    return ["architecture", "study", "condition", "checkpoints", "error % mean ± std (min, max)"], body
+    return ["architecture", "study", "condition", "checkpoints", "mean ± std (min, max); errors in %"], body
 
 
 def plot_all(rows: list[dict], out: Path, num_classes: int) -> dict[str, str]:
@@ -117,7 +117,8 @@ def _plot_seeds(agg: list[dict], path: Path, num_classes: int) -> str | None:
             n = max(a["n_checkpoints"] for a in mine)
             ours = [a for a in mine if a["study"] == study.name]
             drawn |= bool(ours) and study.plot_pooled(ax, ours, f"C{i}", f"{arch} (n={n})")
-        ax.axhline(chance_error(num_classes), color="gray", ls=":", lw=1, label=f"chance ({num_classes} classes)")
+        if study.pools_errors:
+            ax.axhline(chance_error(num_classes), color="gray", ls=":", lw=1, label=f"chance ({num_classes} classes)")
         ax.legend(fontsize=7)
     if not drawn:
         plt.close(fig)

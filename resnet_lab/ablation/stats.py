@@ -14,6 +14,7 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ..models import ResNetSpec
@@ -76,6 +77,31 @@ def across_checkpoints(rows: list[dict], pooled: Callable[[dict], list[tuple[str
             }
         )
     return out
+
+
+@dataclass
+class Running:
+    """Running mean and sample std (float64) of values added a tensor at a time."""
+
+    n: int = 0
+    total: float = 0.0
+    total_sq: float = 0.0
+
+    def add(self, values) -> None:
+        v = values.double()
+        self.n += v.numel()
+        self.total += float(v.sum())
+        self.total_sq += float((v * v).sum())
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.n
+
+    @property
+    def std(self) -> float:
+        if self.n < 2:
+            return 0.0
+        return math.sqrt(max(0.0, (self.total_sq - self.total**2 / self.n) / (self.n - 1)))
 
 
 def mean_spread(mean: float, std: float | None, n: int, extra: str = "") -> str:

@@ -180,6 +180,7 @@ class Study:
     default: ClassVar[bool] = False  # run when `--studies` is not given
     Options: ClassVar[type] = NoOptions  # its own options (flat names, unique across studies)
     metrics: ClassVar[dict[str, str]] = {}  # lesion/<name> summaries -> what each means
+    pools_errors: ClassVar[bool] = True  # its pooled values are top-1 errors (%): plots show chance
 
     def options(self, opts: Any) -> Any:
         """This study's options out of the flat options of a run."""

@@ -12,7 +12,7 @@ from dataclasses import MISSING, asdict, field, fields, make_dataclass
 from typing import Any
 
 from ..study import AblationError, Common, Study, check_fields, option
-from . import k, paths, reorder, responses, single
+from . import iterative, k, paths, reorder, responses, single
 
 
 class Registry:
@@ -40,7 +40,16 @@ class Registry:
         return next((s for s in self if s.produces(metric)), None)
 
 
-REGISTRY = Registry([single.Single(), k.KLesion(), reorder.Reorder(), responses.Responses(), paths.Paths()])
+REGISTRY = Registry(
+    [
+        single.Single(),
+        k.KLesion(),
+        reorder.Reorder(),
+        responses.Responses(),
+        paths.Paths(),
+        iterative.Iterative(),
+    ]
+)
 
 
 def _compose(registry: Registry) -> type:
