@@ -82,3 +82,55 @@ def test_iterative_rows_report_and_resume(tmp_path):
     before = (tmp_path / "rep" / "results.jsonl").read_text()
     assert ablate_main([*cks, "--out", str(tmp_path / "rep"), *args]) == 0
     assert (tmp_path / "rep" / "results.jsonl").read_text() == before  # nothing recomputed
+
+
+@pytest.mark.parametrize("name", ["resnet14", "preact_plain14"])
+def test_probe_features_are_the_block_outputs_of_one_forward(name):
+    from resnet_lab.ablation.studies.probes import pooled_features
+
+    model = trained_like(name)
+    x, y = torch.randn(5, 3, 32, 32), torch.randint(0, 10, (5,))
+    feats, labels = pooled_features(model, [(x[:3], y[:3]), (x[3:], y[3:])])
+    assert list(feats) == ["stem", *model.block_names] and torch.equal(labels, y)
+    with torch.no_grad():
+        for i, b in enumerate(model.block_names):  # naive: a forward up to each block's output
+            h = model.forward_until(x, i + 1)
+            torch.testing.assert_close(feats[b], h.mean((2, 3)).double(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(feats["stem"], model.forward_stem(x).mean((2, 3)).double())
+
+
+@pytest.mark.parametrize("l2", [1e-3, 1e-1])
+def test_probe_equals_scikit_learn_logistic_regression(l2):
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    from resnet_lab.ablation.studies.probes import fit_probe
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 12, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (400,), generator=g)
+    x = 3 + 2 * (centres[y] + 1.5 * torch.randn(400, 12, generator=g, dtype=torch.float64))
+    probe = fit_probe(x, y, 4, l2)
+    z = ((x - probe.mean) / probe.std).numpy()
+    ref = sklearn.LogisticRegression(C=1 / (len(y) * l2), tol=1e-10, max_iter=10_000).fit(z, y.numpy())
+    torch.testing.assert_close(probe.weight, torch.from_numpy(ref.coef_.T.copy()), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(probe.bias, torch.from_numpy(ref.intercept_.copy()), rtol=1e-4, atol=1e-5)
+    xt = 3 + 2 * (centres[y] + 1.5 * torch.randn(400, 12, generator=g, dtype=torch.float64))
+    zt = ((xt - probe.mean) / probe.std).numpy()
+    assert (probe.logits(xt).argmax(1).numpy() == ref.predict(zt)).all()
+
+
+def test_probe_l2_is_chosen_on_training_images_only(tmp_path):
+    """Scoring on the evaluation split never feeds back: the same probes come out whatever
+    the evaluation images, and the rows say how many images each stands on."""
+    ck = write_checkpoint(tmp_path / "resnet8" / "net.ckpt", "resnet8")
+    args = ["--studies", "probes", "--probe-images", "300", "--batch-size", "50", "--no-progress"]
+    rows = {}
+    for limit in ("60", "120"):
+        assert ablate_main([ck, "--out", str(tmp_path / limit), "--limit", limit, *args]) == 0
+        with open(tmp_path / limit / "results.csv") as f:
+            rows[limit] = [r for r in csv.DictReader(f) if r["study"] == "probes"]
+    assert [r["key"] for r in rows["60"]] == ["stem", "layer1.0", "layer2.0", "layer3.0"]
+    assert [r["l2"] for r in rows["60"]] == [r["l2"] for r in rows["120"]]
+    assert [r["train_error"] for r in rows["60"]] == [r["train_error"] for r in rows["120"]]
+    assert {r["n"] for r in rows["60"]} == {"60"} and {r["train_images"] for r in rows["60"]} == {"300"}
+    for r in rows["120"]:
+        assert int(r["wrong"]) == round(float(r["error"]) * 120 / 100)

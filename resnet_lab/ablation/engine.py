@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -112,6 +112,17 @@ def evaluate(
         if progress:
             progress(len(y))
     return tallies
+
+
+@torch.no_grad()
+def representations(model: ResNet, x: Tensor) -> Iterator[tuple[str, Tensor]]:
+    """("stem", h_0), then (block name, its output) for each block in forward order: the
+    points `forward_blocks` passes between blocks, from one forward pass."""
+    h = model.forward_stem(x)
+    yield "stem", h
+    for i, name in enumerate(model.block_names):
+        h = model.forward_blocks(h, i, i + 1)
+        yield name, h
 
 
 # -- the studies ----------------------------------------------------------------

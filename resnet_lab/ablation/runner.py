@@ -296,6 +296,11 @@ class UnitRunner:
         o = self.opts
         return batches(self.dm, split or o.split, limit if split else o.limit)
 
+    def sample(self, split: str, n: int):
+        """Batches of `n` images of `split` drawn at random from the run's --seed (e.g. training
+        images), the same whatever the process environment."""
+        return batches(self.dm, split, loader=self.dm.sample_dataloader(split, n, self.opts.seed))
+
     def row(self, study: str, condition: str, **fields: Any) -> dict[str, Any]:
         c = self.ckpt
         return {
@@ -316,8 +321,7 @@ class UnitRunner:
         for c in conds:
             m = copy.deepcopy(model)
             with m.remove_blocks(c.removed):
-                train = batches(self.dm, "train", loader=self.dm.sample_dataloader("train", bn_recalib, self.opts.seed))
-                engine.recalibrate_bn(m, train, engine.first_changed(m, c))
+                engine.recalibrate_bn(m, self.sample("train", bn_recalib), engine.first_changed(m, c))
                 tallies.update(engine.evaluate(m, self.batches(), [c], self.progress))
         return tallies
 
