@@ -134,3 +134,92 @@ def test_probe_l2_is_chosen_on_training_images_only(tmp_path):
     assert {r["n"] for r in rows["60"]} == {"60"} and {r["train_images"] for r in rows["60"]} == {"300"}
     for r in rows["120"]:
         assert int(r["wrong"]) == round(float(r["error"]) * 120 / 100)
+
+
+# -- cka ----------------------------------------------------------------------------
+def _u_statistic_hsic(k, l):  # noqa: E741
+    """The unbiased HSIC as its U-statistic definition (Song et al. 2012): the mean over
+    4-subsets {i, j, q, r} of the kernel averaged over their 24 orderings."""
+    import itertools
+
+    n, total, subsets = k.shape[0], 0.0, 0
+    for quad in itertools.combinations(range(n), 4):
+        h = 0.0
+        for i, j, q, r in itertools.permutations(quad):
+            h += k[i, j] * l[i, j] + k[i, j] * l[q, r] - 2 * k[i, j] * l[i, q]
+        total += h / 24
+        subsets += 1
+    return total / subsets
+
+
+def _full_batch_cka(x, y):
+    """Kornblith et al.'s linear CKA of centred features, ||Y^T X||^2 / (||X^T X|| ||Y^T Y||)."""
+    x, y = x - x.mean(0), y - y.mean(0)
+    return float((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+
+def test_minibatch_hsic_is_the_u_statistic():
+    from resnet_lab.ablation.studies.cka import grams, hsic1
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64)
+    kx, ky = grams([x]), grams([y])
+    assert float(hsic1(kx, ky)[0, 0]) == pytest.approx(float(_u_statistic_hsic(kx[0], ky[0])), rel=1e-10)
+
+
+def test_minibatch_cka_agrees_with_the_full_batch_formula_and_its_invariances():
+    from resnet_lab.ablation.studies.cka import minibatch_cka
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2048, 10, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(10, 6, generator=g, dtype=torch.float64) + 0.8 * torch.randn(2048, 6, generator=g).double()
+    batches = lambda *ts: [[t[i : i + 256] for t in ts] for i in range(0, 2048, 256)]  # noqa: E731
+    m = minibatch_cka(batches(x, y))
+    assert m[0, 0] == pytest.approx(1.0) and m[1, 1] == pytest.approx(1.0)  # CKA(X, X) = 1
+    assert float(m[0, 1]) == pytest.approx(_full_batch_cka(x, y), abs=0.01)
+    q, _ = torch.linalg.qr(torch.randn(10, 10, generator=g, dtype=torch.float64))
+    moved = minibatch_cka(batches(x @ q * 7.5, y))  # an orthogonal transform and isotropic scaling
+    torch.testing.assert_close(moved, m, rtol=1e-9, atol=1e-12)
+
+
+def test_cka_study_within_across_and_without(tmp_path):
+    from resnet_lab.ablation.studies.cka import CKA, minibatch_cka
+
+    cks = [write_checkpoint(tmp_path / n / "net.ckpt", n) for n in ("resnet8", "plain14")]
+    args = ["--studies", "cka", "--cka-without", "layer1.1", "--limit", "300", "--batch-size", "100", "--no-progress"]
+    assert ablate_main([cks[1], cks[0], "--out", str(tmp_path / "rep"), *args]) == 2  # resnet8 has no layer1.1
+    args[3] = "layer1.0"
+    assert ablate_main([*cks, "--out", str(tmp_path / "r"), *args]) == 0
+    with open(tmp_path / "r" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r.update(pos_a=int(r["pos_a"]), pos_b=int(r["pos_b"]), cka=float(r["cka"]))
+    mats = CKA.matrices(rows)
+    assert set(mats) == {
+        ("resnet8 [net]", "within"), ("resnet8 [net]", "without layer1.0"),
+        ("plain14 [net]", "within"), ("plain14 [net]", "without layer1.0"), ("plain14 [net]", "vs resnet8 [net]"),
+    }  # fmt: skip
+    assert mats[("plain14 [net]", "vs resnet8 [net]")].shape == (7, 4)
+    within = mats[("resnet8 [net]", "within")]
+    torch.testing.assert_close(torch.diagonal(within), torch.ones(4, dtype=torch.float64))
+    # The reference: naive forwards up to each block (CIFAR test images as ablate reads them).
+    from resnet_lab.ablation.runner import batches, build_datamodule, load_checkpoint
+
+    a, b = load_checkpoint(cks[0]), load_checkpoint(cks[1])
+    dm = build_datamodule(a.data, augment=False, eval_batch_size=100, batch_size=100)
+    dm.setup("test")
+    xs = [x for x, _ in batches(dm, "test", 300)]
+    chunks = [torch.cat(xs)[i : i + 256] for i in (0, 256)]
+    with torch.no_grad():
+        reps = lambda m, x: [m.forward_stem(x)] + [m.forward_until(x, i + 1) for i in range(len(m.block_names))]  # noqa: E731
+        ref_within = minibatch_cka([reps(a.model, x) for x in chunks])
+        ref_vs = minibatch_cka([reps(b.model, x) for x in chunks], [reps(a.model, x) for x in chunks])
+    torch.testing.assert_close(within, ref_within, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(mats[("plain14 [net]", "vs resnet8 [net]")], ref_vs, rtol=1e-6, atol=1e-9)
+    # without: this net's intact outputs (rows) against the lesioned net's (columns)
+    intact = [reps(a.model, x) for x in chunks]
+    with a.model.remove_blocks(["layer1.0"]), torch.no_grad():
+        lesioned = [reps(a.model, x) for x in chunks]
+    ref = minibatch_cka(intact, lesioned)
+    torch.testing.assert_close(mats[("resnet8 [net]", "without layer1.0")], ref, rtol=1e-6, atol=1e-9)
+    assert (tmp_path / "r" / "cka.png").exists() and "linear CKA" in (tmp_path / "r" / "report.md").read_text()

@@ -179,7 +179,7 @@ def _evaluate(ckpts: list[Loaded], dm, store: Store, opts: Any, progress: bool) 
     bar = tqdm(desc="lesion evaluations", unit="img", disable=not progress, unit_scale=True)
     for c in ckpts:
         bar.set_postfix_str(c.label)
-        UnitRunner(c, dm, store, opts, progress=bar.update).run()
+        UnitRunner(c, dm, store, opts, progress=bar.update, peers=ckpts).run()
     bar.close()
     return complete(store.rows())
 

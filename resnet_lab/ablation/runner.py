@@ -270,8 +270,9 @@ class UnitRunner:
     `run` asks for its units through `conditions` (the engine's prefix-shared lesion
     evaluation) or computes them itself and stores them with `add`."""
 
-    def __init__(self, ckpt: Loaded, dm, store: Store, opts: Any, progress=None) -> None:
+    def __init__(self, ckpt: Loaded, dm, store: Store, opts: Any, progress=None, peers: list[Loaded] = ()) -> None:
         self.ckpt, self.dm, self.store, self.opts, self.progress = ckpt, dm, store, opts, progress
+        self.peers = list(peers) or [ckpt]  # every checkpoint of this run, in command-line order
         self.model = ckpt.model
         self.blocks = check_blocks(ckpt.model, list(opts.blocks) if opts.blocks else None)
 

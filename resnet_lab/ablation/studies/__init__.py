@@ -12,7 +12,7 @@ from dataclasses import MISSING, asdict, field, fields, make_dataclass
 from typing import Any
 
 from ..study import AblationError, Common, Study, check_fields, option
-from . import iterative, k, paths, probes, reorder, responses, single
+from . import cka, iterative, k, paths, probes, reorder, responses, single
 
 
 class Registry:
@@ -49,6 +49,7 @@ REGISTRY = Registry(
         paths.Paths(),
         iterative.Iterative(),
         probes.Probes(),
+        cka.CKA(),
     ]
 )
 
