@@ -78,6 +78,11 @@ def test_iterative_rows_report_and_resume(tmp_path):
     # The stored means are those of the per-image values of block_steps on the same images.
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "Iterative refinement" in md and "iterative.png" in md
+    import re
+
+    table = [ln for ln in md.split("## Iterative")[1].split("##")[0].splitlines() if ln.startswith("|")]
+    cols = {len(re.findall(r"(?<!\\)\|", ln)) for ln in table}
+    assert len(table) == 2 + 6 and cols == {2 + 2 + 1}, table  # position, block, two nets: every row as wide
     assert (tmp_path / "rep" / "iterative.png").exists()
     before = (tmp_path / "rep" / "results.jsonl").read_text()
     assert ablate_main([*cks, "--out", str(tmp_path / "rep"), *args]) == 0
@@ -223,3 +228,50 @@ def test_cka_study_within_across_and_without(tmp_path):
     ref = minibatch_cka(intact, lesioned)
     torch.testing.assert_close(mats[("resnet8 [net]", "without layer1.0")], ref, rtol=1e-6, atol=1e-9)
     assert (tmp_path / "r" / "cka.png").exists() and "linear CKA" in (tmp_path / "r" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_representation_studies_in_a_sweep_and_on_wandb(tmp_path):
+    """ablation.studies: [iterative, probes, cka] in a sweep: the trial records each study's
+    summary, and `ablate --wandb` logs the summaries and the plots to the offline run."""
+    from optuna.trial import TrialState
+
+    from resnet_lab.sweep.cli import main as sweep_main
+
+    from .conftest import REPO, load, tiny_config
+    from .wandb_offline import read_offline_run
+
+    cfg = tiny_config(
+        tmp_path,
+        {
+            "study_name": "rep",
+            "metric": "lesion/probe_last_error",
+            "ablation": {"studies": ["iterative", "probes", "cka"], "limit": 60, "probe_images": 200},
+            "space": {"model.depth": [8], "model.plain": [False, True]},
+        },
+    )
+    assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg]) == 0
+    done = [t for t in load(tmp_path, "rep").trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 2
+    for t in done:
+        a = t.user_attrs
+        assert 0 <= a["lesion/probe_last_error"] <= 100 and t.value == a["lesion/probe_last_error"]
+        assert -1 <= a["lesion/iterative_mean_cos"] <= 1 and 0 < a["lesion/cka_first_last"] <= 1
+
+    ck = write_checkpoint(tmp_path / "resnet8" / "net.ckpt", "resnet8")
+    out = tmp_path / "rep"
+    argv = [ck, "--out", str(out), "--studies", "iterative", "probes", "cka", "--probe-images", "200"]
+    assert ablate_main([*argv, "--limit", "60", "--no-progress", "--wandb"]) == 0
+    run = read_offline_run(out)
+    logged = {k for row in run["history"] for k in row}
+    assert {"ablation/iterative/_type", "ablation/probes/_type", "ablation/cka/_type"} <= logged
+    rows = json_rows(out)
+    probes = sorted((r for r in rows if r["study"] == "probes"), key=lambda r: r["position"])
+    assert run["summary"]["resnet8/lesion/probe_last_error"] == probes[-1]["error"]
+    assert {"resnet8/lesion/iterative_mean_cos", "resnet8/lesion/cka_adjacent_mean"} <= set(run["summary"])
+
+
+def json_rows(out):
+    import json
+
+    return json.loads((out / "results.json").read_text())

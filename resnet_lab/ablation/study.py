@@ -144,8 +144,9 @@ def page(title: str, preface: list[str], sections: list[Section], out: Path) -> 
 def _md_table(head: list[str], body: list[list[str]]) -> str:
     if not head:
         return "_not run_\n"
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in body]
+    cell = lambda c: c.replace("|", "\\|")  # noqa: E731 (a literal pipe would split the cell)
+    lines = ["| " + " | ".join(map(cell, head)) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(map(cell, r)) + " |" for r in body]
     return "\n".join(lines) + "\n"
 
 
