@@ -14,8 +14,8 @@
 
 Timing: interleaved rounds in this process, medians; the script checks that both ways give
 the same numbers first. Peak RSS: each (model, study, way) once in a fresh child process
-(`ru_maxrss`), so one way's peak never hides the other's. Weights are random with
-non-trivial BN statistics: the cost depends only on the net's shape.
+(`ru_maxrss`), so one way's peak never hides the other's. Weights are random, BN
+statistics re-estimated on the input: the cost depends only on the net's shape.
 """
 
 from __future__ import annotations
@@ -46,13 +46,13 @@ def naive_iterative(model, x, y) -> list:
         h = h.clone().requires_grad_()
         with torch.enable_grad():
             if blk.downsample is None:
-                g = torch.autograd.grad(F.cross_entropy(model.forward_from(h, i), y, reduction="sum"), h)[0]
+                g = torch.autograd.grad(F.cross_entropy(model.forward_from(h, i).double(), y, reduction="sum"), h)[0]
                 f, r = blk.branch(h), h
             else:
                 s = blk.shortcut(h).detach().requires_grad_()
                 f = blk.branch(h)
                 g = torch.autograd.grad(
-                    F.cross_entropy(model.forward_from(blk.merge(f, s), i + 1), y, reduction="sum"), s
+                    F.cross_entropy(model.forward_from(blk.merge(f, s), i + 1).double(), y, reduction="sum"), s
                 )[0]
                 r = s
         f, r, g = (t.detach().flatten(1).double() for t in (f, r, g))
@@ -110,6 +110,15 @@ def same(a, b) -> bool:
     return torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def net(name: str, x: torch.Tensor):
+    """A random net with BN statistics re-estimated on the input: well-conditioned logits, like
+    a trained net's (random BN statistics blow a deep net's logits up to ~100, saturating the
+    softmax, and the iterative study's cosines of ~1e-12 gradients are rounding noise)."""
+    model = trained_like(name)
+    engine.recalibrate_bn(model, [(x, None)])
+    return model
+
+
 def data(images: int):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(images, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
@@ -118,7 +127,8 @@ def data(images: int):
 
 def child(model_name: str, study: str, way: str, images: int) -> None:
     """Run one way once and print this process's peak RSS (MiB)."""
-    model, (x, y) = trained_like(model_name), data(images)
+    x, y = data(images)
+    model = net(model_name, x)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     WAYS[study][way == "shared"](model, x, y)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -138,7 +148,7 @@ def main() -> None:
     x, y = data(args.images)
     result = {}
     for name in args.models:
-        model = trained_like(name)
+        model = net(name, x)
         for study in args.studies:
             naive, shared = WAYS[study]
             times = {"naive": [], "shared": []}

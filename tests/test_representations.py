@@ -32,18 +32,18 @@ def naive_steps(model, x, y, i):
     with torch.enable_grad():
         if blk.plain:
             out = blk(h)
-            g = torch.autograd.grad(F.cross_entropy(model.forward_from(h, i), y, reduction="sum"), h)[0]
+            g = torch.autograd.grad(F.cross_entropy(model.forward_from(h, i).double(), y, reduction="sum"), h)[0]
             if out.shape != h.shape:
                 return None, None
             f, r = out - h, h
         elif blk.downsample is None:
-            g = torch.autograd.grad(F.cross_entropy(model.forward_from(h, i), y, reduction="sum"), h)[0]
+            g = torch.autograd.grad(F.cross_entropy(model.forward_from(h, i).double(), y, reduction="sum"), h)[0]
             f, r = blk.branch(h), h
         else:
             s = blk.shortcut(h).detach().requires_grad_()
             f = blk.branch(h)
             logits = model.forward_from(blk.merge(f, s), i + 1)
-            g = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), s)[0]
+            g = torch.autograd.grad(F.cross_entropy(logits.double(), y, reduction="sum"), s)[0]
             r = s
     f, r, g = (t.detach().flatten(1).double() for t in (f, r, g))
     return F.cosine_similarity(f, g, dim=1), f.norm(dim=1) / r.norm(dim=1)

@@ -52,7 +52,9 @@ def block_steps(model, x: Tensor, y: Tensor) -> list[dict[str, Any]]:
                 out = blk.merge(b, s)
                 taken.append((b, s, s, "branch at the input" if s is h else "branch at the shortcut output"))
             h = out
-        loss = F.cross_entropy(model.forward_head(h), y, reduction="sum")
+        # The loss in float64: 1 - p of a confident image underflows in float32, leaving its
+        # gradient mostly rounding error; in float64 its direction survives the float32 backward.
+        loss = F.cross_entropy(model.forward_head(h).double(), y, reduction="sum")
         grads = torch.autograd.grad(loss, [g for _, _, g, _ in taken])
     out = []
     with torch.no_grad():
