@@ -8,9 +8,11 @@ The L2 strength is chosen on a held-out fifth of those training images (never on
 evaluation split) from L2_GRID, then the probe is refitted on all of them.
 
 Solver: full-batch L-BFGS in float64 (torch.optim.LBFGS, strong-Wolfe line search) on
-the convex objective mean CE + l2/2 ||W||^2 (the bias unpenalised): with at most a few
-hundred features it converges in well under a second, and it matches scikit-learn's
-`LogisticRegression(C=1/(n*l2))` (tests/test_representations.py; BENCHMARKS.md).
+the convex objective mean CE + l2/2 ||W||^2 (the bias unpenalised). On 5,000 CIFAR
+training images of preact-20 it fits a probe in 0.4-1.4 s on one thread, as fast as
+scikit-learn's lbfgs on the same features, with the same test errors (21.64 vs 21.64% after
+the last block, 44.08 vs 44.10% mid-depth), so the package needs no scikit-learn; the tests
+check the weights against scikit-learn's `LogisticRegression(C=1/(n*l2))`.
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ def fit_probe(x: Tensor, y: Tensor, classes: int, l2: float, max_iter: int = 500
     z = (x - mean) / std
     w = torch.zeros(x.shape[1], classes, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
-                            tolerance_change=1e-12, line_search_fn="strong_wolfe")  # fmt: skip
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
+                            tolerance_change=1e-10, line_search_fn="strong_wolfe")  # fmt: skip
 
     def closure() -> Tensor:
         opt.zero_grad()
