@@ -219,7 +219,7 @@ class CKA(Study):
         for ax in axes.flat[len(mats) :]:
             ax.axis("off")
         for ax, ((ck, comp), m) in zip(axes.flat, mats.items()):
-            im = ax.imshow(m.numpy(), vmin=0, vmax=1, origin="lower", cmap="magma")
+            im = ax.imshow(m.numpy(), vmin=0, vmax=1, origin="lower", cmap="magma", aspect="auto")
             ax.set_title(f"{ck}\n{comp}", fontsize=7)
             ax.set(xlabel="representation (0 = stem)", ylabel="representation (0 = stem)")
             fig.colorbar(im, ax=ax, fraction=0.046)
