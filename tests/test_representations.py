@@ -64,6 +64,7 @@ def test_iterative_equals_one_forward_and_backward_per_block(name, kw):
         torch.testing.assert_close(s["ratio"], ratio, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_iterative_rows_report_and_resume(tmp_path):
     cks = [write_checkpoint(tmp_path / n / "net.ckpt", n) for n in ("preact_resnet14", "plain14")]
     args = ["--studies", "iterative", "--limit", "40", "--batch-size", "20", "--no-progress"]
@@ -187,6 +188,7 @@ def test_minibatch_cka_agrees_with_the_full_batch_formula_and_its_invariances():
     torch.testing.assert_close(moved, m, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_cka_study_within_across_and_without(tmp_path):
     from resnet_lab.ablation.studies.cka import CKA, minibatch_cka
 
@@ -275,3 +277,23 @@ def json_rows(out):
     import json
 
     return json.loads((out / "results.json").read_text())
+
+
+def test_representation_studies_pool_across_checkpoints_of_one_architecture(tmp_path):
+    """Two checkpoints of one architecture (e.g. two seeds): each new study's per-block values
+    are pooled, with n = 2, into results_by_arch.csv and the report."""
+    cks = [write_checkpoint(tmp_path / f"seed{i}" / "net.ckpt", "resnet8") for i in (0, 1)]
+    argv = [*cks, "--out", str(tmp_path / "r"), "--studies", "iterative", "probes", "cka", "--probe-images", "100"]
+    assert ablate_main([*argv, "--limit", "40", "--no-progress"]) == 0
+    with open(tmp_path / "r" / "results_by_arch.csv") as f:
+        agg = list(csv.DictReader(f))
+    by = {(a["study"], a["key"]): a for a in agg}
+    assert {"iterative", "probes", "cka"} <= {a["study"] for a in agg}
+    assert by[("probes", "probe layer3.0")]["n_checkpoints"] == "2"
+    assert ("iterative", "cos layer2.0") in by and ("cka", "cka stem ~ layer1.0") in by
+    with open(tmp_path / "r" / "results.csv") as f:
+        probe = [r for r in csv.DictReader(f) if r["study"] == "probes" and r["key"] == "layer3.0"]
+    assert float(by[("probes", "probe layer3.0")]["error_mean"]) == pytest.approx(
+        sum(float(r["error"]) for r in probe) / 2
+    )
+    assert (tmp_path / "r" / "across_seeds.png").exists()
