@@ -28,7 +28,7 @@ from .runner import (
     load_checkpoints,
     manifest_for,
 )
-from .studies import StudyOptions, check_nets
+from .studies import REGISTRY, StudyOptions, check_nets
 
 
 def parser() -> argparse.ArgumentParser:
@@ -146,8 +146,6 @@ def ablate(
         store = Store(out, manifest_for(ckpts, asked), overwrite)
         n_split = dm.eval_size(opts.split)
         n_images = min(n_split, opts.limit or n_split)
-        from .studies import REGISTRY
-
         for study in REGISTRY.selected(opts.studies):
             for note in study.data_notes(opts, n_split):
                 print(f"note: {note}", file=sys.stderr)

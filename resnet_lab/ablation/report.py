@@ -83,7 +83,7 @@ def seeds_table(agg: list[dict]) -> tuple[list[str], list[list[str]]]:
     return ["architecture", "study", "condition", "checkpoints", "mean ± std (min, max); errors in %"], body
 
 
-def plot_all(rows: list[dict], out: Path, num_classes: int) -> dict[str, str]:
+def plot_all(rows: list[dict], agg: list[dict], out: Path, num_classes: int) -> dict[str, str]:
     """One PNG per study that has something to draw, and the pooled one: {name: file}."""
     import matplotlib
 
@@ -95,8 +95,7 @@ def plot_all(rows: list[dict], out: Path, num_classes: int) -> dict[str, str]:
         name = study.plot(rows, out, colour, num_classes)
         if name:
             made[study.name] = name
-    agg = [a for a in across_checkpoints(rows, pooled) if a["condition"] == "eval-bn"]
-    name = _plot_seeds(agg, out / SEEDS_PLOT, num_classes)
+    name = _plot_seeds([a for a in agg if a["condition"] == "eval-bn"], out / SEEDS_PLOT, num_classes)
     if name:
         made["seeds"] = name
     return made
@@ -126,7 +125,7 @@ def _plot_seeds(agg: list[dict], path: Path, num_classes: int) -> str | None:
     return save_figure(fig, path)
 
 
-def sections(rows: list[dict], meta: dict[str, Any], plots: dict[str, str]) -> list[Section]:
+def sections(rows: list[dict], agg: list[dict], meta: dict[str, Any], plots: dict[str, str]) -> list[Section]:
     ck_lines = [
         f"{c['label']}: {c['path']}; spec {json.dumps(c['spec'])}; training: "
         + ", ".join(f"{k} {v:g}" for k, v in c["train_metrics"].items())
@@ -135,7 +134,7 @@ def sections(rows: list[dict], meta: dict[str, Any], plots: dict[str, str]) -> l
     out = [Section("Checkpoints", items=ck_lines)]
     for study in REGISTRY.selected(meta["options"]["studies"]):
         out += study.sections(rows, meta)
-    st = seeds_table(across_checkpoints(rows, pooled))
+    st = seeds_table(agg)
     seeds_note = (
         "Each checkpoint's row set is kept in results.csv. Here, checkpoints of one architecture (e.g. one per "
         "seed) are pooled: the spread between independently trained networks. Rows of random draws (the "
@@ -156,14 +155,15 @@ def write_report(rows: list[dict], out: Path, meta: dict[str, Any]) -> dict[str,
     """results.csv/json, results_by_arch.csv, plots, report.md and report.html (images
     inlined), from completed rows (`complete`). Returns the plots, {name: file}."""
     write_tables(rows, out)
-    write_seed_table(across_checkpoints(rows, pooled), out)
+    agg = across_checkpoints(rows, pooled)  # the checkpoints of one architecture, pooled
+    write_seed_table(agg, out)
     meta = {**meta, "num_classes": meta["checkpoints"][0]["spec"]["num_classes"]}
-    plots = plot_all(rows, out, meta["num_classes"])
+    plots = plot_all(rows, agg, out, meta["num_classes"])
     preface = [
         f"Command: `{meta['command']}`",
         f"Split: **{meta['split']}** ({meta['n_images']} images). BN: trained running statistics (eval mode).",
     ]
-    secs = sections(rows, meta, plots)
+    secs = sections(rows, agg, meta, plots)
     title = "Test-time lesion report"
     (out / "report.md").write_text(markdown(title, preface, secs))
     (out / "report.html").write_text(page(title, [p.replace("**", "").replace("`", "") for p in preface], secs, out))

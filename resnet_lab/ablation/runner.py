@@ -292,6 +292,12 @@ class UnitRunner:
     def add(self, key: str, rows: list[dict]) -> None:
         self.store.add(key, rows)
 
+    def whole(self, study: str, compute) -> None:
+        """A study whose one unit is the whole checkpoint: `compute()` -> its rows, unless done."""
+        key = self.key(study, "all")
+        if not self.done(key):
+            self.add(key, compute())
+
     def batches(self, split: str | None = None, limit: int | None = None):
         """The evaluation split's batches (default: the run's split and --limit)."""
         o = self.opts

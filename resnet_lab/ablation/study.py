@@ -163,6 +163,18 @@ def chance_error(num_classes: int) -> float:
     return 100.0 * (1 - 1 / num_classes)
 
 
+def plot_along_depth(ax, agg: list[dict], colour: str, label: str, **labels: str) -> bool:
+    """One architecture's pooled values in order, mean ± std over checkpoints, against their
+    position as a fraction of the depth (nets of different depths share the axis)."""
+    if not agg:
+        return False
+    x = [j / max(1, len(agg) - 1) for j in range(len(agg))]
+    ax.errorbar(x, [a["error_mean"] for a in agg], [a["error_std"] for a in agg], fmt="o-", ms=3, capsize=2,
+                color=colour, label=label)  # fmt: skip
+    ax.set(**labels)
+    return True
+
+
 def save_figure(fig, path: Path) -> str:
     import matplotlib.pyplot as plt
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .. import engine
-from ..study import AblationError, Section, Study, check_fields, option, save_figure
+from ..study import AblationError, Section, Study, check_fields, option, plot_along_depth, save_figure
 
 NAME = "cka"
 CKA_BATCH = 256  # images per minibatch (the unbiased estimator needs at least 4)
@@ -226,11 +226,12 @@ class CKA(Study):
         return save_figure(fig, out / "cka.png")
 
     def plot_pooled(self, ax, agg: list[dict], colour: str, label: str) -> bool:
-        if not agg:
-            return False
-        x = [j / max(1, len(agg) - 1) for j in range(len(agg))]
-        ax.errorbar(x, [a["error_mean"] for a in agg], [a["error_std"] for a in agg], fmt="o-", ms=3, capsize=2,
-                    color=colour, label=label)  # fmt: skip
-        ax.set(xlabel="position (0 = stem ~ block 1, 1 = last pair)", ylabel="CKA of consecutive outputs",
-               title="CKA along depth: mean ± std over checkpoints")  # fmt: skip
-        return True
+        return plot_along_depth(
+            ax,
+            agg,
+            colour,
+            label,
+            xlabel="position (0 = stem ~ block 1, 1 = last pair)",
+            ylabel="CKA of consecutive outputs",
+            title="CKA along depth: mean ± std over checkpoints",
+        )

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..stats import Running
-from ..study import Section, Study, save_figure
+from ..study import Section, Study, plot_along_depth, save_figure
 
 NAME = "iterative"
 MAX_BATCH = 128  # images per forward/backward (the graph of every block is held at once)
@@ -80,9 +80,9 @@ class Iterative(Study):
     }
 
     def run(self, unit) -> None:
-        key = unit.key(NAME, "all")
-        if unit.done(key):
-            return
+        unit.whole(NAME, lambda: self.rows(unit))
+
+    def rows(self, unit) -> list[dict]:
         model = unit.model
         cos = [Running() for _ in model.block_names]
         ratio = [Running() for _ in model.block_names]
@@ -121,7 +121,7 @@ class Iterative(Study):
                     images=images,
                 )  # fmt: skip
             )
-        unit.add(key, rows)
+        return rows
 
     def summary(self, rows: list[dict]) -> dict[str, float]:
         ok = [r for r in self.mine(rows) if r.get("applicable") and r.get("cos_mean") is not None]
@@ -196,11 +196,12 @@ class Iterative(Study):
 
     def plot_pooled(self, ax, agg: list[dict], colour: str, label: str) -> bool:
         cos = [a for a in agg if a["key"].startswith("cos ")]
-        if not cos:
-            return False
-        x = [j / max(1, len(cos) - 1) for j in range(len(cos))]
-        ax.errorbar(x, [a["error_mean"] for a in cos], [a["error_std"] for a in cos], fmt="o-", ms=3, capsize=2,
-                    color=colour, label=label)  # fmt: skip
-        ax.set(xlabel="block position (0 = first, 1 = last)", ylabel="cos(f, dL/dh)",
-               title="Iterative refinement: mean ± std over checkpoints")  # fmt: skip
-        return True
+        return plot_along_depth(
+            ax,
+            cos,
+            colour,
+            label,
+            xlabel="block position (0 = first, 1 = last)",
+            ylabel="cos(f, dL/dh)",
+            title="Iterative refinement: mean ± std over checkpoints",
+        )

@@ -97,10 +97,8 @@ class Paths(Study):
     def run(self, unit) -> None:
         model, o = unit.model, unit.opts
         if model.spec.plain:
-            key = unit.key(NAME, "all")
-            if not unit.done(key):
-                why = "plain net: no skip connections, one path through every block"
-                unit.add(key, [unit.row(NAME, "eval-bn", key="not applicable", applicable=False, reason=why)])
+            why = "plain net: no skip connections, one path through every block"
+            unit.whole(NAME, lambda: [unit.row(NAME, "eval-bn", key="not applicable", applicable=False, reason=why)])
             return
         n = len(model.block_names)
         data = None  # the same images for every unit, read once and only if a unit is left

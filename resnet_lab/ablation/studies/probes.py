@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import engine
 from ..stats import wilson
-from ..study import Section, Study, check_fields, option, save_figure
+from ..study import Section, Study, check_fields, option, plot_along_depth, save_figure
 
 NAME = "probes"
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -108,9 +108,9 @@ class Probes(Study):
     }
 
     def run(self, unit) -> None:
-        key = unit.key(NAME, "all")
-        if unit.done(key):
-            return
+        unit.whole(NAME, lambda: self.rows(unit))
+
+    def rows(self, unit) -> list[dict]:
         model, o = unit.model, unit.opts
         classes = model.spec.num_classes
         train, y_train = pooled_features(model, unit.sample("train", o.probe_images))
@@ -144,7 +144,7 @@ class Probes(Study):
                     train_error=100.0 * train_wrong / len(y_train),
                 )  # fmt: skip
             )
-        unit.add(key, rows)
+        return rows
 
     def summary(self, rows: list[dict]) -> dict[str, float]:
         mine = sorted(self.mine(rows), key=lambda r: r["position"])
@@ -204,11 +204,12 @@ class Probes(Study):
         return save_figure(fig, out / "probes.png")
 
     def plot_pooled(self, ax, agg: list[dict], colour: str, label: str) -> bool:
-        if not agg:
-            return False
-        x = [j / max(1, len(agg) - 1) for j in range(len(agg))]
-        ax.errorbar(x, [a["error_mean"] for a in agg], [a["error_std"] for a in agg], fmt="o-", ms=3, capsize=2,
-                    color=colour, label=label)  # fmt: skip
-        ax.set(xlabel="depth of the probed output (0 = stem, 1 = last block)", ylabel="probe error (%)",
-               title="Linear probes: mean ± std over checkpoints")  # fmt: skip
-        return True
+        return plot_along_depth(
+            ax,
+            agg,
+            colour,
+            label,
+            xlabel="depth of the probed output (0 = stem, 1 = last block)",
+            ylabel="probe error (%)",
+            title="Linear probes: mean ± std over checkpoints",
+        )

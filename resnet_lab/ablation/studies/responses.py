@@ -18,12 +18,11 @@ class Responses(Study):
     default = True
 
     def run(self, unit) -> None:
-        key = unit.key(NAME, "all")
-        if unit.done(key):
-            return
+        unit.whole(NAME, lambda: self.rows(unit))
+
+    def rows(self, unit) -> list[dict]:
         stds = engine.response_stds(unit.model, unit.batches())
-        rows = [unit.row(NAME, "eval-bn", key=layer, layer_index=i, std=v) for i, (layer, v) in enumerate(stds.items())]
-        unit.add(key, rows)
+        return [unit.row(NAME, "eval-bn", key=layer, layer_index=i, std=v) for i, (layer, v) in enumerate(stds.items())]
 
     def plot(self, rows: list[dict], out: Path, colour: dict[str, str], num_classes: int) -> str | None:
         by: dict[str, list[dict]] = {}

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import engine
-from ..study import Section, Study, chance_error, check_fields, option, save_figure
+from ..study import Section, Study, chance_error, check_fields, option, plot_along_depth, save_figure
 
 NAME = "single"
 
@@ -169,12 +169,12 @@ class Single(Study):
 
     def plot_pooled(self, ax, agg: list[dict], colour: str, label: str) -> bool:
         single = [a for a in agg if a["key"].startswith("drop:")]
-        if not single:
-            return False
-        # Nets of different depths share the axis: position as a fraction of the depth.
-        x = [j / max(1, len(single) - 1) for j in range(len(single))]
-        ax.errorbar(x, [a["error_mean"] for a in single], [a["error_std"] for a in single],
-                    fmt="o-", ms=3, capsize=2, color=colour, label=label)  # fmt: skip
-        ax.set(xlabel="position of the removed block (0 = first, 1 = last)", ylabel="error (%)",
-               title="One block removed: mean ± std over checkpoints")  # fmt: skip
-        return True
+        return plot_along_depth(
+            ax,
+            single,
+            colour,
+            label,
+            xlabel="position of the removed block (0 = first, 1 = last)",
+            ylabel="error (%)",
+            title="One block removed: mean ± std over checkpoints",
+        )
