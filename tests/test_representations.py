@@ -195,6 +195,7 @@ def test_cka_study_within_across_and_without(tmp_path):
     cks = [write_checkpoint(tmp_path / n / "net.ckpt", n) for n in ("resnet8", "plain14")]
     args = ["--studies", "cka", "--cka-without", "layer1.1", "--limit", "300", "--batch-size", "100", "--no-progress"]
     assert ablate_main([cks[1], cks[0], "--out", str(tmp_path / "rep"), *args]) == 2  # resnet8 has no layer1.1
+    assert not (tmp_path / "rep" / "results.jsonl").exists()  # refused before plain14 (first) was evaluated
     args[3] = "layer1.0"
     assert ablate_main([*cks, "--out", str(tmp_path / "r"), *args]) == 0
     with open(tmp_path / "r" / "results.csv") as f:

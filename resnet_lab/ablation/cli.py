@@ -134,7 +134,7 @@ def ablate(
             )
         for c in ckpts:
             check_blocks(c.model, list(opts.blocks) if opts.blocks else None)
-        check_nets([c.spec for c in ckpts], opts)
+        check_nets([c.spec for c in ckpts], opts, [c.model for c in ckpts])
         dm = build_datamodule(
             ckpts[0].data, folder=data_folder, augment=False, eval_batch_size=batch_size, batch_size=batch_size
         )

@@ -205,6 +205,10 @@ class Study:
     def check(self, specs: Sequence[ResNetSpec], opts: Any) -> None:
         """Refuse, before anything is evaluated, options these networks cannot serve."""
 
+    def check_model(self, model: Any, opts: Any) -> None:
+        """Refuse, before anything is evaluated, options this loaded network cannot serve
+        (e.g. block names it does not have)."""
+
     def data_notes(self, opts: Any, n_split: int) -> list[str]:
         """Notes on how the options meet the data (printed by `ablate`), e.g. a count cut to the split."""
         return []

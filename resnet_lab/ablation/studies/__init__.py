@@ -99,10 +99,13 @@ def defaults() -> dict[str, Any]:
     return asdict(StudyOptions())
 
 
-def check_nets(specs: Sequence[Any], opts: Any) -> None:
-    """Every selected study's refusal of networks it cannot serve, before any evaluation."""
+def check_nets(specs: Sequence[Any], opts: Any, models: Sequence[Any] = ()) -> None:
+    """Every selected study's refusal of networks it cannot serve, before any evaluation:
+    by their specs (ablate, and each sweep cell before it trains), and by the loaded models."""
     for s in REGISTRY.selected(opts.studies):
         s.check(specs, opts)
+        for m in models:
+            s.check_model(m, opts)
 
 
 __all__ = ["REGISTRY", "AblationError", "StudyOptions", "check_nets", "defaults"]

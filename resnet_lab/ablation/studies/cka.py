@@ -114,13 +114,16 @@ class CKA(Study):
         "cka_first_last": "CKA of the stem output and the last block's output",
     }
 
+    def check_model(self, model, opts) -> None:
+        unknown = [b for b in opts.cka_without or () if b not in model.block_names]
+        if unknown:
+            raise AblationError(
+                f"--cka-without {unknown}: no such block in {model.spec.name}; valid: {', '.join(model.block_names)}"
+            )
+
     def run(self, unit) -> None:
         model, o = unit.model, unit.opts
         without = list(o.cka_without or ())
-        unknown = [b for b in without if b not in model.block_names]
-        if unknown:
-            raise AblationError(f"--cka-without {unknown}: no such block in {model.spec.name}; valid: "
-                                f"{', '.join(model.block_names)}")  # fmt: skip
         peers = unit.peers[: unit.peers.index(unit.ckpt)]  # the checkpoints given before this one
         todo = {"within": None, **{f"vs {c.label}": c.model for c in peers}, **{f"without {b}": b for b in without}}
         todo = {k: v for k, v in todo.items() if not unit.done(unit.key(NAME, k))}
