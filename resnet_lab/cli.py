@@ -15,40 +15,59 @@ import os
 import sys
 
 from .errors import user_error
-from .models import SpecError, count_macs, count_params, create_model, list_models
+from .models import SpecError, count_macs, count_params, create_model, list_models, model_meta
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-def models_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="resnet-lab models", description="List every registered model.")
-    p.add_argument("--filter", default="", help="only names containing this substring")
-    args = p.parse_args(argv)
+def model_rows(filter_: str = "") -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """One row per registered name: its facts from the registry (`model_meta`); generic
+    builders, which have none, are counted at their default depth."""
     rows = []
     for name in list_models():
-        if args.filter not in name:
+        if filter_ not in name:
             continue
         m = create_model(name)
-        s = m.spec
+        s, meta = m.spec, model_meta(name)
+        params, macs = (meta.params, meta.macs) if meta else (count_params(m), count_macs(m))
+        paper = "-" if meta is None else meta.paper.label() if meta.paper else "none reported"
         rows.append(
             (
-                name,
+                name if meta else f"{name} (generic; depth {s.depth} shown)",
                 s.family,
-                f"{count_params(m):,}",
-                f"{count_macs(m) / 1e6:,.1f}M",
+                f"{params:,}",
+                f"{macs / 1e6:,.1f}M",
                 f"{s.input_size}px",
                 str(len(m.block_names)),
                 s.block,
                 "none (plain)" if s.plain else s.shortcut,
                 str(s.num_classes),
+                paper,
             )
         )
     if not rows:
-        raise SpecError(f"no model name contains {args.filter!r}; names: {', '.join(list_models())}")
-    head = ("model", "family", "params", "MACs/img", "input", "blocks", "block", "shortcut", "classes")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        raise SpecError(f"no model name contains {filter_!r}; names: {', '.join(list_models())}")
+    head = ("model", "family", "params", "MACs/img", "input", "blocks", "block", "shortcut", "classes", "paper error %")
+    return head, rows
+
+
+def models_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="resnet-lab models", description="List every registered model.")
+    p.add_argument("--filter", default="", help="only names containing this substring")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table (the README's)")
+    args = p.parse_args(argv)
+    head, rows = model_rows(args.filter)
+    if args.markdown:
+        right = (2, 3, 5, 8)
+        print("| " + " | ".join(head) + " |")
+        print("| " + " | ".join("---:" if i in right else "---" for i in range(len(head))) + " |")
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+        return 0
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
     for r in [head, *rows]:
-        print("  ".join(c.rjust(w) if i in (2, 3, 5, 8) else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        cells = [c.rjust(w) if i in (2, 3, 5, 8) else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        print("  ".join([*cells, r[-1]]))
     return 0
 
 

@@ -1,20 +1,32 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from resnet_lab.cli import main
+from resnet_lab.models import model_meta
 
 
 @pytest.mark.slow
-def test_models_lists_exact_counts(capsys):
+def test_models_prints_the_registry_facts(capsys):
     assert main(["models", "--filter", "resnet"]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
-    assert rows["resnet20"][2] == "269,722"
-    assert rows["resnet1202"][2] == "19,421,274"
-    assert rows["resnet50"][2] == "25,557,032" and rows["resnet50"][3] == "4,089.2M"
+    for name in ("resnet20", "resnet1202", "resnet50", "preact_resnet164"):
+        meta = model_meta(name)
+        assert rows[name][2] == f"{meta.params:,}" and rows[name][3] == f"{meta.macs / 1e6:,.1f}M"
     assert rows["resnet56"][7] == "A" and rows["resnet56"][5] == "27"
+    assert " ".join(rows["resnet56"][9:]).startswith("6.97 (He et al. 2015, Table 6")
+
+
+def test_readme_model_table_is_the_registry(capsys):
+    """The README's zoo table is `resnet-lab models --markdown`, so its counts and paper
+    errors cannot drift from the registry."""
+    assert main(["models", "--markdown"]) == 0
+    table = capsys.readouterr().out.strip()
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert table in readme, "README's model table differs: paste `resnet-lab models --markdown` into it"
 
 
 @pytest.mark.slow

@@ -7,40 +7,19 @@ import torchvision
 from resnet_lab.models import (
     ResNetSpec,
     SpecError,
+    count_macs,
     count_params,
     create_model,
     list_models,
     load_torchvision_weights,
+    model_meta,
+    paper_error,
 )
 
-EXPECTED = {
-    "resnet20": 269_722,
-    "resnet32": 464_154,
-    "resnet44": 658_586,
-    "resnet56": 853_018,
-    "resnet110": 1_727_962,
-    "resnet1202": 19_421_274,
-    "resnet18": 11_689_512,
-    "resnet34": 21_797_672,
-    "resnet50": 25_557_032,
-    "resnet101": 44_549_160,
-    "resnet152": 60_192_808,
-    # Pre-activation (He et al. 2016): the stem BN moves to the final BN-ReLU. CIFAR basic
-    # nets keep the post-activation counts; the paper gives ~1.7M (164) and ~10.2M (1001).
-    "preact_resnet20": 269_722,
-    "preact_resnet32": 464_154,
-    "preact_resnet44": 658_586,
-    "preact_resnet56": 853_018,
-    "preact_resnet110": 1_727_962,
-    "preact_resnet164": 1_703_258,
-    "preact_resnet1001": 10_327_706,
-    "preact_resnet18": 11_687_720,
-    "preact_resnet34": 21_795_880,
-    "preact_resnet50": 25_549_352,
-    "preact_resnet101": 44_541_480,
-    "preact_resnet152": 60_185_128,
-    "preact_resnet200": 64_666_152,
-}
+# The exact counts live once, in the registry's metadata (`model_meta`); each is checked
+# against the network built here. Pre-activation CIFAR basic nets keep the post-activation
+# counts; He et al. 2016 give ~1.7M (164) and ~10.2M (1001).
+EXPECTED = {n: model_meta(n).params for n in list_models() if model_meta(n)}
 # Big nets run forward/backward at a reduced size/width to keep the suite fast;
 # their exact counts are still checked at full size above.
 SLOW = {"resnet1202", "resnet101", "resnet152", "preact_resnet1001", "preact_resnet101", "preact_resnet152",
@@ -52,9 +31,35 @@ def small_input(model, batch=2):
     return torch.randn(batch, 3, size, size)
 
 
+def test_every_specific_name_has_its_facts():
+    generic = {"cifar_resnet", "imagenet_resnet", "cifar_preact_resnet", "imagenet_preact_resnet"}
+    assert set(EXPECTED) == set(list_models()) - generic
+    # Independent anchors: He et al. Table 6 rounds the CIFAR nets to 0.27M .. 19.4M; torchvision's own nets.
+    paper_m = {"resnet20": 0.27, "resnet32": 0.46, "resnet44": 0.66, "resnet56": 0.85, "resnet110": 1.7,
+               "resnet1202": 19.4}  # fmt: skip
+    for name, m in paper_m.items():
+        assert round(EXPECTED[name] / 1e6, 2 if m < 1 else 1) == m
+    for depth in (18, 34, 50):
+        assert EXPECTED[f"resnet{depth}"] == count_params(getattr(torchvision.models, f"resnet{depth}")())
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_exact_param_counts(name):
-    assert count_params(create_model(name)) == EXPECTED[name]
+def test_exact_param_counts_and_macs(name):
+    model = create_model(name)
+    assert count_params(model) == model_meta(name).params
+    assert count_macs(model) == model_meta(name).macs
+
+
+def test_paper_errors_only_for_the_registered_architecture():
+    assert model_meta("resnet56").paper.error == 6.97 and "Table 6" in model_meta("resnet56").paper.source
+    assert model_meta("plain56").paper is None  # He et al. show plain CIFAR nets only as curves
+    assert paper_error(create_model("resnet110").spec).error == 6.43
+    assert paper_error(create_model("preact_resnet1001").spec).error == 4.92
+    # A variant is not the paper's net: no number is borrowed for it.
+    assert paper_error(create_model("resnet56", shortcut="B").spec) is None
+    assert paper_error(create_model("resnet56", num_classes=100).spec) is None
+    assert paper_error(create_model("cifar_resnet", depth=56).spec).error == 6.97  # the same net by its generic name
+    assert paper_error(create_model("cifar_resnet", depth=74).spec) is None  # no such row in the paper
 
 
 @pytest.mark.parametrize("name", [n for n in list_models() if n.startswith("plain") and n[5:].isdigit()])

@@ -1,12 +1,16 @@
 """Residual and plain networks of He et al. 2015 (see resnet.py) and their registry."""
 
 from .registry import (
+    ModelMeta,
+    PaperError,
     count_macs,
     count_params,
     create_model,
     list_models,
     load_torchvision_weights,
+    model_meta,
     named_fields,
+    paper_error,
     register_model,
     resolve_spec,
 )
@@ -15,6 +19,8 @@ from .spec import ResNetSpec, SpecError
 
 __all__ = [
     "BasicBlock",
+    "ModelMeta",
+    "PaperError",
     "Bottleneck",
     "ResNet",
     "ResNetSpec",
@@ -26,7 +32,9 @@ __all__ = [
     "create_model",
     "list_models",
     "load_torchvision_weights",
+    "model_meta",
     "named_fields",
+    "paper_error",
     "register_model",
     "resolve_spec",
 ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +30,81 @@ from .spec import CIFAR_BOTTLENECK_NAMES, IMAGENET_LAYOUTS, ResNetSpec, SpecErro
 
 _REGISTRY: dict[str, Callable[[], ResNetSpec]] = {}
 _FIXED: dict[str, dict[str, Any]] = {}  # name -> the spec fields the name itself states
+
+
+@dataclass(frozen=True)
+class PaperError:
+    """A top-1 error the literature reports for exactly this registered architecture."""
+
+    error: float  # %
+    source: str  # paper, table, and any difference from the registered net
+    budget: str  # the paper's training budget, to set beside a run's
+
+    def label(self) -> str:
+        return f"{self.error:.2f} ({self.source}; {self.budget})"
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """Facts of a registered network (like torchvision's `Weights.meta`): the exact
+    parameter count, the multiply-accumulates of one forward pass of one image at the
+    family's native size, and the paper's reported error (None: none reported)."""
+
+    params: int
+    macs: int
+    paper: PaperError | None
+
+
+_CIFAR = "64k iterations, batch 128"
+_IMAGENET = "600k iterations, batch 256"
+_T6, _T4 = "He et al. 2015, Table 6 (CIFAR-10 test)", "He et al. 2016, Table 4 (CIFAR-10 test, median of 5)"
+_T2 = "He et al. 2015, Table 2 (ImageNet val, 10-crop"
+_T3 = "He et al. 2015, Table 3 (ImageNet val, 10-crop"
+_V1 = "; the paper's stride on the 1x1, this net's on the 3x3)"
+# name: (params, MACs/image, paper error or None). Tests check every count against the
+# built network; `resnet-lab models`, the README table and sweep summaries read them here.
+_FACTS: dict[str, tuple[int, int, PaperError | None]] = {
+    "resnet20": (269_722, 40_551_040, PaperError(8.75, _T6, _CIFAR)),
+    "resnet32": (464_154, 68_862_592, PaperError(7.51, _T6, _CIFAR)),
+    "resnet44": (658_586, 97_174_144, PaperError(7.17, _T6, _CIFAR)),
+    "resnet56": (853_018, 125_485_696, PaperError(6.97, _T6, _CIFAR)),
+    "resnet110": (1_727_962, 252_887_680, PaperError(6.43, _T6 + ", best of 5; mean 6.61 ± 0.16", _CIFAR)),
+    "resnet1202": (19_421_274, 2_829_238_912, PaperError(7.93, _T6, _CIFAR)),
+    # He et al. show plain CIFAR nets only as curves (Fig. 6): no number to quote.
+    "plain20": (269_722, 40_551_040, None),
+    "plain32": (464_154, 68_862_592, None),
+    "plain44": (658_586, 97_174_144, None),
+    "plain56": (853_018, 125_485_696, None),
+    "plain110": (1_727_962, 252_887_680, None),
+    "resnet18": (11_689_512, 1_814_073_344, PaperError(27.88, _T2 + "; option A, this net: B)", _IMAGENET)),
+    "resnet34": (21_797_672, 3_663_761_408, PaperError(24.52, _T3 + ", option B)", _IMAGENET)),
+    "resnet50": (25_557_032, 4_089_184_256, PaperError(22.85, _T3 + _V1, _IMAGENET)),
+    "resnet101": (44_549_160, 7_801_405_440, PaperError(21.75, _T3 + _V1, _IMAGENET)),
+    "resnet152": (60_192_808, 11_513_626_624, PaperError(21.43, _T3 + _V1, _IMAGENET)),
+    "plain18": (11_515_688, 1_794_805_760, PaperError(27.94, _T2 + ")", _IMAGENET)),
+    "plain34": (21_623_848, 3_644_493_824, PaperError(28.54, _T2 + ")", _IMAGENET)),
+    "preact_resnet20": (269_722, 40_551_040, None),
+    "preact_resnet32": (464_154, 68_862_592, None),
+    "preact_resnet44": (658_586, 97_174_144, None),
+    "preact_resnet56": (853_018, 125_485_696, None),
+    "preact_resnet110": (1_727_962, 252_887_680, PaperError(6.37, "He et al. 2016, Table 3 (CIFAR-10 test)", _CIFAR)),
+    "preact_resnet164": (1_703_258, 247_646_720, PaperError(5.46, _T4, _CIFAR)),
+    "preact_resnet1001": (10_327_706, 1_490_995_712, PaperError(4.92, _T4, _CIFAR)),
+    "preact_resnet18": (11_687_720, 1_814_073_344, None),
+    "preact_resnet34": (21_795_880, 3_663_761_408, None),
+    "preact_resnet50": (25_549_352, 4_089_184_256, None),
+    "preact_resnet101": (44_541_480, 7_801_405_440, None),
+    "preact_resnet152": (
+        60_185_128,
+        11_513_626_624,
+        PaperError(21.1, "He et al. 2016, Table 5 (ImageNet val, single 320px crop)", "the paper's ImageNet schedule"),
+    ),
+    "preact_resnet200": (
+        64_666_152,
+        15_007_481_856,
+        PaperError(20.7, "He et al. 2016, Table 5 (ImageNet val, single 320px crop)", "the paper's ImageNet schedule"),
+    ),
+}
 
 # The architecture a specific name states; generic builders state only their family.
 NAMED_FIELDS = ("family", "depth", "plain", "preact", "block_type")
@@ -76,6 +152,19 @@ _NAME = re.compile(
     r"(?P<cifar>cifar_)?(?P<preact>preact_)?(?P<kind>resnet|plain)(?P<depth>\d+)(?P<block>_basic|_bottleneck)?"
     r"(?:_sd(?P<p>\d+(?:\.\d+)?)(?P<per_sample>s?))?(?:_active(?P<k>\d+))?"
 )
+
+
+def model_meta(name: str) -> ModelMeta | None:
+    """The facts of a registered name (None for generic builders and unregistered names)."""
+    facts = _FACTS.get(name)
+    return ModelMeta(*facts) if facts else None
+
+
+def paper_error(spec: ResNetSpec) -> PaperError | None:
+    """The paper's error for this exact architecture: only when `spec` is the registered
+    net of its name (same shortcut, classes, width, ...), never for a variant of it."""
+    meta = model_meta(spec.name)
+    return meta.paper if meta and _REGISTRY[spec.name]() == spec else None
 
 
 def list_models() -> list[str]:
