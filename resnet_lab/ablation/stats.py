@@ -1,15 +1,18 @@
-"""Honest numbers for lesion results: binomial confidence intervals of single
-evaluations, and aggregation over checkpoints of one architecture (e.g. one per seed).
+"""Honest numbers: binomial confidence intervals of single evaluations, aggregation over
+checkpoints of one architecture (e.g. one per seed), and intervals on differences.
 
-Two different uncertainties, reported apart:
+Three different uncertainties, reported apart:
   - `wilson`: the sampling error of one evaluation on n images (how much the error of
     *this* network could move on another n images): a 95% Wilson score interval;
   - `across_checkpoints`: the spread between independently trained networks of the same
-    spec (seeds): mean ± sample std over checkpoints, with the number of checkpoints.
+    spec (seeds): mean ± sample std over checkpoints, with the number of checkpoints;
+  - `welch`: the difference of two architectures' means over their seeds, with a 95%
+    Welch t interval (unequal variances, Welch-Satterthwaite degrees of freedom).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections import defaultdict
@@ -44,6 +47,12 @@ def arch_label(spec: dict[str, Any]) -> str:
     if spec.get("family") == "imagenet" and spec.get("stride_on", "3x3") != "3x3":
         parts.append(f"stride on {spec['stride_on']}")
     return ", ".join(parts)
+
+
+def depth_family(spec: dict[str, Any]) -> str:
+    """What two nets must share to be compared by depth: their spec without the depth
+    (the block type, plain or residual, pre-activation, shortcut, width, drops)."""
+    return json.dumps({k: v for k, v in ResNetSpec.from_dict(spec).to_dict().items() if k != "depth"}, sort_keys=True)
 
 
 def across_checkpoints(rows: list[dict], pooled: Callable[[dict], list[tuple[str, float]]]) -> list[dict[str, Any]]:
@@ -102,6 +111,56 @@ class Running:
         if self.n < 2:
             return 0.0
         return math.sqrt(max(0.0, (self.total_sq - self.total**2 / self.n) / (self.n - 1)))
+
+
+@dataclass(frozen=True)
+class Difference:
+    """mean(b) - mean(a), with its Welch t interval (None when a side has fewer than 2 values)."""
+
+    mean: float
+    lo: float | None
+    hi: float | None
+    n_a: int
+    n_b: int
+    df: float | None
+    level: float = 0.95
+
+    @property
+    def resolved(self) -> bool:
+        return self.lo is not None and (self.lo > 0 or self.hi < 0)
+
+    def verdict(self, lower: str, higher: str) -> str:
+        """`lower` if the whole interval is below 0, `higher` if above, else not resolved."""
+        if not self.resolved:
+            return f"not resolved at n = {self.n_b}/{self.n_a}"
+        return lower if self.hi < 0 else higher
+
+    def interval(self) -> str:
+        if self.lo is None:
+            return "- (needs n ≥ 2 per side)"
+        return f"[{self.lo:+.2f}, {self.hi:+.2f}]"
+
+
+def welch(a: list[float], b: list[float], level: float = 0.95) -> Difference:
+    """mean(b) - mean(a) and its Welch t interval over independent runs (e.g. seeds).
+
+    Each side's mean has variance s²/n; the difference's standard error is their sum's
+    root, and its t quantile uses the Welch-Satterthwaite degrees of freedom. Sides with
+    no spread at all (every run equal) give a zero-width interval."""
+    from scipy.stats import t
+
+    if not a or not b:
+        raise ValueError("welch needs at least one value per side")
+    d = statistics.fmean(b) - statistics.fmean(a)
+    if len(a) < 2 or len(b) < 2:
+        return Difference(d, None, None, len(a), len(b), None, level)
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    se2 = va + vb
+    if se2 == 0:
+        return Difference(d, d, d, len(a), len(b), None, level)
+    df = se2**2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = float(t.ppf(0.5 + level / 2, df)) * math.sqrt(se2)
+    return Difference(d, d - half, d + half, len(a), len(b), df, level)
 
 
 def mean_spread(mean: float, std: float | None, n: int, extra: str = "") -> str:

@@ -24,7 +24,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from ..ablation.stats import mean_spread
+from ..ablation.stats import Difference, depth_family, mean_spread, welch
+from ..models import ResNetSpec, paper_error
 from .space import SEED_KEY
 
 STATS = ("test/error", "train/error_end", "best_test/error", "val/error")
@@ -43,6 +44,8 @@ def trial_rows(study: optuna.Study) -> list[dict]:
                 "depth": spec.get("depth"),
                 "plain": spec.get("plain"),
                 "shortcut": spec.get("shortcut"),
+                "net": ResNetSpec.from_dict(spec).name if spec else None,
+                "family": depth_family(spec) if spec else None,
                 "run_dir": t.user_attrs.get("run_dir"),
                 **{k: v for k, v in t.user_attrs.items() if "/" in k and isinstance(v, int | float)},
             }
@@ -50,7 +53,23 @@ def trial_rows(study: optuna.Study) -> list[dict]:
         end = final_train_error(rows[-1]["run_dir"]) if t.state == TrialState.COMPLETE else None
         if end is not None:
             rows[-1]["train/error_end"] = end
+        rows[-1]["budget"] = training_budget(rows[-1]["run_dir"])
+        paper = paper_error(ResNetSpec.from_dict(spec)) if spec else None
+        rows[-1]["paper"] = f"{paper.error:.2f} ({paper.source}; {paper.budget})" if paper else None
     return rows
+
+
+def training_budget(run_dir: str | None) -> str | None:
+    """'1,900 iterations' (or epochs) from the config Lightning saved in the run directory."""
+    path = Path(run_dir or "") / "config.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    t = (yaml.safe_load(path.read_text()) or {}).get("trainer") or {}
+    if (t.get("max_steps") or -1) > 0:
+        return f"{t['max_steps']:,} iterations"
+    return f"{t['max_epochs']} epochs" if (t.get("max_epochs") or -1) > 0 else None
 
 
 def final_train_error(run_dir: str | None, fraction: float = 0.1) -> float | None:
@@ -94,6 +113,8 @@ def cells(rows: list[dict]) -> list[dict[str, Any]]:
 
     for vals, rs in sorted(groups.items(), key=order):
         cell: dict[str, Any] = {**dict(zip(keys, vals)), "n": len(rs), "seeds": sorted(r.get(SEED_KEY) for r in rs)}
+        for k in ("budget", "paper"):  # one value per cell unless its runs differ (then all, in order)
+            cell[k] = " / ".join(sorted({r[k] for r in rs if r.get(k)})) or None
         for stat in STATS:
             v = [r[stat] for r in rs if stat in r]
             if v:
@@ -118,6 +139,8 @@ def cell_table(cs: list[dict]) -> tuple[list[str], list[list[str]]]:
         "final test/error",
         "train error, last 10% of iterations",
         "best-by-val test/error",
+        "this run's budget",
+        "paper's test error (source; the paper's budget)",
     ]
     body = [
         [
@@ -126,6 +149,8 @@ def cell_table(cs: list[dict]) -> tuple[list[str], list[list[str]]]:
             _fmt(c.get("test/error")),
             _fmt(c.get("train/error_end")),
             _fmt(c.get("best_test/error")),
+            c.get("budget") or "-",
+            c.get("paper") or "none reported for this net",
         ]
         for c in cs
     ]
@@ -136,13 +161,14 @@ def write_cells(cs: list[dict], out: Path) -> str:
     head, body = cell_table(cs)
     with open(out / "cells.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow([*head[:-3], "test_error_mean", "test_error_std", "test_error_min", "test_error_max",
-                    "train_error_mean", "train_error_std", "best_test_error_mean", "best_test_error_std"])  # fmt: skip
+        w.writerow([*head[:-5], "test_error_mean", "test_error_std", "test_error_min", "test_error_max",
+                    "train_error_mean", "train_error_std", "best_test_error_mean", "best_test_error_std", "budget",
+                    "paper_test_error"])  # fmt: skip
         for c in cs:
             t, tr, b = c.get("test/error") or {}, c.get("train/error_end") or {}, c.get("best_test/error") or {}
             w.writerow(
                 [
-                    *[c.get(k) for k in head[:-4]],
+                    *[c.get(k) for k in head[:-6]],
                     c["n"],
                     t.get("mean"),
                     t.get("std"),
@@ -152,13 +178,16 @@ def write_cells(cs: list[dict], out: Path) -> str:
                     tr.get("std"),
                     b.get("mean"),
                     b.get("std"),
+                    c.get("budget"),
+                    c.get("paper"),
                 ]  # fmt: skip
             )
     md = [
         "Errors in %, mean ± sample std (min, max) over the n completed runs (seeds) of each cell.",
         "Final = the weights at the end of training. Train error = the mean per-batch training error (augmented",
         "batches) over the last 10% of iterations. Best-by-val = the checkpoint with the lowest val/error,",
-        "selected on the validation split; its test error is reported apart.",
+        "selected on the validation split; its test error is reported apart. The paper's number is for the",
+        "registered net of that name only (a variant gets none), trained on the paper's budget, not this run's.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -166,6 +195,83 @@ def write_cells(cs: list[dict], out: Path) -> str:
     ]
     text = "\n".join(md) + "\n"
     (out / "cells.md").write_text(text)
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in [head, *body])
+
+
+DEPTH_KEYS = ("model.depth", "model.arch")
+
+
+def depth_comparisons(rows: list[dict]) -> list[dict[str, Any]]:
+    """Deeper minus shallowest within each setting of the other swept parameters (and the
+    same architecture but for depth): Welch intervals of final test and training error."""
+    done = [r for r in rows if r["state"] == "COMPLETE" and r.get("family") and "test/error" in r]
+    others = [k for k in cell_params(done) if k not in DEPTH_KEYS]
+    groups: dict[tuple, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in done:
+        groups[(r["family"], *(r.get(k) for k in others))][r["depth"]].append(r)
+    out = []
+    for key, by_depth in groups.items():
+        depths = sorted(by_depth)
+        base = by_depth[depths[0]]
+        setting = ", ".join(f"{k}={v}" for k, v in zip(others, key[1:]))
+        for d in depths[1:]:
+            deep = by_depth[d]
+            row: dict[str, Any] = {"comparison": f"{deep[0]['net']} − {base[0]['net']}", "setting": setting}
+            for stat in ("test/error", "train/error_end"):
+                a, b = [r[stat] for r in base if stat in r], [r[stat] for r in deep if stat in r]
+                if a and b:
+                    row[stat] = welch(a, b)
+            out.append(row)
+    return sorted(out, key=lambda r: (r["setting"], r["comparison"]))
+
+
+def _diff(d: Difference | None) -> str:
+    return "-" if d is None else f"{d.mean:+.2f} {d.interval()}"
+
+
+def depth_table(comps: list[dict]) -> tuple[list[str], list[list[str]]]:
+    head = ["comparison", "setting", "n (deep/shallow)", "Δ test error [95% CI]", "Δ train error [95% CI]", "verdict"]
+    body = []
+    for c in comps:
+        t, tr = c["test/error"], c.get("train/error_end")
+        train = "" if tr is None else "; " + tr.verdict("deeper trains better", "deeper trains worse")
+        body.append(
+            [
+                c["comparison"],
+                c["setting"] or "-",
+                f"{t.n_b}/{t.n_a}",
+                _diff(t),
+                _diff(tr),
+                t.verdict("deeper is better", "deeper is worse") + train,
+            ]
+        )
+    return head, body
+
+
+DEPTH_NOTE = (
+    "Deeper minus shallower, in points of error (%): negative = the deeper net errs less. Intervals: 95% Welch t "
+    "intervals over the seeds of each side (unequal variances, Welch-Satterthwaite degrees of freedom). A "
+    "verdict is given only where the interval excludes 0; otherwise the difference is not resolved at this n."
+)
+
+
+def write_depth_comparisons(comps: list[dict], out: Path) -> str:
+    """depth_differences.csv and a Markdown section appended to cells.md; returns the text table."""
+    with open(out / "depth_differences.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["comparison", "setting", "stat", "n_deep", "n_shallow", "mean_difference", "ci95_lo", "ci95_hi",
+                    "welch_df"])  # fmt: skip
+        for c in comps:
+            for stat in ("test/error", "train/error_end"):
+                d = c.get(stat)
+                if d is not None:
+                    w.writerow([c["comparison"], c["setting"], stat, d.n_b, d.n_a, d.mean, d.lo, d.hi, d.df])
+    head, body = depth_table(comps)
+    md = ["", "## Depth comparisons", "", DEPTH_NOTE, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    md += ["| " + " | ".join(r) + " |" for r in body]
+    with open(out / "cells.md", "a") as f:
+        f.write("\n".join(md) + "\n")
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in [head, *body])
 
@@ -349,9 +455,14 @@ def summarize(study: optuna.Study, out: Path, metric: str) -> str:
     (out / "cells.json").write_text(json.dumps(cs, indent=1, default=str))
     text = "Trials:\n" + print_table(rows, metric)
     text += "\n\nCells (mean ± std (min, max) over the n completed seeds):\n" + write_cells(cs, out)
+    comps = depth_comparisons(rows)
+    if comps:
+        text += "\n\nDepth comparisons (deeper − shallowest; 95% Welch t intervals over seeds):\n"
+        text += write_depth_comparisons(comps, out)
     plots = plot(rows, cs, out)
     counts = {s.name: sum(r["state"] == s.name for r in rows) for s in TrialState}
     text += "\n\n" + ", ".join(f"{k.lower()} {v}" for k, v in counts.items() if v)
-    text += f"\ntables: {out / 'cells.csv'}, {out / 'cells.md'}"
+    tables = [out / "cells.csv", out / "cells.md", *([out / "depth_differences.csv"] if comps else [])]
+    text += "\ntables: " + ", ".join(map(str, tables))
     text += "\nplots: " + (", ".join(plots) if plots else "none (no completed trials with a depth)")
     return text

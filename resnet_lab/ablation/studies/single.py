@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...models import ResNetSpec
 from .. import engine
+from ..stats import depth_family, welch
 from ..study import Section, Study, chance_error, check_fields, option, plot_along_depth, save_figure
 
 NAME = "single"
@@ -66,6 +68,62 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             mark += f" → {r0['removed_as']}"
         body.append([f"drop {n}{mark}", *[_err(per[ck].get(n)) for ck in cols]])
     return ["condition", *cols], body
+
+
+def robustness(rows: list[dict], meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per architecture family, each depth against the shallowest: the mean error increase
+    of a single-block removal over the intact net (eval-BN), one number per checkpoint,
+    compared across checkpoints (e.g. seeds) with a Welch interval."""
+    intact = {r["checkpoint"]: r["error"] for r in rows if r["study"] == NAME and r["key"] == "intact"
+              and r["condition"] == "eval-bn"}  # fmt: skip
+    spec = {c["label"]: c["spec"] for c in meta["checkpoints"]}
+    groups: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    names: dict[tuple[str, int], str] = {}
+    for (ck, cond), drops in by_net(rows).items():
+        if cond != "eval-bn" or ck not in intact:
+            continue
+        fam, depth = depth_family(spec[ck]), spec[ck]["depth"]
+        groups[fam][depth].append(statistics.fmean(r["error"] for r in drops) - intact[ck])
+        names[(fam, depth)] = ResNetSpec.from_dict(spec[ck]).name
+    out = []
+    for fam, by_depth in groups.items():
+        depths = sorted(by_depth)
+        shallow = by_depth[depths[0]]
+        for d in depths[1:]:
+            out.append(
+                {
+                    "comparison": f"{names[(fam, d)]} − {names[(fam, depths[0])]}",
+                    "deep": statistics.fmean(by_depth[d]),
+                    "shallow": statistics.fmean(shallow),
+                    "difference": welch(shallow, by_depth[d]),
+                }
+            )
+    return out
+
+
+def robustness_table(comps: list[dict]) -> tuple[list[str], list[list[str]]]:
+    head = ["comparison", "n (deep/shallow)", "increase, deep", "increase, shallow", "Δ [95% CI]", "verdict"]
+    body = []
+    for c in comps:
+        d = c["difference"]
+        body.append(
+            [
+                c["comparison"],
+                f"{d.n_b}/{d.n_a}",
+                f"{c['deep']:+.2f}",
+                f"{c['shallow']:+.2f}",
+                f"{d.mean:+.2f} {d.interval()}",
+                d.verdict("deeper is more robust", "deeper is less robust"),
+            ]
+        )
+    return head, body
+
+
+ROBUSTNESS_NOTE = (
+    "Per checkpoint, the mean error increase of a single-block removal over its intact net (eval-BN, points of "
+    "error), then deeper minus shallowest within each architecture (the same spec but for depth). Interval: 95% "
+    "Welch t interval across checkpoints (e.g. seeds) of each side; a verdict only where it excludes 0."
+)
 
 
 def removal_note(rows: list[dict], meta: dict[str, Any]) -> str:
@@ -154,7 +212,18 @@ class Single(Study):
             "evaluation, not the spread between training runs)."
         )
         note = removal_note(rows, meta) + bn
-        return [Section("Single-block removal (top-1 error, %)", [note], table(rows), [wilson])]
+        out = [Section("Single-block removal (top-1 error, %)", [note], table(rows), [wilson])]
+        comps = robustness(rows, meta)
+        if comps:
+            blocks = [" Only the --blocks given are removed."] if meta["options"].get("blocks") else []
+            out.append(
+                Section(
+                    "Robustness to single-block removal, deeper vs shallower",
+                    [ROBUSTNESS_NOTE + "".join(blocks)],
+                    robustness_table(comps),
+                )
+            )
+        return out
 
     def plot(self, rows: list[dict], out: Path, colour: dict[str, str], num_classes: int) -> str | None:
         nets = by_net(rows)

@@ -1,0 +1,167 @@
+"""Intervals on differences: Welch t intervals and their verdicts, the sweep summary's depth
+comparisons, and ablate's lesion robustness deep vs shallow, all on known numbers."""
+
+import csv
+import math
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, IntDistribution
+from scipy.stats import ttest_ind
+
+from resnet_lab.ablation.stats import welch
+from resnet_lab.models import ResNetSpec
+from resnet_lab.sweep.summary import depth_comparisons, summarize, trial_rows
+
+
+def test_welch_interval_on_known_numbers():
+    d = welch([1.0, 2.0, 3.0], [4.0, 6.0, 8.0])
+    # By hand: difference 6 - 2 = 4; s²/n = 1/3 and 4/3, se² = 5/3; Welch df = (5/3)² / ((1/3)²/2 + (4/3)²/2)
+    # = 50/17 (< 3, so t(0.975) = 3.2188 > t(0.975, 3) = 3.1824); half-width 3.2188 * sqrt(5/3) = 4.1554.
+    assert d.mean == 4.0 and (d.n_a, d.n_b) == (3, 3)
+    assert d.df == pytest.approx(50 / 17)
+    assert d.lo == pytest.approx(4 - 4.1554, abs=1e-3) and d.hi == pytest.approx(4 + 4.1554, abs=1e-3)
+    ref = ttest_ind([4.0, 6.0, 8.0], [1.0, 2.0, 3.0], equal_var=False).confidence_interval()
+    assert (d.lo, d.hi) == pytest.approx((ref.low, ref.high))
+    assert d.verdict("deeper is better", "deeper is worse") == "not resolved at n = 3/3"
+    # Unequal n and spreads: the same as scipy's Welch test.
+    a, b = [10.0, 12.0, 11.0, 13.0, 9.5], [7.0, 7.4, 6.9]
+    d = welch(a, b)
+    ref = ttest_ind(b, a, equal_var=False)
+    assert d.mean == pytest.approx(sum(b) / 3 - sum(a) / 5)
+    assert (d.lo, d.hi) == pytest.approx(tuple(ref.confidence_interval())) and d.df == pytest.approx(ref.df)
+    assert d.hi < 0 and d.verdict("deeper is better", "deeper is worse") == "deeper is better"
+    assert welch(b, a).verdict("deeper is better", "deeper is worse") == "deeper is worse"
+
+
+def test_welch_without_spread_or_with_one_run():
+    one = welch([5.0], [3.0, 4.0])  # one run has no spread: no interval, never a verdict
+    assert one.mean == pytest.approx(-1.5) and one.lo is None and one.hi is None
+    assert one.verdict("better", "worse") == "not resolved at n = 2/1" and "n ≥ 2" in one.interval()
+    flat = welch([5.0, 5.0], [3.0, 3.0])  # every run equal: a zero-width interval
+    assert (flat.lo, flat.hi) == (-2.0, -2.0) and flat.verdict("better", "worse") == "better"
+    with pytest.raises(ValueError):
+        welch([], [1.0])
+
+
+def _study(known: dict[tuple[int, bool], list[tuple[float, float | None]]], tmp_path) -> optuna.Study:
+    """Completed trials with these (test error, final train error) per (depth, plain) cell."""
+    study = optuna.create_study()
+    dists = {"model.depth": IntDistribution(20, 56), "model.plain": CategoricalDistribution([False, True]),
+             "seed_everything": IntDistribution(0, 9)}  # fmt: skip
+    for (depth, plain), runs in known.items():
+        for seed, (test, train) in enumerate(runs):
+            run = tmp_path / f"d{depth}p{plain}s{seed}"
+            (run / "csv").mkdir(parents=True)
+            (run / "config.yaml").write_text("trainer:\n  max_steps: 1900\n  max_epochs: -1\n")
+            if train is not None:  # a constant logged training error: train/error_end = train
+                lines = ["step,train/error_step,val/error", *(f"{i},{train}," for i in range(100))]
+                (run / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params={"model.depth": depth, "model.plain": plain, "seed_everything": seed},
+                    distributions=dists,
+                    value=test,
+                    user_attrs={
+                        "test/error": test,
+                        "run_dir": str(run),
+                        "spec": ResNetSpec(depth=depth, plain=plain).to_dict(),
+                    },
+                )
+            )
+    return study
+
+
+def test_sweep_summary_compares_each_depth_with_the_shallowest(tmp_path):
+    known = {
+        (20, False): [(10.0, 8.0), (12.0, 9.0), (11.0, 10.0)],
+        (56, False): [(9.0, 5.0), (9.5, 6.0), (10.5, 7.0)],  # -1.33 test: not resolved at n = 3
+        (20, True): [(20.0, 18.0), (21.0, 19.0), (22.0, 20.0)],
+        (56, True): [(40.0, 41.0), (42.0, 42.0), (41.0, 43.0)],  # +20 test, +23 train: resolved
+    }
+    study = _study(known, tmp_path)
+    comps = {c["comparison"]: c for c in depth_comparisons(trial_rows(study))}
+    assert set(comps) == {"resnet56 − resnet20", "plain56 − plain20"}
+    for (shallow, deep), name in (((20, 56), "resnet56 − resnet20"),):
+        a, b = [t for t, _ in known[(shallow, False)]], [t for t, _ in known[(deep, False)]]
+        ref = ttest_ind(b, a, equal_var=False).confidence_interval()
+        got = comps[name]["test/error"]
+        assert got.mean == pytest.approx(sum(b) / 3 - sum(a) / 3)
+        assert (got.lo, got.hi) == pytest.approx((ref.low, ref.high))
+    plain_train = comps["plain56 − plain20"]["train/error_end"]
+    assert plain_train.mean == pytest.approx(23.0)
+    text = summarize(study, tmp_path / "summary", "test/error")
+    assert "Depth comparisons" in text and "depth_differences.csv" in text
+    md = (tmp_path / "summary" / "cells.md").read_text()
+    lines = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if " − " in line}
+    assert "not resolved at n = 3/3" in lines["resnet56 − resnet20"]
+    assert "deeper is worse; deeper trains worse" in lines["plain56 − plain20"]
+    assert "+20.00 [" in lines["plain56 − plain20"]
+    # The paper's number beside ours, from the registry, labelled with both budgets.
+    cells_md = {tuple(line.split(" | ")[:2]): line for line in md.splitlines() if line.startswith("| 56 |")}
+    resnet56 = cells_md[("| 56", "False")]
+    paper = "6.97 (He et al. 2015, Table 6 (CIFAR-10 test); 64k iterations, batch 128)"
+    assert f"| 1,900 iterations | {paper} |" in resnet56
+    assert "| 1,900 iterations | none reported for this net |" in cells_md[("| 56", "True")]
+    with open(tmp_path / "summary" / "depth_differences.csv") as f:
+        rows = {(r["comparison"], r["stat"]): r for r in csv.DictReader(f)}
+    r = rows[("plain56 − plain20", "test/error")]
+    ref = ttest_ind([40.0, 42.0, 41.0], [20.0, 21.0, 22.0], equal_var=False).confidence_interval()
+    assert (int(r["n_deep"]), int(r["n_shallow"])) == (3, 3)
+    assert (float(r["ci95_lo"]), float(r["ci95_hi"])) == pytest.approx((ref.low, ref.high))
+
+
+def test_depth_comparison_with_a_single_seed_is_not_resolved(tmp_path):
+    study = _study({(20, False): [(10.0, None)], (56, False): [(5.0, None), (6.0, None)]}, tmp_path)
+    (c,) = depth_comparisons(trial_rows(study))
+    assert c["test/error"].mean == pytest.approx(-4.5) and c["test/error"].lo is None
+    assert "train/error_end" not in c  # no training curves were logged
+    summarize(study, tmp_path / "s", "test/error")
+    line = next(x for x in (tmp_path / "s" / "cells.md").read_text().splitlines() if " − " in x)
+    assert "not resolved at n = 2/1" in line and "-4.50 - (needs n ≥ 2 per side)" in line
+    assert not math.isnan(c["test/error"].mean)
+
+
+def _lesion_rows(label: str, intact: float, drops: list[float]) -> list[dict]:
+    base = {"checkpoint": label, "study": "single", "condition": "eval-bn", "downsample": False}
+    rows = [{**base, "key": "intact", "error": intact, "block": "none", "position": -1}]
+    rows += [{**base, "key": f"drop:b{i}", "error": e, "block": f"b{i}", "position": i} for i, e in enumerate(drops)]
+    return rows
+
+
+def test_ablate_compares_lesion_robustness_deep_vs_shallow():
+    from resnet_lab.ablation.studies import REGISTRY
+
+    # (label, depth, plain, intact error, single-drop errors): increases per checkpoint
+    nets = [
+        ("r20 s0", 20, False, 10.0, [20.0, 30.0]),  # +15
+        ("r20 s1", 20, False, 12.0, [30.0, 32.0]),  # +19
+        ("r20 s2", 20, False, 11.0, [28.0, 28.0]),  # +17
+        ("r56 s0", 56, False, 9.0, [11.0, 13.0]),  # +3
+        ("r56 s1", 56, False, 10.0, [14.0, 16.0]),  # +5
+        ("r56 s2", 56, False, 8.0, [12.0, 12.0]),  # +4
+        ("p20 s0", 20, True, 20.0, [90.0, 90.0]),  # +70; one plain-56 only: no interval
+        ("p20 s1", 20, True, 21.0, [89.0, 91.0]),  # +69
+        ("p56 s0", 56, True, 50.0, [90.0, 88.0]),  # +39
+    ]
+    rows = [r for label, _, _, intact, drops in nets for r in _lesion_rows(label, intact, drops)]
+    meta = {
+        "checkpoints": [{"label": n[0], "spec": ResNetSpec(depth=n[1], plain=n[2]).to_dict()} for n in nets],
+        "options": {"studies": ["single"], "blocks": None},
+        "num_classes": 10,
+    }
+    secs = {s.title: s for s in REGISTRY["single"].sections(rows, meta)}
+    head, body = secs["Robustness to single-block removal, deeper vs shallower"].table
+    got = {r[0]: dict(zip(head, r)) for r in body}
+    res = got["resnet56 − resnet20"]
+    ref = ttest_ind([3.0, 5.0, 4.0], [15.0, 19.0, 17.0], equal_var=False).confidence_interval()
+    assert res["n (deep/shallow)"] == "3/3"
+    assert res["increase, deep"] == "+4.00" and res["increase, shallow"] == "+17.00"
+    assert res["Δ [95% CI]"] == f"-13.00 [{ref.low:+.2f}, {ref.high:+.2f}]"
+    assert res["verdict"] == "deeper is more robust"
+    plain = got["plain56 − plain20"]
+    assert plain["Δ [95% CI]"].startswith("-30.50 -") and plain["verdict"] == "not resolved at n = 1/2"
+    # One architecture only: no comparison section.
+    only = [r for r in rows if r["checkpoint"].startswith("r20")]
+    titles = [s.title for s in REGISTRY["single"].sections(only, meta)]
+    assert not any("deeper vs shallower" in t for t in titles)
