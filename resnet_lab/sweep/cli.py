@@ -171,6 +171,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", required=True, help="experiment YAML(s), stacked like fit's")
     p.add_argument("--sweep.storage", dest="storage", default=None, help="sqlite:///... or postgresql://...")
     p.add_argument("--sweep.study_name", dest="study_name", default=None)
+    p.add_argument(
+        "--sweep.root", dest="root", default=None, help="folder of the study's runs (and its SQLite file by default)"
+    )
     p.add_argument("--sweep.n_trials", dest="n_trials", type=count(1), default=None)
     p.add_argument("--max-trials", type=count(1), default=None, help="this worker runs at most N trials")
     p.add_argument("--summary", action="store_true", help="print the trial table and write plots; run nothing")
@@ -186,7 +189,7 @@ def parser() -> argparse.ArgumentParser:
 
 def load_spec(args: argparse.Namespace) -> SweepSpec:
     section = merged_sweep_section(args.config)
-    for k in ("storage", "study_name", "n_trials", "threads"):
+    for k in ("storage", "study_name", "root", "n_trials", "threads"):
         if getattr(args, k) is not None:
             section[k] = getattr(args, k)
     return SweepSpec.from_dict(section)
