@@ -1,5 +1,6 @@
 """`resnet-lab sweep`: grid completeness, checkpoint reuse, pruning, W&B agent command, bad input."""
 
+import csv
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.trial import TrialState
 
@@ -361,3 +363,80 @@ def test_preact_and_stochastic_depth_nets_sweep_with_the_paths_study(tmp_path):
         assert t.user_attrs["spec"]["stochastic_depth"] == "batch" and t.user_attrs["spec"]["survival_last"] == 0.8
         lo, hi = t.user_attrs["lesion/paths_range_lo"], t.user_attrs["lesion/paths_range_hi"]
         assert 0 <= lo <= hi <= 3  # 3 blocks: lengths 0..3
+
+
+@pytest.mark.slow
+def test_a_killed_trial_resumes_from_its_last_checkpoint(tmp_path):
+    """A worker killed mid-trial leaves checkpoints; the retried trial resumes from the
+    last one, in the same run directory, with the metrics history complete."""
+    sweep = {"study_name": "resume", "heartbeat_interval": 1, "grace_period": 2, "space": {"model.depth": [8]}}
+    cfg = tiny_config(
+        tmp_path,
+        sweep,
+        extra={"trainer": {**TINY["trainer"], "max_steps": 150, "log_every_n_steps": 1},
+               "run": {**TINY["run"], "checkpoint_every_n_steps": 2}},
+    )  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "resnet_lab.cli",
+        "sweep",
+        "--config",
+        str(REPO / "sweeps/depth.yaml"),
+        "--config",
+        cfg,
+    ]
+    with open(tmp_path / "w.log", "w") as log:
+        worker = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env={**os.environ,
+                                  "OMP_NUM_THREADS": "1"})  # fmt: skip
+    runs = tmp_path / "sweeps" / "resume" / "runs"
+    deadline = time.time() + 300
+    while time.time() < deadline and worker.poll() is None:
+        ckpts = list(runs.glob("trial0/*/checkpoints/step*.ckpt")) + list(runs.glob("trial0/*/checkpoints/last.ckpt"))
+        if ckpts and torch.load(ckpts[0], map_location="cpu", weights_only=False)["global_step"] >= 4:
+            break
+        time.sleep(0.3)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    (killed_dir,) = [p for p in runs.glob("trial0/*") if p.is_dir()]
+    step = torch.load(killed_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    assert 0 < step < 150, (tmp_path / "w.log").read_text()[-2000:]
+    time.sleep(2.5)  # the killed trial's heartbeat goes stale
+    assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg]) == 0
+    trials = load(tmp_path, "resume").trials
+    (done,) = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert [t.state for t in trials if t.number == 0] == [TrialState.FAIL] and done.number == 1
+    assert Path(done.user_attrs["run_dir"]) == killed_dir.resolve()  # the same run, not a new one
+    assert done.user_attrs["resumed_from"] == str((killed_dir / "checkpoints" / "last.ckpt").resolve())
+    assert not (runs / "trial1").exists()
+    with open(killed_dir / "csv" / "metrics.csv") as f:
+        steps = sorted({int(float(r["step"])) for r in csv.DictReader(f) if r.get("train/error_step")})
+    assert steps[0] <= 1 and steps[-1] >= 148 and len(steps) >= 145  # history from the first step to the last
+
+
+def test_a_retry_finds_the_killed_attempts_checkpoint_without_its_run_dir(tmp_path):
+    """Workers of older versions recorded no run directory before the fit ended: the retry
+    finds the killed attempt's one run directory by its trial number."""
+    from optuna.distributions import IntDistribution
+
+    from resnet_lab.sweep.run import resumable_checkpoint
+
+    runs = tmp_path / "runs"
+    ckpt = runs / "trial3" / "20261203-000000-abcd" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"x")
+    study = optuna.create_study()
+    retries = (({"failed_trial": 3}, {}), ({"failed_trial": 4}, {}), ({"failed_trial": 3}, {"reused_from": 1}))
+    for attrs, user in retries:
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.WAITING,
+                params={"model.depth": 8},
+                distributions={"model.depth": IntDistribution(8, 8)},
+                system_attrs=attrs,
+                user_attrs=user,
+            )
+        )
+    assert resumable_checkpoint(study.ask(), runs) == ckpt.resolve()
+    assert resumable_checkpoint(study.ask(), runs) is None  # trial 4 left no run directory
+    assert resumable_checkpoint(study.ask(), runs) is None  # it reused another trial's checkpoint: nothing to resume

@@ -7,7 +7,9 @@ file by default, PostgreSQL for many machines):
     which claims a waiting trial atomically: every cell runs exactly once;
   - a heartbeat marks the running trial alive; a worker killed mid-trial stops
     beating, and the next worker to ask fails it as stale and re-enqueues the same
-    cell (`RetryHeartbeatStaleTrialCallback`), so no cell is lost;
+    cell (`RetryHeartbeatStaleTrialCallback`), so no cell is lost; the retry resumes
+    the killed fit from its last checkpoint, in the same run directory (and W&B
+    run), so no finished step is lost either;
   - a finished trial is committed by `study.tell` and never rewritten.
 
 A trial is one in-process `fit` (its own run directory and W&B run, grouped by the
@@ -69,6 +71,34 @@ class OptunaPruning(pl.Callback):
         if self.trial.should_prune():
             self.pruned = True
             trainer.should_stop = True
+
+
+class RecordRunDir(pl.Callback):
+    """Store the trial's run directory as soon as the fit has one, so that a retry of
+    this trial (after the worker is killed) finds its checkpoints."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:
+            self.trial.set_user_attr("run_dir", str(Path(trainer.default_root_dir).resolve()))
+
+
+def resumable_checkpoint(trial: optuna.Trial, runs: Path) -> Path | None:
+    """The last checkpoint of the killed attempt this trial retries, if it got that far:
+    in the run directory the attempt recorded (user attributes are inherited by the
+    retry), else the one run directory of the attempt's trial under `runs`. An attempt
+    that reused another trial's checkpoint has no fit of its own to resume."""
+    if "reused_from" in trial.user_attrs:
+        return None
+    run_dir = trial.user_attrs.get("run_dir")
+    if run_dir is None:
+        failed = trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+        dirs = [p for p in (runs / f"trial{failed}").glob("*") if p.is_dir()] if failed is not None else []
+        run_dir = dirs[0] if len(dirs) == 1 else None
+    ckpt = Path(run_dir) / "checkpoints" / "last.ckpt" if run_dir else None
+    return ckpt.resolve() if ckpt is not None and ckpt.is_file() else None
 
 
 def storage_url(spec: SweepSpec) -> tuple[str, Any]:
@@ -282,8 +312,13 @@ def run_fit(
         "--trainer.enable_progress_bar",
         "false",
     ]
+    resume = resumable_checkpoint(trial, Path(spec.root) / spec.study_name / "runs")
+    if resume is not None:
+        args += ["--ckpt_path", str(resume)]
+        trial.set_user_attr("resumed_from", str(resume))
+        print(f"trial {trial.number} resumes a killed attempt of its cell from {resume}", flush=True)
     pruning = OptunaPruning(trial, monitor=spec.metric if spec.metric.startswith("val/") else "val/error")
-    cli = cli_main(args, extra_callbacks=[pruning])
+    cli = cli_main(args, extra_callbacks=[pruning, RecordRunDir(trial)])
     if pruning.pruned:
         raise optuna.TrialPruned()
     metrics = {**getattr(cli, "fit_metrics", {}), **getattr(cli, "test_metrics", {})}
