@@ -1,5 +1,6 @@
 """`resnet-lab sweep`: grid completeness, checkpoint reuse, pruning, W&B agent command, bad input."""
 
+import contextlib
 import csv
 import json
 import os
@@ -330,6 +331,10 @@ def test_test_objective_with_a_selecting_sampler_is_refused(tmp_path, capsys):
         ("postgresql://:::", "malformed storage URL"),
         ("sqlite:///{tmp}/afile/sub/study.db", "cannot create the study directory"),
         ("sqlite:///{tmp}/adir", "SQLite database"),
+        ("journal:///{tmp}/missing/study.log", "directory {tmp}/missing does not exist; create it"),
+        ("journal://study.log", "use journal:///path/study.log"),
+        ("journal:///{tmp}/adir", "cannot open the journal file"),
+        ("redis://localhost", "journal:///path/study.log"),
     ],
 )
 def test_storage_errors_are_one_clear_message(tmp_path, capsys, storage, match):
@@ -340,7 +345,7 @@ def test_storage_errors_are_one_clear_message(tmp_path, capsys, storage, match):
     )
     assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg]) == 2
     err = capsys.readouterr().err
-    assert match in err and "server running" not in err and len(err.strip().splitlines()) == 1
+    assert match.format(tmp=tmp_path) in err and "server running" not in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
@@ -440,3 +445,69 @@ def test_a_retry_finds_the_killed_attempts_checkpoint_without_its_run_dir(tmp_pa
     assert resumable_checkpoint(study.ask(), runs) == ckpt.resolve()
     assert resumable_checkpoint(study.ask(), runs) is None  # trial 4 left no run directory
     assert resumable_checkpoint(study.ask(), runs) is None  # it reused another trial's checkpoint: nothing to resume
+
+
+def _workers(tmp_path, cfg: str, n: int, name: str = "w") -> list[subprocess.Popen]:
+    cmd = [sys.executable, "-m", "resnet_lab.cli", "sweep", "--config", str(REPO / "sweeps/depth.yaml"), "--config"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    out = []
+    for i in range(n):
+        with open(tmp_path / f"{name}{i}.log", "w") as log:  # the child keeps its own handle
+            out.append(subprocess.Popen([*cmd, cfg], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path))
+    return out
+
+
+@pytest.mark.slow
+def test_journal_file_two_workers_and_a_kill(tmp_path):
+    """Two workers share one journal file; one is killed -9 mid-trial; a rerun completes
+    the grid with every cell exactly once, the killed cell resumed from its checkpoint."""
+    journal = tmp_path / "shared" / "study.log"
+    journal.parent.mkdir()
+    sweep = {"study_name": "j", "storage": f"journal:///{journal}", "heartbeat_interval": 1, "grace_period": 3,
+             "space": {"model.depth": [8, 14], "model.plain": [False, True]}}  # fmt: skip
+    cfg = tiny_config(tmp_path, sweep, extra={"trainer": {**TINY["trainer"], "max_steps": 60},
+                                              "run": {**TINY["run"], "checkpoint_every_n_steps": 2}})  # fmt: skip
+    workers = _workers(tmp_path, cfg, 2)
+    deadline, victim = time.time() + 300, None
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    while time.time() < deadline and victim is None:  # kill worker 0 once its trial has a checkpoint
+        if any(w.poll() is not None for w in workers):
+            break
+        with contextlib.suppress(KeyError):
+            for t in optuna.load_study(study_name="j", storage=storage).get_trials(states=(TrialState.RUNNING,)):
+                mine = t.user_attrs.get("worker", "").endswith(f"-{workers[0].pid}")
+                if mine and (Path(t.user_attrs.get("run_dir", "/nowhere")) / "checkpoints" / "last.ckpt").exists():
+                    victim = workers[0]
+        time.sleep(0.2)
+    assert victim is not None, "no trial wrote a checkpoint while both workers ran"
+    victim.send_signal(signal.SIGKILL)
+    assert workers[1].wait(timeout=600) == 0, (tmp_path / "w1.log").read_text()[-3000:]
+    trials = optuna.load_study(study_name="j", storage=storage).trials
+    done = sorted((t.params["model.depth"], t.params["model.plain"]) for t in trials if t.state == TrialState.COMPLETE)
+    assert done == [(8, False), (8, True), (14, False), (14, True)]  # each cell exactly once
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1  # the killed worker's trial, failed as stale and retried
+    retry = next(t for t in trials if t.state == TrialState.COMPLETE and t.params == failed[0].params)
+    assert retry.user_attrs.get("resumed_from", "").endswith("last.ckpt")
+    assert Path(retry.user_attrs["run_dir"]).parent.name == f"trial{failed[0].number}"  # the same run directory
+    assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg, "--summary"]) == 0
+
+
+def test_journal_heartbeats_fail_and_retry_stale_trials(tmp_path):
+    from resnet_lab.sweep.storage import JournalFileStorage
+
+    callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+    storage = JournalFileStorage(str(tmp_path / "s.log"), heartbeat_interval=1, grace_period=5, callback=callback)
+    study = optuna.create_study(study_name="h", storage=storage)
+    alive, dead = study.ask(), study.ask()
+    for t in (alive, dead):
+        storage.record_heartbeat(t._trial_id)
+    old = time.time() - 60
+    os.utime(storage.beats / str(dead._trial_id), (old, old))  # its worker stopped beating a minute ago
+    optuna.storages.fail_stale_trials(study)
+    states = {t.number: t.state for t in study.trials}
+    assert states[alive.number] == TrialState.RUNNING and states[dead.number] == TrialState.FAIL
+    (retry,) = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert retry.system_attrs["failed_trial"] == dead.number
+    optuna.storages.fail_stale_trials(study)  # idempotent: nothing else is stale
+    assert sum(t.state == TrialState.WAITING for t in study.trials) == 1

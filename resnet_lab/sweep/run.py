@@ -20,11 +20,9 @@ the checkpoint of an identical finished training config.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -33,7 +31,7 @@ from typing import Any
 import optuna
 import pytorch_lightning as pl
 import torch
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages import BaseStorage, fail_stale_trials
 from optuna.trial import TrialState
 
 from .space import (
@@ -44,6 +42,7 @@ from .space import (
     split_params,
     train_key,
 )
+from .storage import Heartbeat, make_storage, study_lock
 
 
 def quiet_optuna() -> None:
@@ -101,121 +100,7 @@ def resumable_checkpoint(trial: optuna.Trial, runs: Path) -> Path | None:
     return ckpt.resolve() if ckpt is not None and ckpt.is_file() else None
 
 
-def storage_url(spec: SweepSpec) -> tuple[str, Any]:
-    """The storage URL (default: a SQLite file under the study's root) and its parsed form."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    url = spec.storage or f"sqlite:///{Path(spec.root) / spec.study_name / 'study.db'}"
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError) as e:
-        raise SweepError(
-            f"malformed storage URL {url!r}: use sqlite:///path/study.db or postgresql://user:password@host:5432/dbname"
-        ) from e
-    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
-        raise SweepError(f"unsupported storage {parsed.get_backend_name()!r}; use sqlite:/// or postgresql://")
-    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
-        raise SweepError(
-            f"malformed storage URL {url!r}: an in-memory SQLite database dies with this process and no other "
-            "worker can see it; give a file, sqlite:///runs/sweeps/NAME/study.db (three slashes, then the path)"
-        )
-    return url, parsed
-
-
-def make_storage(spec: SweepSpec, create: bool = True) -> tuple[RDBStorage, str]:
-    """Open the study storage; `create=False` refuses a SQLite file that does not exist."""
-    url, parsed = storage_url(spec)
-    sqlite = parsed.get_backend_name() == "sqlite"
-    if sqlite and parsed.database:
-        db = Path(parsed.database)
-        if not create and not db.is_file():
-            existing = sorted(p.parent.name for p in Path(spec.root).glob("*/study.db")) if not spec.storage else []
-            raise SweepError(
-                f"no study {spec.study_name!r}: {db} does not exist; existing under {spec.root}: {existing or 'none'}"
-                if not spec.storage
-                else f"no study database at {db}; run the sweep first, or check sweep.storage"
-            )
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise SweepError(
-                f"cannot create the study directory {db.parent} ({e.strerror}); set sweep.root or sweep.storage "
-                "to a writable place"
-            ) from e
-    try:
-        storage = RDBStorage(
-            url,
-            heartbeat_interval=spec.heartbeat_interval,
-            grace_period=spec.grace_period,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retry),
-            engine_kwargs={"pool_pre_ping": True} if not sqlite else None,
-        )
-    except Exception as e:  # OperationalError, missing driver, ...
-        hint = (
-            "Is the file's directory writable, and the file a SQLite database?"
-            if sqlite
-            else "Is the server running and reachable?"
-        )
-        raise SweepError(
-            f"cannot open storage {parsed.render_as_string(hide_password=True)}: "
-            f"{type(e).__name__}: {str(e).splitlines()[0]}. {hint}"
-        ) from e
-    return storage, url
-
-
-@contextlib.contextmanager
-def study_lock(url: str, name: str):
-    """A lock all workers of a study share: a file lock next to a SQLite file, a
-    PostgreSQL advisory lock for a server."""
-    if url.startswith("sqlite"):
-        from filelock import FileLock
-
-        db = url.split("///", 1)[1]
-        with FileLock(f"{db}.{name}.lock"):
-            yield
-        return
-    import zlib
-
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.pool import NullPool
-
-    engine = create_engine(url, poolclass=NullPool)
-    key = zlib.crc32(f"resnet-lab:{name}".encode())
-    with engine.connect() as conn:
-        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
-        try:
-            yield
-        finally:
-            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-            conn.commit()
-    engine.dispose()
-
-
-class Heartbeat:
-    """Record the trial's heartbeat every `interval` s from a daemon thread."""
-
-    def __init__(self, storage: RDBStorage, trial: optuna.Trial, interval: int) -> None:
-        self.storage, self.trial_id, self.interval = storage, trial._trial_id, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-
-    def _beat(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(Exception):
-                self.storage.record_heartbeat(self.trial_id)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def open_study(spec: SweepSpec, force: bool = False) -> tuple[optuna.Study, RDBStorage, str]:
+def open_study(spec: SweepSpec, force: bool = False) -> tuple[optuna.Study, BaseStorage, str]:
     storage, url = make_storage(spec)
     with study_lock(url, spec.study_name):
         study = optuna.create_study(
@@ -269,7 +154,7 @@ def next_trial(study: optuna.Study, spec: SweepSpec, url: str) -> optuna.Trial |
     So one restarted worker always completes the grid."""
     while True:
         with study_lock(url, spec.study_name):
-            fail_stale_trials(study)  # a killed worker's trial: failed, its cell re-enqueued
+            fail_stale_trials(study)  # a killed worker's trial: failed, its cell re-enqueued (any backend)
             trials = study.get_trials(deepcopy=False)
             if spec.sampler == "grid":
                 if any(t.state == TrialState.WAITING for t in trials):
@@ -460,13 +345,14 @@ def run_worker(
                 break
             torch.set_num_threads(slot.threads())
             trial.set_user_attr("threads", torch.get_num_threads())
+            trial.set_user_attr("worker", slot.path.stem)  # host-pid: which worker ran (or was killed in) it
             failed += run_trial(study, storage, trial, spec, configs)
             done += 1
     return done, failed
 
 
 def run_trial(
-    study: optuna.Study, storage: RDBStorage, trial: optuna.Trial, spec: SweepSpec, configs: list[str]
+    study: optuna.Study, storage: BaseStorage, trial: optuna.Trial, spec: SweepSpec, configs: list[str]
 ) -> int:
     """Run one claimed trial and tell its outcome; returns 1 if it failed."""
     with Heartbeat(storage, trial, spec.heartbeat_interval):
