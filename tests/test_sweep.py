@@ -511,3 +511,30 @@ def test_journal_heartbeats_fail_and_retry_stale_trials(tmp_path):
     assert retry.system_attrs["failed_trial"] == dead.number
     optuna.storages.fail_stale_trials(study)  # idempotent: nothing else is stale
     assert sum(t.state == TrialState.WAITING for t in study.trials) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_worker_gives_its_cell_back(tmp_path, sig):
+    """Ctrl-C or SIGTERM mid-trial stops the worker; a rerun runs the interrupted cell
+    (resumed from its checkpoint) instead of losing it as a failed trial."""
+    sweep = {"study_name": "i", "space": {"model.depth": [8, 14]}}
+    cfg = tiny_config(tmp_path, sweep, extra={"trainer": {**TINY["trainer"], "max_steps": 60},
+                                              "run": {**TINY["run"], "checkpoint_every_n_steps": 2}})  # fmt: skip
+    (worker,) = _workers(tmp_path, cfg, 1)
+    deadline = time.time() + 300
+    while time.time() < deadline and worker.poll() is None:
+        if list((tmp_path / "sweeps" / "i" / "runs").glob("trial0/*/checkpoints/last.ckpt")):
+            break
+        time.sleep(0.2)
+    worker.send_signal(sig)
+    assert worker.wait(timeout=120) == 130
+    log = (tmp_path / "w0.log").read_text()
+    assert "Traceback" not in log and "interrupted; run the same command again to resume" in log, log[-3000:]
+    trials = load(tmp_path, "i").trials
+    assert not any(t.state == TrialState.RUNNING for t in trials)  # nothing left running
+    assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg]) == 0
+    trials = load(tmp_path, "i").trials
+    assert sorted(t.params["model.depth"] for t in trials if t.state == TrialState.COMPLETE) == [8, 14]
+    retry = next(t for t in trials if t.state == TrialState.COMPLETE and t.params["model.depth"] == 8)
+    assert retry.number > 0 and retry.user_attrs["resumed_from"].endswith("last.ckpt")

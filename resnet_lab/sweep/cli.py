@@ -214,6 +214,9 @@ def main(argv: list[str]) -> int:
     except UserError as e:
         print(f"resnet-lab sweep: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("resnet-lab sweep: interrupted; run the same command again to resume the study", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -20,9 +20,12 @@ the checkpoint of an identical finished training config.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -31,7 +34,7 @@ from typing import Any
 import optuna
 import pytorch_lightning as pl
 import torch
-from optuna.storages import BaseStorage, fail_stale_trials
+from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
 from .space import (
@@ -331,6 +334,40 @@ class WorkerSlot:
         return self.fixed or max(1, (os.cpu_count() or 1) // self.live_workers())
 
 
+STOPPING = threading.Event()  # set by Ctrl-C or SIGTERM in this worker
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Ctrl-C and SIGTERM (a launcher, a scheduler) raise KeyboardInterrupt in the worker,
+    which Lightning turns into a graceful stop; `run_trial` then gives the cell back.
+    Without this SIGTERM would kill the worker on the spot. Old handlers come back on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        STOPPING.set()
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        STOPPING.clear()
+
+
+def give_back(study: optuna.Study, trial: optuna.Trial) -> None:
+    """FAIL an interrupted trial and enqueue its cell again, as for a killed worker's
+    stale trial: the retry resumes from the trial's last checkpoint."""
+    RetryHeartbeatStaleTrialCallback(max_retry=None)(study, trial.storage.get_trial(trial._trial_id))
+    trial.set_user_attr("error", "interrupted (Ctrl-C or SIGTERM); its cell was enqueued again")
+    study.tell(trial, state=TrialState.FAIL)
+    print(f"trial {trial.number} interrupted: its cell is enqueued again and resumes on the next run", flush=True)
+
+
 def run_worker(
     spec: SweepSpec, configs: list[str], force: bool = False, max_trials: int | None = None
 ) -> tuple[int, int]:
@@ -338,7 +375,7 @@ def run_worker(
     quiet_optuna()
     study, storage, url = open_study(spec, force)
     done = failed = 0
-    with WorkerSlot(spec) as slot:
+    with WorkerSlot(spec) as slot, stop_on_signals():
         while max_trials is None or done < max_trials:
             trial = next_trial(study, spec, url)
             if trial is None:
@@ -351,6 +388,13 @@ def run_worker(
     return done, failed
 
 
+def fail_and_stop(study: optuna.Study, trial: optuna.Trial, e: BaseException) -> None:
+    """A config error: FAIL the trial (never left RUNNING), then stop the worker."""
+    trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
+    study.tell(trial, state=TrialState.FAIL)
+    raise e
+
+
 def run_trial(
     study: optuna.Study, storage: BaseStorage, trial: optuna.Trial, spec: SweepSpec, configs: list[str]
 ) -> int:
@@ -360,10 +404,13 @@ def run_trial(
             value = objective(trial, spec, configs, study)
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED)
-        except (SweepError, SystemExit) as e:  # a config error: FAIL the trial (never left RUNNING), then stop
-            trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
-            study.tell(trial, state=TrialState.FAIL)
-            raise
+        except (KeyboardInterrupt, SystemExit) as e:
+            if not (STOPPING.is_set() or isinstance(e, KeyboardInterrupt)):
+                fail_and_stop(study, trial, e)  # a config error (the CLI exits)
+            give_back(study, trial)  # Ctrl-C or SIGTERM (Lightning exits after a graceful stop)
+            raise KeyboardInterrupt from e
+        except SweepError as e:
+            fail_and_stop(study, trial, e)
         except Exception as e:  # a diverged or crashed fit: FAIL, never COMPLETE
             trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
             study.tell(trial, state=TrialState.FAIL)
