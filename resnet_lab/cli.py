@@ -10,11 +10,10 @@ Subcommands are dispatched before Lightning is imported, so `models` starts fast
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from .errors import user_error
+from .errors import ArgumentParser, user_error
 from .models import SpecError, count_macs, count_params, create_model, list_models, model_meta
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -52,7 +51,7 @@ def model_rows(filter_: str = "") -> tuple[tuple[str, ...], list[tuple[str, ...]
 
 
 def models_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="resnet-lab models", description="List every registered model.")
+    p = ArgumentParser(prog="resnet-lab models", description="List every registered model.")
     p.add_argument("--filter", default="", help="only names containing this substring")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table (the README's)")
     args = p.parse_args(argv)

@@ -34,6 +34,13 @@ class DivergenceError(UserError, RuntimeError):
     """Training produced a non-finite loss or non-finite weights."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag or value is one line naming it (no usage dump), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def count(minimum: int):
     """An argparse type: an integer >= minimum, or one clear error."""
 

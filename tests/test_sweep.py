@@ -538,3 +538,127 @@ def test_an_interrupted_worker_gives_its_cell_back(tmp_path, sig):
     assert sorted(t.params["model.depth"] for t in trials if t.state == TrialState.COMPLETE) == [8, 14]
     retry = next(t for t in trials if t.state == TrialState.COMPLETE and t.params["model.depth"] == 8)
     assert retry.number > 0 and retry.user_attrs["resumed_from"].endswith("last.ckpt")
+
+
+def _launcher(tmp_path, cfg: str, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "resnet_lab.cli", "sweep", "--config", str(REPO / "sweeps/depth.yaml")]
+    cmd += ["--config", cfg, "--workers", "2", *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(tmp_path / "launcher.log", "w") as log:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+
+
+def _cells(tmp_path, name) -> list[tuple]:
+    trials = load(tmp_path, name).trials
+    assert not any(t.state == TrialState.RUNNING for t in trials)
+    return sorted((t.params["model.depth"], t.params["model.plain"]) for t in trials if t.state == TrialState.COMPLETE)
+
+
+GRID = [(8, False), (8, True), (14, False), (14, True)]
+
+
+@pytest.mark.slow
+def test_workers_launcher_completes_a_grid_each_cell_once(tmp_path):
+    sweep = {"study_name": "w", "space": {"model.depth": [8, 14], "model.plain": [False, True]}}
+    launcher = _launcher(tmp_path, tiny_config(tmp_path, sweep))
+    assert launcher.wait(timeout=600) == 0, (tmp_path / "launcher.log").read_text()[-3000:]
+    log = (tmp_path / "launcher.log").read_text()
+    assert _cells(tmp_path, "w") == GRID
+    per = max(1, (os.cpu_count() or 1) // 2)
+    assert "[w0] pid" in log and "[w1] pid" in log and f"{per} torch thread(s)" in log
+    assert {t.user_attrs["threads"] for t in load(tmp_path, "w").trials} == {per}
+    workers = {t.user_attrs["worker"] for t in load(tmp_path, "w").trials}
+    assert len(workers) == 2, workers  # both workers ran cells
+    assert "[w0] worker ran" in log and "[w1] worker ran" in log
+
+
+def _wait_for_running_checkpoints(tmp_path, name, n: int, launcher) -> list:
+    deadline = time.time() + 300
+    while time.time() < deadline and launcher.poll() is None:
+        if "[w1] pid" not in (tmp_path / "launcher.log").read_text():  # the study exists once workers start
+            time.sleep(0.3)
+            continue
+        with contextlib.suppress(KeyError, optuna.exceptions.StorageInternalError):
+            running = load(tmp_path, name).get_trials(states=(TrialState.RUNNING,))
+            ready = [t for t in running if (Path(t.user_attrs.get("run_dir", "/x")) / "checkpoints/last.ckpt").exists()]
+            if len(ready) >= n:
+                return ready
+        time.sleep(0.3)
+    raise AssertionError((tmp_path / "launcher.log").read_text()[-3000:])
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_every_worker_and_a_rerun_completes(tmp_path):
+    sweep = {"study_name": "t", "space": {"model.depth": [8, 14], "model.plain": [False, True]}}
+    cfg = tiny_config(tmp_path, sweep, extra={"trainer": {**TINY["trainer"], "max_steps": 60},
+                                              "run": {**TINY["run"], "checkpoint_every_n_steps": 2}})  # fmt: skip
+    launcher = _launcher(tmp_path, cfg)
+    _wait_for_running_checkpoints(tmp_path, "t", 2, launcher)
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=180) == 130
+    log = (tmp_path / "launcher.log").read_text()
+    assert "stopped; run the same command again to resume" in log and "Traceback" not in log, log[-3000:]
+    pids = [int(line.split()[2].rstrip(",")) for line in log.splitlines() if " pid " in line and line.startswith("[w")]
+    for pid in pids:  # no worker outlives the launcher
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert len(_cells(tmp_path, "t")) < 4  # stopped mid-grid, nothing left RUNNING
+    assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg]) == 0
+    assert _cells(tmp_path, "t") == GRID
+    resumed = [
+        t for t in load(tmp_path, "t").trials if t.state == TrialState.COMPLETE and "resumed_from" in t.user_attrs
+    ]
+    assert len(resumed) == 2  # both interrupted cells continued from their checkpoints
+
+
+@pytest.mark.slow
+def test_a_worker_killed_9_under_the_launcher_has_its_cell_retried(tmp_path):
+    sweep = {"study_name": "k9", "heartbeat_interval": 1, "grace_period": 3,
+             "space": {"model.depth": [8, 14], "model.plain": [False, True]}}  # fmt: skip
+    cfg = tiny_config(tmp_path, sweep, extra={"trainer": {**TINY["trainer"], "max_steps": 60},
+                                              "run": {**TINY["run"], "checkpoint_every_n_steps": 2}})  # fmt: skip
+    launcher = _launcher(tmp_path, cfg)
+    victim = _wait_for_running_checkpoints(tmp_path, "k9", 1, launcher)[0]
+    pid = int(victim.user_attrs["worker"].rsplit("-", 1)[1])
+    os.kill(pid, signal.SIGKILL)
+    assert launcher.wait(timeout=600) == 1
+    log = (tmp_path / "launcher.log").read_text()
+    assert f"(pid {pid}) was killed by SIGKILL" in log, log[-3000:]
+    assert _cells(tmp_path, "k9") == GRID  # the other worker retried the killed cell
+    retry = [t for t in load(tmp_path, "k9").trials if t.state == TrialState.COMPLETE and t.params == victim.params]
+    assert retry[0].user_attrs["resumed_from"].endswith("last.ckpt")
+
+
+@pytest.mark.parametrize(
+    "workers, gpus, words",
+    [
+        ("0", [], ["--workers: 0 must be >= 1"]),
+        ("two", [], ["'two' is not a number of workers"]),
+        ("gpus", [], ["--workers gpus needs a visible GPU"]),
+        ("3", ["0", "1"], ["--workers 3 but only 2 GPU(s) are visible (0,1)", "--workers 2"]),
+    ],
+)
+def test_bad_worker_counts_are_one_line(tmp_path, capsys, monkeypatch, workers, gpus, words):
+    monkeypatch.setattr("resnet_lab.sweep.launch.visible_gpus", lambda: gpus)
+    cfg = tiny_config(tmp_path, {"study_name": "bw", "space": {"model.depth": [8]}})
+    with pytest.raises(SystemExit) as e:  # argparse exits; the launcher's own errors return 2
+        code = sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg, "--workers", workers])
+        raise SystemExit(code)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+    assert not (tmp_path / "sweeps" / "bw" / "runs").exists()  # no worker started
+
+
+def test_workers_on_gpus_each_see_one(monkeypatch):
+    from resnet_lab.sweep.launch import placements
+
+    monkeypatch.setattr("resnet_lab.sweep.launch.visible_gpus", lambda: ["2", "5", "7"])
+    assert placements("gpus", None) == [{"CUDA_VISIBLE_DEVICES": g} for g in ("2", "5", "7")]
+    assert placements(2, None) == [{"CUDA_VISIBLE_DEVICES": "2"}, {"CUDA_VISIBLE_DEVICES": "5"}]
+    monkeypatch.setattr("resnet_lab.sweep.launch.visible_gpus", lambda: [])
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert placements(4, None) == [{"OMP_NUM_THREADS": "4"}] * 4
+    assert placements(3, 2) == [{"OMP_NUM_THREADS": "2"}] * 3  # --threads given wins

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError, count
+from ..errors import ArgumentParser, UserError, count
 from .report import complete, lesion_summary, write_report
 from .runner import (
     AblationError,
@@ -32,7 +32,7 @@ from .studies import REGISTRY, StudyOptions, check_nets
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="resnet-lab ablate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(

@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from ..errors import UserError, count, load_yaml
+from ..errors import ArgumentParser, UserError, count, load_yaml
+from .launch import parse_workers
 from .space import SweepError, SweepSpec, overrides_to_args, split_params
 
 
@@ -165,7 +166,7 @@ def _matches(rule: dict[str, Any], cell: dict[str, Any]) -> bool:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="resnet-lab sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--config", action="append", required=True, help="experiment YAML(s), stacked like fit's")
@@ -176,11 +177,19 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sweep.n_trials", dest="n_trials", type=count(1), default=None)
     p.add_argument("--max-trials", type=count(1), default=None, help="this worker runs at most N trials")
+    p.add_argument(
+        "--workers",
+        type=parse_workers,
+        default=None,
+        metavar="N|gpus",
+        help="start N workers of the study on this machine (one per GPU with `gpus`; on CPU cores // N threads "
+        "each) and wait for them",
+    )
     p.add_argument("--summary", action="store_true", help="print the trial table and write plots; run nothing")
     p.add_argument("--force", action="store_true", help="reuse a study name whose space differs")
     p.add_argument(
         "--threads",
-        type=int,
+        type=count(1),
         default=None,
         help="torch threads per trial (default: CPU cores // workers on this machine)",
     )
@@ -195,6 +204,34 @@ def load_spec(args: argparse.Namespace) -> SweepSpec:
     return SweepSpec.from_dict(section)
 
 
+def without_workers(argv: list[str]) -> list[str]:
+    """argv minus `--workers N` / `--workers=N`: each worker's own command line."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--workers":
+            skip = True
+        elif not a.startswith("--workers="):
+            out.append(a)
+    return out
+
+
+def run_workers(spec: SweepSpec, args: argparse.Namespace, argv: list[str]) -> int:
+    """Start --workers workers of the study, wait for them, print the summary."""
+    from .launch import launch, placements
+    from .run import load_existing_study, open_study, quiet_optuna
+    from .summary import summarize
+
+    quiet_optuna()
+    envs = placements(args.workers, args.threads)
+    open_study(spec, args.force)  # created and its grid enqueued once, before any worker starts
+    rc = launch(without_workers(argv), envs)
+    study = load_existing_study(spec)
+    print(summarize(study, Path(spec.root) / spec.study_name / "summary", spec.metric))
+    return rc
+
+
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     try:
@@ -203,6 +240,9 @@ def main(argv: list[str]) -> int:
         from .summary import summarize
 
         failed = 0
+        if args.workers is not None and not args.summary:
+            check_space_keys(spec, args.config)
+            return run_workers(spec, args, argv)
         if not args.summary:
             check_space_keys(spec, args.config)
             n, failed = run_worker(spec, args.config, force=args.force, max_trials=args.max_trials)

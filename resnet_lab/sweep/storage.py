@@ -119,14 +119,18 @@ def make_storage(spec: SweepSpec, create: bool = True) -> tuple[BaseStorage, str
                 f"cannot create the study directory {db.parent} ({e.strerror}); set sweep.root or sweep.storage "
                 "to a writable place"
             ) from e
+    # Two processes creating the tables of a new SQLite file at once collide ("table
+    # studies already exists"): the first to open a study's file creates them alone.
+    creating = study_lock(url, spec.study_name) if sqlite and create else contextlib.nullcontext()
     try:
-        storage = RDBStorage(
-            url,
-            heartbeat_interval=spec.heartbeat_interval,
-            grace_period=spec.grace_period,
-            heartbeat_stale_trial_callback=callback,
-            engine_kwargs={"pool_pre_ping": True} if not sqlite else None,
-        )
+        with creating:
+            storage = RDBStorage(
+                url,
+                heartbeat_interval=spec.heartbeat_interval,
+                grace_period=spec.grace_period,
+                heartbeat_stale_trial_callback=callback,
+                engine_kwargs={"pool_pre_ping": True} if not sqlite else None,
+            )
     except Exception as e:  # OperationalError, missing driver, ...
         hint = (
             "Is the file's directory writable, and the file a SQLite database?"
