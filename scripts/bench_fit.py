@@ -1,12 +1,16 @@
-"""Images/s of `resnet-lab fit` vs a plain PyTorch loop with torchvision's PIL DataLoader.
+"""Images/s of `resnet-lab fit` vs a plain PyTorch loop.
 
-Both train the same ResNet-20 on the CIFAR-10 archive with the paper's augmentation
-(pad 4 + random crop + flip), batch 128, SGD. Rounds are interleaved (ours, baseline,
-ours, ...) so drift on the machine hits both; each round times `--steps` steps after
-`--warmup` untimed ones, and the medians are compared.
+Both train the same ResNet-20 on the CIFAR-10 archive, batch 128, SGD. Rounds are
+interleaved (ours, baseline, ours, ...) so drift on the machine hits both; each round
+times `--steps` steps after `--warmup` untimed ones, and the medians are compared.
+  - CPU: the baseline is torchvision's PIL DataLoader with the paper's augmentation
+    (pad 4 + random crop + flip), fp32;
+  - CUDA (`--device cuda`): fit runs with its GPU defaults (bf16 autocast, the dataset
+    kept on the GPU, augmented there); the baseline is a bare CUDA loop on pre-made GPU
+    tensors (no augmentation, bf16 autocast, channels_last): the most a loop can do.
 
     GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000 \\
-    python scripts/bench_fit.py --rounds 3 --steps 60 [--compile]
+    python scripts/bench_fit.py --rounds 3 --steps 60 [--compile] [--device cuda]
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ class _Timer(pl.Callback):
             self.n += len(batch[1])
 
 
-def bench_ours(dm: CIFAR10DataModule, steps: int, warmup: int, compile: bool) -> float:
+def bench_ours(dm: CIFAR10DataModule, steps: int, warmup: int, compile: bool, device: str = "cpu") -> float:
     model = ResNetClassifier("resnet20", compile=compile)
     timer = _Timer(warmup)
     trainer = pl.Trainer(
@@ -56,10 +60,39 @@ def bench_ours(dm: CIFAR10DataModule, steps: int, warmup: int, compile: bool) ->
         enable_model_summary=False,
         limit_val_batches=0,
         callbacks=[timer],
-        accelerator="cpu",
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        precision="bf16-mixed" if device == "cuda" else "32-true",  # resnet-lab fit's defaults
     )
     trainer.fit(model, datamodule=dm)
+    if device == "cuda":
+        torch.cuda.synchronize()
     return timer.n / (time.perf_counter() - timer.t0)
+
+
+def bench_bare_cuda(root: Path, steps: int, warmup: int) -> float:
+    """A bare CUDA training loop on pre-made GPU tensors (the first 128 * 32 images)."""
+    data = ImageFolder(
+        str(root / "train"), T.Compose([T.ToTensor(), T.Normalize((0.491, 0.482, 0.447), (0.247, 0.243, 0.262))])
+    )
+    n = min(len(data), 128 * 32)
+    x = torch.stack([data[i][0] for i in range(n)]).cuda().contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([data[i][1] for i in range(n)]).cuda()
+    model = create_model("resnet20").cuda().to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    t0 = None
+    for i in range(warmup + steps):
+        if i == warmup:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        j = (i * 128) % (n - 127)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x[j : j + 128]), y[j : j + 128])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    torch.cuda.synchronize()
+    return steps * 128 / (time.perf_counter() - t0)
 
 
 def bench_baseline(root: Path, steps: int, warmup: int, workers: int) -> float:
@@ -104,6 +137,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--workers", type=int, default=2, help="baseline DataLoader workers")
     p.add_argument("--compile", action="store_true", help="also time fit with model.compile=true")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = p.parse_args()
     torch.manual_seed(0)
     root = find_split_root(extract_archive(args.archive), ("train", "test"))
@@ -113,8 +147,11 @@ def main() -> None:
     for r in range(args.rounds):
         for name, comp in variants.items():
             # compile's one-off cost is excluded by the warm-up steps (and its cache after round 1)
-            res[name].append(bench_ours(dm, args.steps, args.warmup + (30 if comp else 0), comp))
-        res["baseline"].append(bench_baseline(root, args.steps, args.warmup, args.workers))
+            res[name].append(bench_ours(dm, args.steps, args.warmup + (30 if comp else 0), comp, args.device))
+        if args.device == "cuda":
+            res["baseline"].append(bench_bare_cuda(root, args.steps, args.warmup))
+        else:
+            res["baseline"].append(bench_baseline(root, args.steps, args.warmup, args.workers))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} img/s" for k, v in res.items()), flush=True)
     med = {k: statistics.median(v) for k, v in res.items()}
     print(
@@ -124,6 +161,7 @@ def main() -> None:
                 "ratio_vs_baseline": {k: round(med[k] / med["baseline"], 3) for k in variants},
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
+                "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             },
             indent=2,
         )

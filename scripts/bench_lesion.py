@@ -31,20 +31,30 @@ def trained_like(name: str):
     return m.eval().to(memory_format=torch.channels_last)
 
 
+def sync() -> None:
+    """Wait for queued GPU work, so that a timer measures it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 @torch.no_grad()
 def naive(model, chunks, conds) -> float:
+    sync()
     t = time.perf_counter()
     for x, y in chunks:
         for c in conds:  # one full forward pass of the modified network per condition
             with model.remove_blocks(c.removed):
                 model(x).argmax(1).eq(y).sum()
+    sync()
     return time.perf_counter() - t
 
 
 @torch.no_grad()
 def shared(model, chunks, conds) -> float:
+    sync()
     t = time.perf_counter()
     engine.evaluate(model, chunks, conds)
+    sync()
     return time.perf_counter() - t
 
 
@@ -54,14 +64,16 @@ def main() -> None:
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--chunk", type=int, default=250)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.images, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.images,), generator=g)
+    x, y = x.to(args.device), y.to(args.device)
     chunks = [(x[i : i + args.chunk], y[i : i + args.chunk]) for i in range(0, args.images, args.chunk)]
     result = {}
     for name in args.models:
-        model = trained_like(name)
+        model = trained_like(name).to(args.device)
         conds = engine.single_block_conditions(model)  # intact + every block removed alone
         times = {"naive": [], "prefix": []}
         for r in range(args.rounds):
@@ -85,6 +97,7 @@ def main() -> None:
                 "rounds": args.rounds,
                 "median": result,
                 "threads": torch.get_num_threads(),
+                "device": args.device,
             },
             indent=2,
         )

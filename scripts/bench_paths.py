@@ -20,7 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from bench_lesion import trained_like  # scripts/ is on sys.path when a script runs
+from bench_lesion import sync, trained_like  # scripts/ is on sys.path when a script runs
 
 from resnet_lab.ablation import paths
 
@@ -40,8 +40,10 @@ def naive(model, x, y, routes) -> torch.Tensor:
 
 
 def timed(fn, *args):
+    sync()
     t = time.perf_counter()
     r = fn(*args)
+    sync()
     return time.perf_counter() - t, r
 
 
@@ -51,13 +53,15 @@ def main() -> None:
     p.add_argument("--images", type=int, default=32)
     p.add_argument("--samples", type=int, default=2, help="routings per path length")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.images, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.images,), generator=g)
+    x, y = x.to(args.device), y.to(args.device)
     result = {}
     for name in args.models:
-        model = trained_like(name)
+        model = trained_like(name).to(args.device)
         n = len(model.block_names)
         rng = random.Random(0)
         routes = torch.cat([paths.sample_routes(n, k, args.samples, rng) for k in range(n + 1)])
@@ -81,7 +85,7 @@ def main() -> None:
             "rounds": {k: [round(t, 2) for t in v] for k, v in times.items()},
         }
     print(json.dumps({"images": args.images, "samples": args.samples, "median": result,
-                      "threads": torch.get_num_threads()}, indent=2))  # fmt: skip
+                      "threads": torch.get_num_threads(), "device": args.device}, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":
