@@ -40,6 +40,7 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from torch.optim.lr_scheduler import OneCycleLR
 
+from . import slurm
 from .errors import DivergenceError, UserError, load_yaml, user_error
 from .models import ResNetSpec, named_fields, resolve_spec
 from .module import SPEC_OPTIONS, CheckpointMismatchError, ResNetClassifier, check_spec_matches, read_checkpoint
@@ -298,6 +299,8 @@ class ResNetLabCLI(LightningCLI):
         sub = self.config.get("subcommand")
         cfg = self.config[sub] if sub else None
         ckpt = cfg.get("ckpt_path") if cfg else None
+        if not ckpt and sub == "fit":
+            ckpt = self._slurm_resume(cfg)
         if ckpt:
             if ckpt == "last":
                 cfg.ckpt_path = ckpt = str(latest_checkpoint(cfg))
@@ -310,6 +313,18 @@ class ResNetLabCLI(LightningCLI):
                 raise CheckpointMismatchError(f"--ckpt_path {ckpt} does not exist (use a run's checkpoints/last.ckpt)")
             check_checkpoint_matches(ckpt, cfg.model)
         super()._parse_ckpt_path()
+
+    @staticmethod
+    def _slurm_resume(cfg) -> str | None:
+        """A fit of a restarted Slurm job resumes its run (see slurm.py)."""
+        if not slurm.restarted() or slurm.job_id() is None:
+            return None
+        name = cfg.run.name or spec_of(dict(cfg.model)).name
+        point = slurm.resume_point(Path(cfg.run.root) / name / f"slurm-{slurm.job_id()}")
+        if point is not None:
+            cfg.ckpt_path = str(point)
+            print(f"Slurm job {slurm.job_id()} restarted: resuming from {point}", flush=True)
+        return cfg.ckpt_path
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -410,6 +425,8 @@ class ResNetLabCLI(LightningCLI):
         if self.subcommand in EVALUATIONS:
             return None
         name = cfg.run.name or self.model.spec.name
+        if self.subcommand == "fit" and (job_dir := slurm.run_dir(Path(cfg.run.root), name)) is not None:
+            return job_dir
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
         return Path(cfg.run.root) / name / run_id
 
@@ -493,6 +510,8 @@ class ResNetLabCLI(LightningCLI):
         ]
         if loggers:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if slurm.job_id() is not None:
+            callbacks.append(slurm.SlurmRequeue(ckpt_dir / slurm.REQUEUE))
         return callbacks
 
     def _write_run_files(self, cfg, run_dir: Path, trainer: Trainer) -> None:

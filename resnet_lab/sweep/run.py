@@ -37,6 +37,7 @@ import torch
 from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
+from .. import slurm
 from .space import (
     SweepError,
     SweepSpec,
@@ -99,8 +100,8 @@ def resumable_checkpoint(trial: optuna.Trial, runs: Path) -> Path | None:
         failed = trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
         dirs = [p for p in (runs / f"trial{failed}").glob("*") if p.is_dir()] if failed is not None else []
         run_dir = dirs[0] if len(dirs) == 1 else None
-    ckpt = Path(run_dir) / "checkpoints" / "last.ckpt" if run_dir else None
-    return ckpt.resolve() if ckpt is not None and ckpt.is_file() else None
+    point = slurm.resume_point(Path(run_dir)) if run_dir else None  # last.ckpt, or a newer Slurm requeue one
+    return point.resolve() if point is not None else None
 
 
 def open_study(spec: SweepSpec, force: bool = False) -> tuple[optuna.Study, BaseStorage, str]:
