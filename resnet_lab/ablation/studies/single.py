@@ -76,6 +76,8 @@ def robustness(rows: list[dict], meta: dict[str, Any]) -> list[dict[str, Any]]:
     compared across checkpoints (e.g. seeds) with a Welch interval."""
     intact = {r["checkpoint"]: r["error"] for r in rows if r["study"] == NAME and r["key"] == "intact"
               and r["condition"] == "eval-bn"}  # fmt: skip
+    if len(intact) < 2:  # one network: nothing to compare
+        return []
     spec = {c["label"]: c["spec"] for c in meta["checkpoints"]}
     groups: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     names: dict[tuple[str, int], str] = {}
