@@ -108,3 +108,94 @@ def test_sbatch_scripts_are_valid_and_ask_for_the_requeue_signal(script):
     directives = [line.split()[1] for line in path.read_text().splitlines() if line.startswith("#SBATCH")]
     assert "--signal=SIGUSR1@120" in directives and "--requeue" in directives  # what SlurmRequeue handles
     assert "srun .venv/bin/resnet-lab" in path.read_text()  # srun: the signal reaches the process
+
+
+# -- through a real single-node Slurm (CI starts one with .ci/slurm.sh) -----------------
+def _need_slurm():
+    if not os.environ.get("RESNET_LAB_TEST_SLURM"):
+        if os.environ.get("CI"):
+            pytest.fail("CI must provide Slurm (RESNET_LAB_TEST_SLURM, started by .ci/run with .ci/slurm.sh)")
+        pytest.skip("no Slurm (bash .ci/slurm.sh as root, then RESNET_LAB_TEST_SLURM=1)")
+
+
+def _submit_dir(tmp_path):
+    """A submit directory like a checkout: the scripts run `.venv/bin/resnet-lab` and read sweeps/."""
+    from .conftest import REPO
+
+    work = tmp_path / "work"
+    (work / "logs").mkdir(parents=True)
+    for name in (".venv", "sweeps"):
+        (work / name).symlink_to(REPO / name)
+    return work
+
+
+# The scripts ask for a GPU, 8 CPUs and 32G; this node has none of that. The limit is 1 min,
+# so Slurm's warning (sent up to 60 s early, its event resolution) comes within seconds.
+SMALL = ["--gres=none", "-c", "1", "--mem=2G", "--time=1", "--signal=SIGUSR1@30"]
+TINY_FIT = ("--config sweeps/depth.yaml --data.init_args.source synthetic --data.init_args.val_size 200 "
+            "--data.init_args.eval_subset 100 --data.init_args.batch_size 32 --trainer.max_steps 100000 "
+            "--trainer.enable_progress_bar false --run.logger csv --run.checkpoint_every_n_steps 100000")  # fmt: skip
+
+
+def _sbatch(work, script: str, env: dict, *opts: str) -> str:
+    r = subprocess.run(["sbatch", "--parsable", *opts, f"sweeps/slurm/{script}"], cwd=work, capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0]
+
+
+@pytest.mark.slow
+def test_slurm_requeues_a_fit_at_its_time_limit_and_it_resumes(tmp_path):
+    _need_slurm()
+    work = _submit_dir(tmp_path)
+    job = _sbatch(work, "fit.sbatch", {"ARGS": f"{TINY_FIT} --run.root {work}/runs"}, *SMALL)
+    log = work / "logs" / f"resnet-lab-fit-{job}.out"
+    deadline, text = time.time() + 480, ""
+    try:
+        while time.time() < deadline:  # the warning, the requeue, the restart, a resumed checkpoint
+            text = log.read_text() if log.exists() else ""
+            if "restart 1" in text and text.count("requeue asked") >= 2:
+                break
+            time.sleep(2)
+    finally:
+        subprocess.run(["scancel", job])
+    assert "restart 1" in text and text.count("requeue asked") >= 2, text[-3000:]
+    run_dir = work / "runs" / "resnet20" / f"slurm-{job}"
+    assert [p.name for p in (work / "runs" / "resnet20").iterdir()] == [run_dir.name]  # one run, resumed
+    assert f"resuming from {run_dir}/checkpoints/requeue.ckpt" in text
+    first, second = [int(x.split("step ")[1].split(",")[0]) for x in text.splitlines() if "requeue asked" in x][:2]
+    assert 0 < first < second  # the restarted job continued from the first checkpoint
+    steps = _train_steps(run_dir / "csv" / "metrics.csv")
+    assert steps == list(range(49, max(steps) + 1, 50)) and max(steps) >= first  # every 50th step once, none lost
+
+
+@pytest.mark.slow
+def test_slurm_array_workers_share_one_journal_study(tmp_path):
+    _need_slurm()
+    import optuna
+    from optuna.trial import TrialState
+
+    work = _submit_dir(tmp_path)
+    (work / "study").mkdir()
+    cfg = work / "grid.yaml"
+    cfg.write_text(
+        "sweep:\n  study_name: arr\n  space:\n    model.depth: [8, 14]\n    model.plain: [false, true]\n"
+        "data:\n  init_args:\n    source: synthetic\n    val_size: 200\n    eval_subset: 100\n    batch_size: 32\n"
+        "trainer:\n  max_steps: 4\n  check_val_every_n_epoch: 1\nrun:\n  logger: csv\n  checkpoint_every_n_steps: 4\n"
+    )
+    storage = f"journal:///{work}/study/study.log"
+    env = {"STORAGE": storage, "CONFIGS": f"--config sweeps/depth.yaml --config {cfg}", "ROOT": str(work / "runs")}
+    job = _sbatch(work, "sweep-array.sbatch", env, "--array=0-1", "--gres=none", "-c", "1", "--mem=2G", "--time=10")
+    deadline = time.time() + 480
+    while time.time() < deadline:
+        q = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip()
+        if not q:
+            break
+        time.sleep(2)
+    logs = {p.name: p.read_text() for p in (work / "logs").glob("*.out")}
+    assert len(logs) == 2, logs  # one log per array task
+    backend = optuna.storages.journal.JournalFileBackend(f"{work}/study/study.log")
+    trials = optuna.load_study(study_name="arr", storage=optuna.storages.JournalStorage(backend)).trials
+    done = sorted((t.params["model.depth"], t.params["model.plain"]) for t in trials if t.state == TrialState.COMPLETE)
+    assert done == [(8, False), (8, True), (14, False), (14, True)], "\n".join(logs.values())[-3000:]
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both array tasks ran cells
