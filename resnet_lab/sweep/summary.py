@@ -235,7 +235,16 @@ def depth_table(comps: list[dict]) -> tuple[list[str], list[list[str]]]:
     body = []
     for c in comps:
         t, tr = c["test/error"], c.get("train/error_end")
-        train = "" if tr is None else "; " + tr.verdict("deeper trains better", "deeper trains worse")
+        train = (
+            ""
+            if tr is None
+            else "; "
+            + (
+                tr.verdict("deeper trains better", "deeper trains worse")
+                if tr.resolved
+                else "training error not resolved"
+            )
+        )
         body.append(
             [
                 c["comparison"],
