@@ -1,7 +1,8 @@
 """Optuna studies of `resnet-lab fit` trials, safe for many workers.
 
 Each worker runs the same command; they share the study through its storage (SQLite
-file by default, PostgreSQL for many machines):
+file by default, a journal file on a shared filesystem or PostgreSQL for many machines;
+see storage.py):
 
   - grid cells are enqueued once, under a study lock, and taken with `study.ask()`,
     which claims a waiting trial atomically: every cell runs exactly once;
