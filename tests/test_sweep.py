@@ -381,19 +381,7 @@ def test_a_killed_trial_resumes_from_its_last_checkpoint(tmp_path):
         extra={"trainer": {**TINY["trainer"], "max_steps": 150, "log_every_n_steps": 1},
                "run": {**TINY["run"], "checkpoint_every_n_steps": 2}},
     )  # fmt: skip
-    cmd = [
-        sys.executable,
-        "-m",
-        "resnet_lab.cli",
-        "sweep",
-        "--config",
-        str(REPO / "sweeps/depth.yaml"),
-        "--config",
-        cfg,
-    ]
-    with open(tmp_path / "w.log", "w") as log:
-        worker = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env={**os.environ,
-                                  "OMP_NUM_THREADS": "1"})  # fmt: skip
+    (worker,) = _workers(tmp_path, cfg, 1)  # logs to w0.log
     runs = tmp_path / "sweeps" / "resume" / "runs"
     deadline = time.time() + 300
     while time.time() < deadline and worker.poll() is None:
@@ -405,7 +393,7 @@ def test_a_killed_trial_resumes_from_its_last_checkpoint(tmp_path):
     worker.wait()
     (killed_dir,) = [p for p in runs.glob("trial0/*") if p.is_dir()]
     step = torch.load(killed_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
-    assert 0 < step < 150, (tmp_path / "w.log").read_text()[-2000:]
+    assert 0 < step < 150, (tmp_path / "w0.log").read_text()[-2000:]
     time.sleep(2.5)  # the killed trial's heartbeat goes stale
     assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg]) == 0
     trials = load(tmp_path, "resume").trials
