@@ -12,7 +12,7 @@ from dataclasses import MISSING, asdict, field, fields, make_dataclass
 from typing import Any
 
 from ..study import AblationError, Common, Study, check_fields, option
-from . import cka, iterative, k, paths, probes, reorder, responses, single
+from . import adjacent, cka, iterative, k, paths, probes, reorder, responses, single
 
 
 class Registry:
@@ -44,6 +44,7 @@ REGISTRY = Registry(
     [
         single.Single(),
         k.KLesion(),
+        adjacent.Adjacent(),
         reorder.Reorder(),
         responses.Responses(),
         paths.Paths(),
