@@ -129,39 +129,84 @@ def _lesion_rows(label: str, intact: float, drops: list[float]) -> list[dict]:
     return rows
 
 
-def test_ablate_compares_lesion_robustness_deep_vs_shallow():
+def _sections(nets: list[tuple[str, int, bool, float, list[float]]]) -> dict:
+    """The `single` study's report sections of hand-made rows, by title."""
     from resnet_lab.ablation.studies import REGISTRY
 
-    # (label, depth, plain, intact error, single-drop errors): increases per checkpoint
-    nets = [
-        ("r20 s0", 20, False, 10.0, [20.0, 30.0]),  # +15
-        ("r20 s1", 20, False, 12.0, [30.0, 32.0]),  # +19
-        ("r20 s2", 20, False, 11.0, [28.0, 28.0]),  # +17
-        ("r56 s0", 56, False, 9.0, [11.0, 13.0]),  # +3
-        ("r56 s1", 56, False, 10.0, [14.0, 16.0]),  # +5
-        ("r56 s2", 56, False, 8.0, [12.0, 12.0]),  # +4
-        ("p20 s0", 20, True, 20.0, [90.0, 90.0]),  # +70; one plain-56 only: no interval
-        ("p20 s1", 20, True, 21.0, [89.0, 91.0]),  # +69
-        ("p56 s0", 56, True, 50.0, [90.0, 88.0]),  # +39
-    ]
     rows = [r for label, _, _, intact, drops in nets for r in _lesion_rows(label, intact, drops)]
     meta = {
         "checkpoints": [{"label": n[0], "spec": ResNetSpec(depth=n[1], plain=n[2]).to_dict()} for n in nets],
         "options": {"studies": ["single"], "blocks": None},
         "num_classes": 10,
     }
-    secs = {s.title: s for s in REGISTRY["single"].sections(rows, meta)}
-    head, body = secs["Robustness to single-block removal, deeper vs shallower"].table
-    got = {r[0]: dict(zip(head, r)) for r in body}
+    return {s.title: s for s in REGISTRY["single"].sections(rows, meta)}
+
+
+def _robustness(nets: list[tuple[str, int, bool, float, list[float]]]) -> dict[str, dict[str, str]]:
+    """ablate's deep-vs-shallow robustness table of hand-made single-removal rows, by comparison."""
+    head, body = _sections(nets)["Robustness to single-block removal, deeper vs shallower"].table
+    return {r[0]: dict(zip(head, r)) for r in body}
+
+
+def test_ablate_compares_lesion_robustness_deep_vs_shallow():
+    # (label, depth, plain, intact error, single-drop errors): increases and shares of the
+    # margin below chance (90%) lost, per checkpoint
+    nets = [
+        ("r20 s0", 20, False, 10.0, [20.0, 30.0]),  # +15, 15/80
+        ("r20 s1", 20, False, 12.0, [30.0, 32.0]),  # +19, 19/78
+        ("r20 s2", 20, False, 11.0, [28.0, 28.0]),  # +17, 17/79
+        ("r56 s0", 56, False, 9.0, [11.0, 13.0]),  # +3, 3/81
+        ("r56 s1", 56, False, 10.0, [14.0, 16.0]),  # +5, 5/80
+        ("r56 s2", 56, False, 8.0, [12.0, 12.0]),  # +4, 4/82
+        ("p20 s0", 20, True, 20.0, [90.0, 90.0]),  # +70; one plain-56 only: no interval
+        ("p20 s1", 20, True, 21.0, [89.0, 91.0]),  # +69
+        ("p56 s0", 56, True, 50.0, [80.0, 70.0]),  # +25
+    ]
+    got = _robustness(nets)
     res = got["resnet56 − resnet20"]
     ref = ttest_ind([3.0, 5.0, 4.0], [15.0, 19.0, 17.0], equal_var=False).confidence_interval()
+    deep, shallow = [3 / 81, 5 / 80, 4 / 82], [15 / 80, 19 / 78, 17 / 79]
+    share = ttest_ind([100 * s for s in deep], [100 * s for s in shallow], equal_var=False).confidence_interval()
     assert res["n (deep/shallow)"] == "3/3"
-    assert res["increase, deep"] == "+4.00" and res["increase, shallow"] == "+17.00"
-    assert res["Δ [95% CI]"] == f"-13.00 [{ref.low:+.2f}, {ref.high:+.2f}]"
+    assert res["intact, deep / shallow"] == "9.00 / 11.00" and res["one removed, deep / shallow"] == "13.00 / 28.00"
+    assert res["increase Δ [95% CI]"] == f"-13.00 [{ref.low:+.2f}, {ref.high:+.2f}]"
+    m = 100 * (sum(deep) - sum(shallow)) / 3
+    assert res["margin lost, deep / shallow"] == f"{100 * sum(deep) / 3:.1f}% / {100 * sum(shallow) / 3:.1f}%"
+    assert res["margin lost Δ [95% CI]"] == f"{m:+.2f} [{share.low:+.2f}, {share.high:+.2f}]"
     assert res["verdict"] == "deeper is more robust"
     plain = got["plain56 − plain20"]
-    assert plain["Δ [95% CI]"].startswith("-30.50 -") and plain["verdict"] == "not resolved at n = 1/2"
+    assert plain["increase Δ [95% CI]"].startswith("-44.50 -") and plain["verdict"] == "not resolved at n = 1/2"
     # One architecture only: no comparison section.
-    only = [r for r in rows if r["checkpoint"].startswith("r20")]
-    titles = [s.title for s in REGISTRY["single"].sections(only, meta)]
+    titles = _sections([n for n in nets if n[0].startswith("r20")])
     assert not any("deeper vs shallower" in t for t in titles)
+
+
+def test_lesion_robustness_is_judged_on_the_margin_left_above_chance():
+    # The plain nets of the README's seeded study: plain-56 starts at 60% error, so a removal
+    # can add only ~30 points before chance (90%), plain-20's adds 63. The raw increase
+    # called the deeper net "more robust"; both end near chance: neither is.
+    plain = [
+        ("p20 s0", 20, True, 26.0, [89.66]),
+        ("p20 s1", 20, True, 24.2, [88.57]),
+        ("p20 s2", 20, True, 26.0, [89.07]),
+        ("p56 s0", 56, True, 58.9, [86.11]),
+        ("p56 s1", 56, True, 58.1, [86.03]),
+        ("p56 s2", 56, True, 62.5, [87.42]),
+    ]
+    row = _robustness(plain)["plain56 − plain20"]
+    assert row["increase Δ [95% CI]"].startswith("-37.01 [-40.")  # resolved on the raw scale, and misleading
+    assert row["verdict"] == "both within 5 points of chance after one removal: neither is robust"
+    # Nets that differ in intact error but keep a margin: the same share of it lost is no
+    # difference in robustness, though the raw increases differ by 10 points.
+    margin = [
+        ("r20 s0", 20, False, 20.0, [50.0]),  # +30 of 70
+        ("r20 s1", 20, False, 21.0, [52.0]),  # +31 of 69
+        ("r20 s2", 20, False, 19.0, [48.0]),  # +29 of 71
+        ("r56 s0", 56, False, 40.0, [60.0]),  # +20 of 50
+        ("r56 s1", 56, False, 41.0, [62.0]),  # +21 of 49
+        ("r56 s2", 56, False, 39.0, [58.0]),  # +19 of 51
+    ]
+    row = _robustness(margin)["resnet56 − resnet20"]
+    assert row["increase Δ [95% CI]"].startswith("-10.00 [-1")  # the raw interval excludes 0
+    assert row["margin lost, deep / shallow"] == "40.0% / 42.9%"
+    assert row["verdict"] == "not resolved at n = 3/3"

@@ -70,61 +70,92 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return ["condition", *cols], body
 
 
+NEAR_CHANCE = 5.0  # points of error: a net this close to chance after a removal has nothing left to lose
+
+
 def robustness(rows: list[dict], meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per architecture family, each depth against the shallowest: the mean error increase
-    of a single-block removal over the intact net (eval-BN), one number per checkpoint,
-    compared across checkpoints (e.g. seeds) with a Welch interval."""
+    """Per architecture family, each depth against the shallowest, across checkpoints (e.g.
+    seeds) with Welch intervals: the mean error increase of a single-block removal over the
+    intact net (eval-BN), and the share of the intact net's margin below chance that it
+    loses. Only the share compares nets that start at different errors: a net at 60% can
+    lose 30 points before chance, one at 25% 65."""
     intact = {r["checkpoint"]: r["error"] for r in rows if r["study"] == NAME and r["key"] == "intact"
               and r["condition"] == "eval-bn"}  # fmt: skip
     if len(intact) < 2:  # one network: nothing to compare
         return []
+    chance = chance_error(meta["num_classes"])
     spec = {c["label"]: c["spec"] for c in meta["checkpoints"]}
-    groups: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    groups: dict[str, dict[int, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     names: dict[tuple[str, int], str] = {}
     for (ck, cond), drops in by_net(rows).items():
         if cond != "eval-bn" or ck not in intact:
             continue
         fam, depth = depth_family(spec[ck]), spec[ck]["depth"]
-        groups[fam][depth].append(statistics.fmean(r["error"] for r in drops) - intact[ck])
+        groups[fam][depth].append((intact[ck], statistics.fmean(r["error"] for r in drops)))
         names[(fam, depth)] = ResNetSpec.from_dict(spec[ck]).name
+
+    def increases(side):
+        return [after - before for before, after in side]
+
+    def shares(side):  # % of the margin below chance lost; a net at chance has none to lose
+        return [100 * (after - before) / (chance - before) for before, after in side if before < chance]
+
     out = []
     for fam, by_depth in groups.items():
         depths = sorted(by_depth)
         shallow = by_depth[depths[0]]
         for d in depths[1:]:
+            deep = by_depth[d]
+            mean = lambda side, i: statistics.fmean(x[i] for x in side)  # noqa: E731
             out.append(
                 {
                     "comparison": f"{names[(fam, d)]} − {names[(fam, depths[0])]}",
-                    "deep": statistics.fmean(by_depth[d]),
-                    "shallow": statistics.fmean(shallow),
-                    "difference": welch(shallow, by_depth[d]),
+                    "intact": (mean(deep, 0), mean(shallow, 0)),
+                    "after": (mean(deep, 1), mean(shallow, 1)),
+                    "increase": welch(increases(shallow), increases(deep)),
+                    "shares": (shares(deep), shares(shallow)),
+                    "near_chance": min(mean(deep, 1), mean(shallow, 1)) >= chance - NEAR_CHANCE,
                 }
             )
     return out
 
 
 def robustness_table(comps: list[dict]) -> tuple[list[str], list[list[str]]]:
-    head = ["comparison", "n (deep/shallow)", "increase, deep", "increase, shallow", "Δ [95% CI]", "verdict"]
+    head = ["comparison", "n (deep/shallow)", "intact, deep / shallow", "one removed, deep / shallow",
+            "increase Δ [95% CI]", "margin lost, deep / shallow", "margin lost Δ [95% CI]", "verdict"]  # fmt: skip
     body = []
     for c in comps:
-        d = c["difference"]
+        inc, (deep, shallow) = c["increase"], c["shares"]
+        share = welch(shallow, deep) if deep and shallow else None
+        if c["near_chance"]:
+            verdict = f"both within {NEAR_CHANCE:g} points of chance after one removal: neither is robust"
+        elif share is None:
+            verdict = "a side is at chance intact: no margin to lose"
+        else:
+            verdict = share.verdict("deeper is more robust", "deeper is less robust")
         body.append(
             [
                 c["comparison"],
-                f"{d.n_b}/{d.n_a}",
-                f"{c['deep']:+.2f}",
-                f"{c['shallow']:+.2f}",
-                f"{d.mean:+.2f} {d.interval()}",
-                d.verdict("deeper is more robust", "deeper is less robust"),
+                f"{inc.n_b}/{inc.n_a}",
+                " / ".join(f"{x:.2f}" for x in c["intact"]),
+                " / ".join(f"{x:.2f}" for x in c["after"]),
+                f"{inc.mean:+.2f} {inc.interval()}",
+                f"{statistics.fmean(deep):.1f}% / {statistics.fmean(shallow):.1f}%" if share else "-",
+                f"{share.mean:+.2f} {share.interval()}" if share else "-",
+                verdict,
             ]
         )
     return head, body
 
 
 ROBUSTNESS_NOTE = (
-    "Per checkpoint, the mean error increase of a single-block removal over its intact net (eval-BN, points of "
-    "error), then deeper minus shallowest within each architecture (the same spec but for depth). Interval: 95% "
-    "Welch t interval across checkpoints (e.g. seeds) of each side; a verdict only where it excludes 0."
+    "Per checkpoint, the mean error of a single-block removal (eval-BN) against its intact net: the increase in "
+    "points of error, and the share of the intact net's margin below chance that the removal loses, (removed − "
+    "intact) / (chance − intact). Then deeper minus shallowest within each architecture (the same spec but for "
+    "depth), with a 95% Welch t interval across the checkpoints (e.g. seeds) of each side. The verdict is judged "
+    "on the share, since nets that start at different errors have different room to lose (a raw increase "
+    f"favours the worse net), and only where its interval excludes 0; where both sides end within {NEAR_CHANCE:g} "
+    "points of chance after one removal, neither is robust and none is more robust."
 )
 
 
