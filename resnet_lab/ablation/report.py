@@ -88,8 +88,7 @@ def plot_all(rows: list[dict], agg: list[dict], out: Path, num_classes: int) -> 
     import matplotlib
 
     matplotlib.use("Agg")
-    # One colour per checkpoint across all plots, in command-line order.
-    colour = {ck: f"C{i}" for i, ck in enumerate(dict.fromkeys(r["checkpoint"] for r in rows))}
+    colour = checkpoint_colours(list(dict.fromkeys(r["checkpoint"] for r in rows)))
     made = {}
     for study in REGISTRY:
         name = study.plot(rows, out, colour, num_classes)
@@ -99,6 +98,20 @@ def plot_all(rows: list[dict], agg: list[dict], out: Path, num_classes: int) -> 
     if name:
         made["seeds"] = name
     return made
+
+
+def checkpoint_colours(labels: list[str]) -> dict[str, Any]:
+    """One colour per checkpoint across all plots, in command-line order: the default cycle
+    up to 10 checkpoints, then tab20 (the default cycle repeats after 10), then a
+    continuous colormap."""
+    import matplotlib
+
+    if len(labels) <= 10:
+        return {ck: f"C{i}" for i, ck in enumerate(labels)}
+    if len(labels) <= 20:
+        return {ck: matplotlib.colormaps["tab20"](i) for i, ck in enumerate(labels)}  # an int: the i-th colour
+    turbo = matplotlib.colormaps["turbo"]
+    return {ck: turbo(i / (len(labels) - 1)) for i, ck in enumerate(labels)}
 
 
 def _plot_seeds(agg: list[dict], path: Path, num_classes: int) -> str | None:
