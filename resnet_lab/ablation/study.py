@@ -63,6 +63,18 @@ def check_fields(opts: Any) -> None:
                 raise AblationError(f"unknown {f.name} {unknown or list(v)}; valid: {', '.join(f.metadata['choices'])}")
 
 
+def check_at_most_blocks(name: str, specs: Sequence[ResNetSpec], opts: Any) -> None:
+    """Refuse a count option `name` (e.g. k_max) above the removable blocks of any net."""
+    value = getattr(opts, name)
+    for spec in specs:
+        n = len(set(opts.blocks)) if opts.blocks else spec.num_blocks
+        if value > n:
+            raise AblationError(
+                f"{name} {value} exceeds the {n} removable blocks of {spec.name}; lower --{name.replace('_', '-')} "
+                f"(in a sweep: ablation.{name})"
+            )
+
+
 @dataclass(frozen=True)
 class Common:
     """The options every study shares (the runner's, and the random draws')."""

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..engine import Condition
 from ..stats import mean_spread
-from ..study import AblationError, Section, Study, check_fields, option, save_figure
+from ..study import Section, Study, check_at_most_blocks, check_fields, option, save_figure
 from .k import curves as k_curves
 
 NAME = "adjacent"
@@ -116,13 +116,7 @@ class Adjacent(Study):
     metrics = {"adjacentN_error": "mean error over the runs of N adjacent blocks removed (adjacent1_error, ...)"}
 
     def check(self, specs, opts) -> None:
-        for spec in specs:
-            n = len(set(opts.blocks)) if opts.blocks else spec.num_blocks
-            if opts.adjacent_max > n:
-                raise AblationError(
-                    f"adjacent_max {opts.adjacent_max} exceeds the {n} removable blocks of {spec.name}; lower "
-                    "--adjacent-max (in a sweep: ablation.adjacent_max)"
-                )
+        check_at_most_blocks("adjacent_max", specs, opts)
 
     def run(self, unit) -> None:
         self.check([unit.ckpt.spec], unit.opts)

@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import engine
 from ..stats import mean_spread
-from ..study import AblationError, Section, Study, check_fields, option, save_figure
+from ..study import Section, Study, check_at_most_blocks, check_fields, option, save_figure
 
 NAME = "k"
 
@@ -60,13 +60,7 @@ class KLesion(Study):
     }
 
     def check(self, specs, opts) -> None:
-        for spec in specs:
-            n = len(set(opts.blocks)) if opts.blocks else spec.num_blocks
-            if opts.k_max > n:
-                raise AblationError(
-                    f"k_max {opts.k_max} exceeds the {n} removable blocks of {spec.name}; lower --k-max "
-                    "(in a sweep: ablation.k_max)"
-                )
+        check_at_most_blocks("k_max", specs, opts)
 
     def run(self, unit) -> None:
         o = unit.opts

@@ -97,6 +97,9 @@ def robustness(rows: list[dict], meta: dict[str, Any]) -> list[dict[str, Any]]:
     def increases(side):
         return [after - before for before, after in side]
 
+    def mean(side, i):  # i = 0: intact error, 1: error with one block removed
+        return statistics.fmean(x[i] for x in side)
+
     def shares(side):  # % of the margin below chance lost; a net at chance has none to lose
         return [100 * (after - before) / (chance - before) for before, after in side if before < chance]
 
@@ -106,7 +109,6 @@ def robustness(rows: list[dict], meta: dict[str, Any]) -> list[dict[str, Any]]:
         shallow = by_depth[depths[0]]
         for d in depths[1:]:
             deep = by_depth[d]
-            mean = lambda side, i: statistics.fmean(x[i] for x in side)  # noqa: E731
             out.append(
                 {
                     "comparison": f"{names[(fam, d)]} − {names[(fam, depths[0])]}",
