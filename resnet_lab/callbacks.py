@@ -113,6 +113,22 @@ class HistoryCSVLogger(CSVLogger):
         return self._experiment
 
 
+def read_history(run_dir: str | os.PathLike | None, keys: tuple[str, ...], folder: str = "csv") -> dict:
+    """{key: [(step, value), ...]} from a run's FOLDER/metrics.csv (the HistoryCSVLogger's
+    file; `csv-validate`, `csv-test` for evaluations of a run's checkpoint); empty series
+    where the run or the key is missing."""
+    path = Path(run_dir or "") / folder / "metrics.csv"
+    series: dict[str, list[tuple[int, float]]] = {k: [] for k in keys}
+    if not path.is_file():
+        return series
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            for k in keys:
+                if r.get(k) not in (None, ""):
+                    series[k].append((int(float(r["step"])), float(r[k])))
+    return series
+
+
 class _HistoryWriter(ExperimentWriter):
     def __init__(self, log_dir: str, resume_step: int | None) -> None:
         self.resume_step = resume_step

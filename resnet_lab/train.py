@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.util
 import json
 import netrc
 import os
@@ -216,6 +217,11 @@ class ResNetLabCLI(LightningCLI):
         check_trainer_counts(cfg.trainer, fit=self.subcommand == "fit")
         if cfg.run.checkpoint_every_n_steps < 1:
             raise UserError(f"run.checkpoint_every_n_steps={cfg.run.checkpoint_every_n_steps} must be >= 1")
+        if cfg.run.logger in ("wandb", "both") and importlib.util.find_spec("wandb") is None:
+            raise UserError(
+                f"run.logger={cfg.run.logger} but wandb is not installed (offline nodes often lack it): "
+                "pip install wandb, or log to CSV only with --run.logger csv"
+            )
         if self.subcommand in EVALUATIONS and not cfg.get("ckpt_path") and not cfg.run.untrained:
             raise UserError(
                 f"`resnet-lab {self.subcommand}` without --ckpt_path would score randomly initialised weights. Pass "

@@ -146,3 +146,11 @@ def test_sweep_ablation_counts_are_checked_before_training(tmp_path, capsys):
     assert sweep_main(["--config", DEPTH, "--config", cfg]) == 2
     assert "limit=0" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "sweeps" / "a")
+
+
+def test_wandb_logger_without_wandb_installed_names_the_csv_logger(tmp_path, capsys, monkeypatch):
+    # Offline GPU nodes ship no wandb: Lightning's WandbLogger raised a ModuleNotFoundError traceback.
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError; find_spec -> None
+    assert cli(fit_args(tmp_path, logger="wandb")) == 2
+    one_message(capsys, "wandb is not installed", "--run.logger csv")
+    assert not list((tmp_path / "runs").glob("*/*"))

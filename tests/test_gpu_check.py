@@ -1,7 +1,8 @@
 """scripts/gpu_check.py --smoke: every step of the GPU check runs, tiny, on CPU, so the
-script is ready (and cannot rot) for the first GPU machine."""
+script is ready (and cannot rot) for the next GPU machine."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,30 +10,72 @@ import pytest
 
 from .conftest import REPO
 
+SCRIPT = str(REPO / "scripts" / "gpu_check.py")
+
+
+def gpu_check(*args, env=None):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=900, env=env)
+
 
 @pytest.mark.slow
-def test_gpu_check_smoke_runs_every_step(tmp_path):
+def test_gpu_check_smoke_runs_every_step_then_the_paper_run(tmp_path):
     out = tmp_path / "gc"
-    r = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    r = gpu_check("--smoke", "--out", str(out), "--runs", str(tmp_path / "runs"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((out / "gpu_check.json").read_text())
     assert {"main_job", "bench_fit", "bench_lesion", "bench_paths", "ddp"} <= set(res)
-    assert res["main_job"]["rc"] == 0 and 0 <= res["main_job"]["test_acc"] <= 100
+    main = res["main_job"]
+    assert main["rc"] == 0 and 0 <= main["test_error"] <= 100 and main["budget_s"] > 0
+    assert main["run_dir"].startswith(str(tmp_path / "runs"))  # --runs: the fits' directories, apart from OUT
     assert res["bench_fit"]["result"]["ratio_vs_baseline"]["fit"] > 0
     assert res["bench_lesion"]["result"]["median"]["resnet8"]["ratio"] > 0
     assert res["bench_paths"]["result"]["median"]["preact_resnet8"]["routings"] == 4
     ddp = res["ddp"]
     assert ddp["equal"] is True and ddp["ddp_val_error"] == ddp["single_val_error"]  # 2 processes = 1 process
     md = (out / "gpu_check.md").read_text()
-    assert md.startswith("# GPU check (cpu (smoke)") and "| ddp | 0 |" in md
+    assert md.startswith("# GPU check (cpu (smoke)") and "| ddp | 0 |" in md and "test_error" in md
+    # The optional second command: estimated from bench_fit's img/s, then run beside Table 6's number.
+    r = gpu_check("--smoke", "--paper", "--out", str(out), "--runs", str(tmp_path / "runs"), "--budget", "600")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    paper = json.loads((out / "gpu_check.json").read_text())["paper"]
+    img_s = res["bench_fit"]["result"]["median_img_per_s"]["fit"]
+    assert paper["estimate_s"] == round(4 * 32 / img_s * 1.05 + 60) and paper["paper_error"] == 8.75
+    assert paper["rc"] == 0 and 0 <= paper["test_error"] <= 100
+    r = gpu_check("--smoke", "--paper", "--out", str(out), "--budget", "10")  # the estimate does not fit
+    assert r.returncode == 2 and "exceeds --budget 10" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_steps_the_node_lacks_packages_for_are_refused_and_the_others_run(tmp_path):
+    hide = tmp_path / "hide"  # a node without jsonargparse (no wheelhouse installed)
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['jsonargparse'] = None\n")
+    env = {**os.environ, "PYTHONPATH": str(hide)}
+    r = gpu_check("--smoke", "--out", str(tmp_path / "gc"), env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "main_job refused: needs jsonargparse" in r.stderr and "ddp refused: needs jsonargparse" in r.stderr
+    res = json.loads((tmp_path / "gc" / "gpu_check.json").read_text())
+    assert "refused" in res["main_job"] and "refused" in res["ddp"]
+    assert all(res[s]["rc"] == 0 for s in ("bench_fit", "bench_lesion", "bench_paths"))
 
 
 def test_gpu_check_without_a_gpu_says_to_use_smoke(tmp_path):
-    cmd = [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--out", str(tmp_path)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
+    r = gpu_check("--out", str(tmp_path), env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2 and "--smoke" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--out", "/proc/gpu-check"], "cannot be written"),
+    (["--out", "FILE"], "is a file"),
+    (["--data", "/nonexistent/cifar.tar.gz"], "does not exist"),
+    (["--budget", "0"], "positive number of seconds"),
+    (["--budget", "nan"], "positive number of seconds"),
+    (["--paper"], "run it first"),
+])  # fmt: skip
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, words):
+    (tmp_path / "FILE").write_text("x")
+    args = [str(tmp_path / "FILE") if a == "FILE" else a for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "gc")]
+    r = gpu_check("--smoke", *out, *args)
+    assert r.returncode == 2 and words in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

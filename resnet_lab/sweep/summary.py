@@ -25,6 +25,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..ablation.stats import Difference, depth_family, mean_spread, welch
+from ..callbacks import read_history
 from ..models import ResNetSpec, paper_error
 from .space import SEED_KEY
 
@@ -367,16 +368,7 @@ def _plot_lesions(rows: list[dict], out: Path) -> str | None:
 
 def read_curves(run_dir: str | None) -> dict[str, list[tuple[int, float]]]:
     """(step, value) series of a run's csv/metrics.csv: train/error_step and val/error."""
-    path = Path(run_dir or "") / "csv" / "metrics.csv"
-    series: dict[str, list[tuple[int, float]]] = {"train/error_step": [], "val/error": []}
-    if not path.is_file():
-        return series
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            for k in series:
-                if r.get(k) not in (None, ""):
-                    series[k].append((int(float(r["step"])), float(r[k])))
-    return series
+    return read_history(run_dir, ("train/error_step", "val/error"))
 
 
 def _smooth(points: list[tuple[int, float]], window: int) -> list[tuple[int, float]]:
