@@ -214,7 +214,9 @@ class ResNetLabCLI(LightningCLI):
                 f"no data configured. Start from an experiment file: resnet-lab {self.subcommand} "
                 "--config sweeps/depth.yaml --config sweeps/presets/cpu-quick.yaml"
             )
-        check_trainer_counts(cfg.trainer, fit=self.subcommand == "fit")
+        check_trainer_counts(cfg.trainer, self.subcommand)
+        if self.subcommand == "fit":
+            say_if_no_validation(cfg)
         if cfg.run.checkpoint_every_n_steps < 1:
             raise UserError(f"run.checkpoint_every_n_steps={cfg.run.checkpoint_every_n_steps} must be >= 1")
         if cfg.run.logger in ("wandb", "both") and importlib.util.find_spec("wandb") is None:
@@ -243,8 +245,13 @@ class ResNetLabCLI(LightningCLI):
             raise OptionError(f"the config does not build ({type(e).__name__}): {first}") from e
 
     def _run_subcommand(self, subcommand: str) -> None:
+        from lightning_fabric.utilities.exceptions import MisconfigurationException
+
         try:
             super()._run_subcommand(subcommand)
+        except MisconfigurationException as e:  # found by Lightning once the data is known: still the config's
+            self._remove_if_empty()
+            raise OptionError(str(e).strip().splitlines()[0]) from e
         except BaseException:
             self._remove_if_empty()
             raise
@@ -262,6 +269,12 @@ class ResNetLabCLI(LightningCLI):
             shutil.rmtree(run_dir, ignore_errors=True)
 
     def after_fit(self) -> None:
+        if self.trainer.global_step == 0 and not self.trainer.interrupted:
+            raise UserError(
+                f"fit trained no step: the training data gave {self.trainer.num_training_batches} batches (is "
+                "data.init_args.batch_size larger than the training set? full batches only). Lower the batch size, "
+                "or raise trainer.limit_train_batches"
+            )
         # Keep fit's final metrics (train/, val/): test() replaces callback_metrics.
         self.fit_metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
         self.test_metrics: dict[str, float] = {}
@@ -423,12 +436,18 @@ class ResNetLabCLI(LightningCLI):
                 define_wandb_metrics(lg.experiment)
 
 
-def check_trainer_counts(t, fit: bool) -> None:
-    """Trainer counts that Lightning would divide by, or loop on, are checked up front."""
+def check_trainer_counts(t, subcommand: str | None) -> None:
+    """Trainer counts that Lightning would divide by, or loop on, or that leave the command
+    nothing to do, are checked up front."""
 
     def bad(name: str, why: str) -> UserError:
         return UserError(f"trainer.{name}={t.get(name)!r} {why}")
 
+    fit = subcommand == "fit"
+    stage = {"fit": "train", "validate": "val", "test": "test", "predict": "predict"}.get(subcommand or "")
+    if stage and t.get(f"limit_{stage}_batches") == 0:
+        what = "trains nothing" if fit else f"gives `{subcommand}` nothing to score"
+        raise bad(f"limit_{stage}_batches", f"{what}: give a count of batches >= 1, a fraction in (0, 1], or drop it")
     if fit:
         for name in ("max_steps", "max_epochs"):
             v = t.get(name)
@@ -456,6 +475,22 @@ def check_trainer_counts(t, fit: bool) -> None:
     count = devices is not None and not isinstance(devices, list) and str(devices).lstrip("-").isdigit()
     if count and (int(devices) == 0 or int(devices) < -1):
         raise bad("devices", "must be a positive count, -1 (all), a list of device ids, or auto")
+
+
+def say_if_no_validation(cfg) -> None:
+    """A fit without validation data does what it was asked and says what that means."""
+    why = (
+        "trainer.limit_val_batches=0" if cfg.trainer.get("limit_val_batches") == 0
+        else "data.init_args.val_size=0" if (cfg.data.get("init_args") or {}).get("val_size") == 0
+        else None
+    )  # fmt: skip
+    if why and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(
+            f"resnet-lab fit: no validation ({why}): no val/ metrics and no best-*.ckpt; "
+            "last.ckpt is kept and the final weights are tested",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _as_list(x: Any) -> list[Any]:

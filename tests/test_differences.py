@@ -210,3 +210,11 @@ def test_lesion_robustness_is_judged_on_the_margin_left_above_chance():
     assert row["increase Δ [95% CI]"].startswith("-10.00 [-1")  # the raw interval excludes 0
     assert row["margin lost, deep / shallow"] == "40.0% / 42.9%"
     assert row["verdict"] == "not resolved at n = 3/3"
+
+
+def test_summary_of_a_single_depth_says_why_it_has_no_depth_comparison(tmp_path):
+    # Issue 26 §A: with one depth the depth section was silently absent.
+    study = _study({(20, False): [(10.0, None), (11.0, None)], (20, True): [(20.0, None)]}, tmp_path)
+    text = summarize(study, tmp_path / "s", "test/error")
+    assert "Depth comparisons: none: the study has one depth (20)" in text
+    assert "## Depth comparisons" in (tmp_path / "s" / "cells.md").read_text()  # the table says so too

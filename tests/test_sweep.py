@@ -4,6 +4,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
+from resnet_lab.cli import main as cli
 from resnet_lab.sweep.cli import main as sweep_main
 from resnet_lab.sweep.cli import wandb_agent_command
 from resnet_lab.train import expand_args_json
@@ -329,7 +331,7 @@ def test_test_objective_with_a_selecting_sampler_is_refused(tmp_path, capsys):
     "storage, match",
     [
         ("postgresql://:::", "malformed storage URL"),
-        ("sqlite:///{tmp}/afile/sub/study.db", "cannot create the study directory"),
+        ("sqlite:///{tmp}/afile/sub/study.db", "directory {tmp}/afile/sub does not exist"),
         ("sqlite:///{tmp}/adir", "SQLite database"),
         ("journal:///{tmp}/missing/study.log", "directory {tmp}/missing does not exist; create it"),
         ("journal://study.log", "use journal:///path/study.log"),
@@ -650,3 +652,50 @@ def test_workers_on_gpus_each_see_one(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert placements(4, None) == [{"OMP_NUM_THREADS": "4"}] * 4
     assert placements(3, 2) == [{"OMP_NUM_THREADS": "2"}] * 3  # --threads given wins
+
+
+@pytest.mark.parametrize(
+    "sweep, words",
+    [
+        ({"seeds": [0, 0]}, "sweep.seeds lists 0 twice"),
+        ({"space": {"model.depth": [8, 14, 8]}}, "sweep.space.model.depth lists 8 twice"),
+        ({"space": {"model.plain": [False, True, False]}}, "lists False twice"),
+    ],
+)
+def test_a_list_that_defines_runs_does_not_collapse(tmp_path, sweep, words):
+    # Issue 26 §A: `seeds: [0, 0]` ran one trial per cell; the duplicate vanished behind Optuna's log line.
+    from resnet_lab.sweep.space import SweepError, SweepSpec
+
+    with pytest.raises(SweepError, match=words):
+        SweepSpec.from_dict({"study_name": "s", "space": {"model.depth": [8]}, **sweep})
+
+
+def test_journal_paths_absolute_and_relative_and_the_slurm_example(tmp_path, monkeypatch):
+    # Issue 26 §B: the Slurm example's journal:///shared/... was a relative path (three slashes, then the path).
+    from resnet_lab.sweep.space import SweepError, SweepSpec
+    from resnet_lab.sweep.storage import storage_url
+
+    def path(url):
+        return storage_url(SweepSpec.from_dict({"study_name": "s", "space": {"model.depth": [8]}, "storage": url}))[1]
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert path("journal:////shared/u/study.log") == Path("/shared/u/study.log")
+    assert path("journal:///rel/study.log") == tmp_path / "rel" / "study.log"  # against this directory
+    sbatch = (REPO / "sweeps" / "slurm" / "sweep-array.sbatch").read_text()
+    for url in re.findall(r"STORAGE=(journal:\S+)", sbatch):
+        assert path(url.replace("$USER", "u")).is_absolute(), url
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    with pytest.raises(SweepError, match="give the absolute one, journal:////rel/study.log"):
+        path("journal:///rel/study.log")
+    assert path("journal:////shared/u/study.log") == Path("/shared/u/study.log")
+
+
+def test_an_explicit_sqlite_file_in_a_missing_directory_is_refused(tmp_path, capsys):
+    # Issue 26 §B: sqlite:////nonexistent/dir/x.db created /nonexistent/dir (as root) and ran.
+    url = f"sqlite:///{tmp_path}/missing/dir/study.db"
+    cfg = tiny_config(tmp_path, {"study_name": "q", "space": {"model.depth": [8]}, "storage": url})
+    assert cli(["sweep", "--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg]) == 2
+    err = capsys.readouterr().err
+    assert f"directory {tmp_path}/missing/dir does not exist; create it" in err and "Traceback" not in err
+    assert not (tmp_path / "missing").exists()

@@ -118,6 +118,7 @@ class SweepSpec:
             if isinstance(v, list):
                 if not v:
                     raise SweepError(f"sweep.space.{k} is an empty list")
+                _check_once(f"sweep.space.{k}", v)
             elif isinstance(v, dict):
                 if self.sampler == "grid":
                     raise SweepError(f"sweep.space.{k} is a range; a grid needs a list of values")
@@ -159,6 +160,7 @@ class SweepSpec:
                 raise SweepError(f"give the seeds once: sweep.seeds or sweep.space.{SEED_KEY}, not both")
             if not self.seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in self.seeds):
                 raise SweepError(f"sweep.seeds must be a non-empty list of integers, got {self.seeds!r}")
+            _check_once("sweep.seeds", self.seeds)
         for i, rule in enumerate(self.overrides or []):
             if not isinstance(rule, dict) or set(rule) != {"when", "set"} or not rule["when"] or not rule["set"]:
                 raise SweepError(
@@ -306,6 +308,14 @@ class SweepSpec:
         except (ImportError, AttributeError) as e:
             raise SweepError(f"unknown pruner {path!r}; e.g. optuna.pruners.MedianPruner") from e
         return cls(**(self.pruner.get("init_args") or {}))
+
+
+def _check_once(name: str, values: list[Any]) -> None:
+    """Each value of a list that defines runs (a grid's cells, seeds) is one run: a repeat would
+    silently collapse into one. True and 1 count as different values here."""
+    for i, x in enumerate(values):
+        if any(x == e and (type(x) is type(e) or numeric([x, e])) for e in values[:i]):
+            raise SweepError(f"{name} lists {x!r} twice; give each value once")
 
 
 def numeric(values: list[Any]) -> bool:

@@ -18,6 +18,7 @@ touches on the same filesystem, so clock skew between machines does not matter.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -81,7 +82,13 @@ def storage_url(spec: SweepSpec) -> tuple[str, Any]:
             raise SweepError(
                 f"malformed storage URL {url!r}: use journal:///path/study.log (three slashes, then the path)"
             )
-        return url, Path(url[len(JOURNAL) :])
+        path = Path(url[len(JOURNAL) :])
+        if not path.is_absolute() and os.environ.get("SLURM_JOB_ID"):
+            raise SweepError(
+                f"sweep.storage {url!r} is a relative path (three slashes, then the path), and under Slurm each "
+                f"task resolves it against its own working directory: give the absolute one, journal:////{path}"
+            )
+        return url, path.resolve()
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as e:
@@ -105,6 +112,10 @@ def make_storage(spec: SweepSpec, create: bool = True) -> tuple[BaseStorage, str
     sqlite = parsed.get_backend_name() == "sqlite"
     if sqlite and parsed.database:
         db = Path(parsed.database)
+        if spec.storage and not db.parent.is_dir():  # as the journal: never create a directory somebody named
+            raise SweepError(
+                f"the SQLite file's directory {db.parent} does not exist; create it (mkdir -p), or fix sweep.storage"
+            )
         if not create and not db.is_file():
             existing = sorted(p.parent.name for p in Path(spec.root).glob("*/study.db")) if not spec.storage else []
             raise SweepError(

@@ -227,6 +227,17 @@ def depth_comparisons(rows: list[dict]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda r: (r["setting"], r["comparison"]))
 
 
+def no_depth_comparison(rows: list[dict]) -> str:
+    """Why `depth_comparisons` found nothing to compare."""
+    done = [r for r in rows if r["state"] == "COMPLETE" and r.get("family") and "test/error" in r]
+    depths = sorted({r["depth"] for r in done})
+    if not depths:
+        return "no completed trial with a test error yet"
+    if len(depths) == 1:
+        return f"the study has one depth ({depths[0]}); sweep model.depth over two or more to compare depths"
+    return f"no two depths {depths} share a setting of the other swept parameters and an architecture"
+
+
 def _diff(d: Difference | None) -> str:
     return "-" if d is None else f"{d.mean:+.2f} {d.interval()}"
 
@@ -460,6 +471,11 @@ def summarize(study: optuna.Study, out: Path, metric: str) -> str:
     if comps:
         text += "\n\nDepth comparisons (deeper − shallowest; 95% Welch t intervals over seeds):\n"
         text += write_depth_comparisons(comps, out)
+    else:
+        why = no_depth_comparison(rows)
+        text += f"\n\nDepth comparisons: none: {why}"
+        with open(out / "cells.md", "a") as f:
+            f.write(f"\n## Depth comparisons\n\nNone: {why}.\n")
     plots = plot(rows, cs, out)
     counts = {s.name: sum(r["state"] == s.name for r in rows) for s in TrialState}
     text += "\n\n" + ", ".join(f"{k.lower()} {v}" for k, v in counts.items() if v)

@@ -1,0 +1,61 @@
+"""Issue 26 §A: no command exits 0 having trained, validated or tested nothing. Each case
+either refuses in one line (exit 2, nothing written) or does what the user plainly meant and
+says so."""
+
+import pytest
+
+from resnet_lab.cli import main as cli
+
+from .conftest import fit_args, one_message
+
+
+@pytest.fixture(scope="module")
+def run_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nothing")
+    assert cli(fit_args(root, steps=2)) == 0
+    (last,) = (root / "runs").glob("*/*/checkpoints/last.ckpt")
+    return root, last
+
+
+@pytest.mark.parametrize("extra", [["--trainer.limit_train_batches", "0"], ["--trainer.limit_train_batches", "0.0"]])
+def test_fit_that_would_train_no_batch_is_refused(tmp_path, capsys, extra):
+    assert cli(fit_args(tmp_path, *extra)) == 2
+    one_message(capsys, "trainer.limit_train_batches", "trains nothing")
+    assert not list((tmp_path / "runs").glob("*/*"))
+
+
+def test_fit_that_trained_no_step_is_an_error(tmp_path, capsys):
+    # batches are full (drop_last): 4096 > the 1,800 synthetic training images gives none, and
+    # Lightning stopped "No training batches", tested the initialisation and exited 0
+    assert cli(fit_args(tmp_path, "--data.init_args.batch_size", "4096")) == 2
+    one_message(capsys, "fit trained no step", "batch_size")
+    assert not list((tmp_path / "runs").glob("*/*"))  # no run directory is left with untrained weights
+
+
+def test_a_fraction_of_less_than_one_batch_is_one_line(tmp_path, capsys):
+    # Lightning finds it once the data is known (0.01 of 14 batches): it was a traceback
+    assert cli(fit_args(tmp_path, "--trainer.limit_train_batches", "0.01")) == 2
+    one_message(capsys, "limit_train_batches", "Try at least")
+    assert not list((tmp_path / "runs").glob("*/*"))
+
+
+@pytest.mark.parametrize("extra", [["--trainer.limit_val_batches", "0"], ["--data.init_args.val_size", "0"]])
+def test_fit_without_validation_says_so_and_tests_the_final_weights(tmp_path, capsys, extra):
+    assert cli(fit_args(tmp_path, *extra)) == 0
+    out = capsys.readouterr()
+    assert "no validation" in out.out + out.err and "no best-*.ckpt" in out.out + out.err
+    (run,) = (tmp_path / "runs").glob("*/*")
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not list(run.glob("checkpoints/best-*.ckpt"))
+
+
+@pytest.mark.parametrize(
+    "cmd, flag",
+    [("validate", "limit_val_batches"), ("test", "limit_test_batches"), ("predict", "limit_predict_batches")],
+)
+def test_evaluation_of_no_batch_is_refused_before_writing(run_ckpt, capsys, cmd, flag):
+    root, last = run_ckpt
+    args = fit_args(root, f"--trainer.{flag}", "0", "--ckpt_path", str(last))
+    assert cli([cmd, *args[1:]]) == 2
+    one_message(capsys, f"trainer.{flag}=0", "nothing")
+    run = last.parents[1]
+    assert not list(run.glob(f"config-{cmd}.yaml")) and not (run / f"csv-{cmd}").exists()
