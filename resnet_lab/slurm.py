@@ -70,12 +70,24 @@ class SlurmRequeue(pl.Callback):
         self.requested = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
-        if not self.requested or self.done:
+        if self.done:
+            return
+        # Under DDP every rank must save at the same batch (save_checkpoint waits on a barrier),
+        # but the signal may reach the ranks on different batches: save when any rank has it.
+        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
         self.done = True
         trainer.save_checkpoint(self.ckpt_path)
         if trainer.is_global_zero:
-            job = job_id()
+            self._requeue(trainer.global_step)
+
+    def _requeue(self, step: int) -> None:
+        job = job_id()
+        try:
             rc = subprocess.call(["scontrol", "requeue", str(job)])
-            print(f"Slurm job {job}: checkpoint at step {trainer.global_step}, requeue " +
-                  ("asked" if rc == 0 else f"failed (scontrol exit {rc})"), flush=True)  # fmt: skip
+        except OSError:  # no scontrol on this node's PATH: the checkpoint still resumes a resubmitted job
+            print(f"Slurm job {job}: checkpoint at step {step} in {self.ckpt_path}; scontrol is not on PATH, so the "
+                  "job was not requeued: resubmit it (it resumes from that checkpoint)", flush=True)  # fmt: skip
+            return
+        print(f"Slurm job {job}: checkpoint at step {step}, requeue " +
+              ("asked" if rc == 0 else f"failed (scontrol exit {rc})"), flush=True)  # fmt: skip

@@ -199,3 +199,46 @@ def test_slurm_array_workers_share_one_journal_study(tmp_path):
     done = sorted((t.params["model.depth"], t.params["model.plain"]) for t in trials if t.state == TrialState.COMPLETE)
     assert done == [(8, False), (8, True), (14, False), (14, True)], "\n".join(logs.values())[-3000:]
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both array tasks ran cells
+
+
+class _Strategy:
+    def __init__(self, any_rank: bool) -> None:
+        self.any_rank, self.asked = any_rank, []
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        self.asked.append((decision, all))
+        return decision or self.any_rank  # another rank's decision, as the collective would return it
+
+
+class _Trainer:
+    def __init__(self, any_rank: bool = False, zero: bool = True) -> None:
+        self.strategy, self.is_global_zero, self.global_step, self.saved = _Strategy(any_rank), zero, 40, []
+
+    def save_checkpoint(self, path) -> None:
+        self.saved.append(path)
+
+
+def test_without_scontrol_the_requeue_is_one_line_and_the_checkpoint_stays(tmp_path, monkeypatch, capsys):
+    # Issue 26 §B: a fit with SLURM_JOB_ID and no scontrol on PATH died with a 64-line traceback on SIGUSR1.
+    from resnet_lab.slurm import SlurmRequeue
+
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol here
+    cb, trainer = SlurmRequeue(tmp_path / "requeue.ckpt"), _Trainer()
+    cb._request(signal.SIGUSR1, None)
+    cb.on_train_batch_end(trainer, None)  # no exception: training goes on until Slurm stops it
+    assert trainer.saved == [tmp_path / "requeue.ckpt"]
+    out = capsys.readouterr().out
+    assert "scontrol is not on PATH" in out and "requeue.ckpt" in out and len(out.strip().splitlines()) == 1
+
+
+def test_under_ddp_every_rank_saves_when_any_rank_was_signalled(tmp_path, monkeypatch):
+    # Issue 26 §B: ranks that saw SIGUSR1 on different batches entered save_checkpoint's barrier apart.
+    from resnet_lab.slurm import SlurmRequeue
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    cb, trainer = SlurmRequeue(tmp_path / "requeue.ckpt"), _Trainer(any_rank=True, zero=False)
+    cb.on_train_batch_end(trainer, None)  # this rank saw no signal; another did
+    assert trainer.saved == [tmp_path / "requeue.ckpt"] and trainer.strategy.asked == [(False, False)]
+    cb.on_train_batch_end(trainer, None)  # once only
+    assert len(trainer.saved) == 1

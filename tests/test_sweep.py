@@ -626,13 +626,17 @@ def test_a_worker_killed_9_under_the_launcher_has_its_cell_retried(tmp_path):
         ("two", [], ["'two' is not a number of workers"]),
         ("gpus", [], ["--workers gpus needs a visible GPU"]),
         ("3", ["0", "1"], ["--workers 3 but only 2 GPU(s) are visible (0,1)", "--workers 2"]),
+        ("64", [], ["--workers 64 on 2 CPU core(s)", "--workers 2 or fewer"]),  # started 64 workers silently
+        ("2 --threads=2", [], ["--workers 2 x --threads 2 = 4 threads on 2 CPU core(s)", "--threads 1"]),
     ],
 )
 def test_bad_worker_counts_are_one_line(tmp_path, capsys, monkeypatch, workers, gpus, words):
     monkeypatch.setattr("resnet_lab.sweep.launch.visible_gpus", lambda: gpus)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    workers, *more = workers.split()
     cfg = tiny_config(tmp_path, {"study_name": "bw", "space": {"model.depth": [8]}})
     with pytest.raises(SystemExit) as e:  # argparse exits; the launcher's own errors return 2
-        code = sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg, "--workers", workers])
+        code = sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg, "--workers", workers, *more])
         raise SystemExit(code)
     assert e.value.code == 2
     err = capsys.readouterr().err
@@ -652,6 +656,17 @@ def test_workers_on_gpus_each_see_one(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert placements(4, None) == [{"OMP_NUM_THREADS": "4"}] * 4
     assert placements(3, 2) == [{"OMP_NUM_THREADS": "2"}] * 3  # --threads given wins
+
+
+def test_a_worker_keeps_the_threads_the_user_gave_in_either_spelling():
+    from resnet_lab.sweep.launch import worker_command
+
+    env = {"OMP_NUM_THREADS": "1"}
+    assert worker_command(["--config", "x.yaml"], env)[-2:] == ["--threads", "1"]
+    for given in (["--threads", "3"], ["--threads=3"]):  # `--threads=3` was overridden by a second --threads 1
+        cmd = worker_command(["--config", "x.yaml", *given], env)
+        assert cmd[-len(given) :] == given and cmd.count("--threads") + cmd.count("--threads=3") == 1
+    assert "--threads" not in worker_command(["--config", "x.yaml"], {"CUDA_VISIBLE_DEVICES": "0"})
 
 
 @pytest.mark.parametrize(

@@ -66,8 +66,27 @@ def placements(workers: int | str, threads: int | None) -> list[dict[str, str]]:
                 f"GPU: --workers {len(gpus)} (or --workers gpus)"
             )
         return [{"CUDA_VISIBLE_DEVICES": g} for g in gpus[:workers]]
-    per = threads or max(1, (os.cpu_count() or 1) // workers)
+    cores = os.cpu_count() or 1
+    if workers > cores:
+        raise SweepError(
+            f"--workers {workers} on {cores} CPU core(s): workers beyond the cores slow each other down and none "
+            f"finishes sooner; give --workers {cores} or fewer"
+        )
+    per = threads or max(1, cores // workers)
+    if workers * per > cores:
+        raise SweepError(
+            f"--workers {workers} x --threads {per} = {workers * per} threads on {cores} CPU core(s): they would "
+            f"slow each other down; give --threads {max(1, cores // workers)} or fewer workers"
+        )
     return [{"OMP_NUM_THREADS": str(per)} for _ in range(workers)]
+
+
+def worker_command(argv: list[str], env: dict[str, str]) -> list[str]:
+    """One worker's command line: `resnet-lab sweep argv`, with its share of the cores as
+    --threads on CPU unless argv gives --threads (`--threads N` or `--threads=N`)."""
+    given = any(a == "--threads" or a.startswith("--threads=") for a in argv)
+    threads = [] if given or "CUDA_VISIBLE_DEVICES" in env else ["--threads", env["OMP_NUM_THREADS"]]
+    return [sys.executable, "-m", "resnet_lab.cli", "sweep", *argv, *threads]
 
 
 def _stream(i: int, pipe: IO[str], lock: threading.Lock) -> None:
@@ -83,8 +102,7 @@ def launch(argv: list[str], envs: list[dict[str, str]]) -> int:
     procs: list[subprocess.Popen] = []
     lock, readers = threading.Lock(), []
     for i, env in enumerate(envs):
-        threads = [] if "--threads" in argv or "CUDA_VISIBLE_DEVICES" in env else ["--threads", env["OMP_NUM_THREADS"]]
-        cmd = [sys.executable, "-m", "resnet_lab.cli", "sweep", *argv, *threads]
+        cmd = worker_command(argv, env)
         p = subprocess.Popen(
             cmd, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -93,7 +111,9 @@ def launch(argv: list[str], envs: list[dict[str, str]]) -> int:
         readers.append(threading.Thread(target=_stream, args=(i, p.stdout, lock), daemon=True))
         readers[-1].start()
         gpu = env.get("CUDA_VISIBLE_DEVICES")
-        place = f"GPU {gpu}" if gpu else f"{threads[1]} torch thread(s)" if threads else "--threads as given"
+        place = (
+            f"GPU {gpu}" if gpu else f"{cmd[-1]} torch thread(s)" if cmd[-2] == "--threads" else "--threads as given"
+        )
         print(f"[w{i}] pid {p.pid}, {place}", flush=True)
     stopped = threading.Event()
 
