@@ -127,7 +127,11 @@ def condense_parser_message(message: str, options: list[str]) -> str:
         detail = next(
             (ln for ln in lines[1:] if not ln.startswith(("Given value", "- ", "Subtypes", "Errors", "Does not"))), ""
         )
+        choices = [v for lit in re.findall(r"Literal\[([^\]]*)\]", message) for v in lit.split(", ")]
         want = f" (expected {' or '.join(t.replace('NoneType', 'null') for t in types)})" if types else ""
+        if choices:  # --trainer.precision 17: name the values it takes, not only "null"
+            values = [*dict.fromkeys(choices), *(["null"] if "NoneType" in types else [])]
+            want = f" (expected one of: {', '.join(values)})"
         what = f"invalid value {given!r} for --{name}" if given is not None else f"--{name}: {detail or head}"
         return what + want
     unknown = re.match(r"unrecognized arguments: (.*)", head)

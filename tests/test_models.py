@@ -185,3 +185,13 @@ def test_spec_roundtrip_and_none_overrides():
     assert ResNetSpec.from_dict(spec.to_dict()) == spec
     # None overrides keep the registry default (CLI defaults never clobber).
     assert create_model("plain20", plain=None, depth=None).spec.plain is True
+
+
+def test_registering_a_taken_name_is_refused():
+    # Issue 26 §D: a duplicate silently replaced the first registration (torchvision raises).
+    from resnet_lab.models.registry import _REGISTRY, register_model
+
+    before = _REGISTRY["resnet20"]()
+    with pytest.raises(ValueError, match="'resnet20' is already registered"):
+        register_model("resnet20", family="cifar", depth=20, plain=True)
+    assert _REGISTRY["resnet20"]() == before and not before.plain

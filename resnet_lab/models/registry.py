@@ -113,6 +113,8 @@ NAMED_FIELDS = ("family", "depth", "plain", "preact", "block_type")
 def register_model(name: str, generic: bool = False, **fields: Any) -> None:
     """Register `name` as a default spec; the spec is validated now, not at use.
     A `generic` builder fixes only its family (and pre-activation): depth is free."""
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is already registered; choose another name")
     spec = ResNetSpec(**fields)
     _REGISTRY[name] = lambda: ResNetSpec(**fields)
     named = ("family", "preact") if generic else NAMED_FIELDS
