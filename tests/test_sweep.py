@@ -714,3 +714,27 @@ def test_an_explicit_sqlite_file_in_a_missing_directory_is_refused(tmp_path, cap
     err = capsys.readouterr().err
     assert f"directory {tmp_path}/missing/dir does not exist; create it" in err and "Traceback" not in err
     assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize(
+    "sweep, words",
+    [
+        ({"space": {"optimizer.init_args.lr": [0.1, -0.1, 0.2]}}, ["optimizer.init_args.lr': -0.1", "learning rate"]),
+        ({"space": {"trainer.accumulate_grad_batches": [0]}}, ["trainer.accumulate_grad_batches=0"]),
+        (
+            {"space": {"model.depth": [8, 14]}, "overrides": [{"when": {"model.depth": 14},
+                                                                "set": {"optimizer.init_args.lr": -1.0}}]},
+            ["optimizer.init_args.lr': -1.0", "learning rate"],
+        ),
+    ],
+)  # fmt: skip
+def test_every_cell_s_optimizer_and_trainer_values_are_checked_before_training(tmp_path, capsys, sweep, words):
+    # Issue 26 §C: such values failed inside their trial (recorded FAILED, exit 1) after others trained.
+    space = {"model.depth": [8], **sweep.pop("space")}
+    cfg = tiny_config(tmp_path, {"study_name": "oc", "space": space, **sweep})
+    assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for w in words:
+        assert w in err, (w, err)
+    assert not (tmp_path / "sweeps" / "oc").exists()  # no study, no trial, no run

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import io
 import json
 import sys
@@ -81,6 +82,30 @@ def check_single_process(cfg: dict[str, Any]) -> None:
         )
 
 
+def check_builds(cfg: dict[str, Any]) -> None:
+    """What `fit` checks only when it starts, checked for a resolved cell config: the trainer
+    counts, and the optimizer and lr scheduler built on a stand-in parameter (SGD's lr < 0,
+    OneCycleLR's total_steps, ...)."""
+    import torch
+
+    from ..train import check_trainer_counts
+
+    check_trainer_counts(cfg.get("trainer") or {}, "fit")
+    built: dict[str, Any] = {}
+    for section in ("optimizer", "lr_scheduler"):
+        conf = cfg.get(section)
+        if not isinstance(conf, dict) or "class_path" not in conf:
+            continue
+        module, _, name = conf["class_path"].rpartition(".")
+        first = [torch.nn.Parameter(torch.zeros(1))] if section == "optimizer" else built.get("optimizer")
+        if first is None:
+            continue
+        try:
+            built[section] = getattr(importlib.import_module(module), name)(first, **(conf.get("init_args") or {}))
+        except (ValueError, TypeError) as e:
+            raise UserError(f"{section} {conf['class_path']} does not build: {e}") from None
+
+
 def walk_keys(d: Any, prefix: str = "") -> set[str]:
     keys = set()
     if isinstance(d, dict):
@@ -103,12 +128,14 @@ def check_space_keys(spec: SweepSpec, configs: list[str]) -> None:
         if k not in keys:
             close = difflib.get_close_matches(k, sorted(keys), n=3, cutoff=0.6)
             raise SweepError(f"unknown parameter {k!r} in sweep.space; close matches: {close or 'none'}")
-    # Each value must parse too (types, choices): probe the first and the last value of
-    # each list and both ends of each range; no probe may ask for several processes.
+    # Each value must parse and build (types, choices, the optimizer's and scheduler's own
+    # checks, trainer counts): one probe per value of each list (both ends of each range),
+    # the other keys at their first value; no probe may ask for several processes.
     fit_space = {k: v for k, v in spec.space.items() if not k.startswith("ablation.")}
-    probes = [
-        {k: (v[i] if isinstance(v, list) else v[("low", "high")[i]]) for k, v in fit_space.items()} for i in (0, -1)
-    ]
+    first = {k: (v[0] if isinstance(v, list) else v["low"]) for k, v in fit_space.items()}
+    probes = [first]
+    for k, v in fit_space.items():
+        probes += [{**first, k: x} for x in (v[1:] if isinstance(v, list) else [v["high"]])]
     for i, missing in spec.inactive_overrides():
         typos = [k for k in missing if k not in keys]
         if typos:
@@ -125,8 +152,12 @@ def check_space_keys(spec: SweepSpec, configs: list[str]) -> None:
                 raise SweepError(f"unknown option {k!r} in sweep.overrides; close matches: {close or 'none'}")
         probes.append({**probes[0], **rule["set"]})
     resolved = [fit_config(configs, probe) for probe in probes]
-    for cfg in resolved:
+    for probe, cfg in zip(probes, resolved):
         check_single_process(cfg)
+        try:
+            check_builds(cfg)
+        except UserError as e:
+            raise SweepError(f"sweep cell {probe}: {e}") from None
     check_cell_models(spec, resolved[0])  # every cell sets the swept keys of this first probe itself
 
 
