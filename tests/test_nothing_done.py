@@ -59,3 +59,27 @@ def test_evaluation_of_no_batch_is_refused_before_writing(run_ckpt, capsys, cmd,
     one_message(capsys, f"trainer.{flag}=0", "nothing")
     run = last.parents[1]
     assert not list(run.glob(f"config-{cmd}.yaml")) and not (run / f"csv-{cmd}").exists()
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        # a repeated study was stored twice, and a rerun with it once was refused as another configuration
+        (["--studies", "single", "single"], ["--studies lists single twice"]),
+        # the option of a study that does not run was ignored, exit 0
+        (["--studies", "single", "--cka-without", "layer1.0"], ["--cka-without", "cka study", "--studies"]),
+        (["--studies", "single", "--probe-images", "200"], ["--probe-images", "probes study"]),
+        # too few images for the estimate: every probe at chance, "chosen on a held-out fifth" of 1 image
+        (["--studies", "probes", "--probe-images", "1"], ["probes needs at least 100 training images", "10 classes"]),
+        # the unbiased HSIC needs 4 images: it crashed in outer() after writing the manifest
+        (["--studies", "cka", "--limit", "3"], ["cka needs at least 4 images", "--limit 3"]),
+    ],
+)
+def test_ablate_that_would_do_less_than_asked_is_refused_before_writing(two_checkpoints, tmp_path, capsys, args, words):
+    out = tmp_path / "report"
+    assert cli(["ablate", two_checkpoints[0], "--out", str(out), "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
+    for w in words:
+        assert w in err, (w, err)
+    assert not out.exists()  # not even the manifest

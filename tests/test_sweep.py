@@ -560,6 +560,7 @@ def test_workers_launcher_completes_a_grid_each_cell_once(tmp_path):
     workers = {t.user_attrs["worker"] for t in load(tmp_path, "w").trials}
     assert len(workers) == 2, workers  # both workers ran cells
     assert "[w0] worker ran" in log and "[w1] worker ran" in log
+    assert log.count("Trials:") == 1 and "[w0] Trials:" not in log  # the summary once, from the launcher
 
 
 def _wait_for_running_checkpoints(tmp_path, name, n: int, launcher) -> list:
@@ -662,10 +663,10 @@ def test_a_worker_keeps_the_threads_the_user_gave_in_either_spelling():
     from resnet_lab.sweep.launch import worker_command
 
     env = {"OMP_NUM_THREADS": "1"}
-    assert worker_command(["--config", "x.yaml"], env)[-2:] == ["--threads", "1"]
+    assert worker_command(["--config", "x.yaml"], env)[-3:-1] == ["--threads", "1"]
     for given in (["--threads", "3"], ["--threads=3"]):  # `--threads=3` was overridden by a second --threads 1
         cmd = worker_command(["--config", "x.yaml", *given], env)
-        assert cmd[-len(given) :] == given and cmd.count("--threads") + cmd.count("--threads=3") == 1
+        assert cmd[-len(given) - 1 : -1] == given and cmd.count("--threads") + cmd.count("--threads=3") == 1
     assert "--threads" not in worker_command(["--config", "x.yaml"], {"CUDA_VISIBLE_DEVICES": "0"})
 
 
@@ -738,3 +739,55 @@ def test_every_cell_s_optimizer_and_trainer_values_are_checked_before_training(t
     for w in words:
         assert w in err, (w, err)
     assert not (tmp_path / "sweeps" / "oc").exists()  # no study, no trial, no run
+
+
+def test_a_finished_trial_leaves_no_heartbeat_file_in_the_journal(tmp_path):
+    # Issue 26 §B: journal heartbeat files stayed after their trials completed.
+    from resnet_lab.sweep.storage import JournalFileStorage
+
+    storage = JournalFileStorage(str(tmp_path / "study.log"), 1, 3, None)
+    study = optuna.create_study(storage=storage, study_name="hb")
+    done, running = study.ask(), study.ask()
+    for t in (done, running):
+        storage.record_heartbeat(t._trial_id)
+    study.tell(done, 1.0)
+    beats = tmp_path / "study.log.heartbeats"
+    assert not (beats / str(done._trial_id)).exists() and (beats / str(running._trial_id)).exists()
+
+
+def test_a_never_beating_trial_is_judged_on_the_filesystem_s_clock(tmp_path):
+    # Issue 26 §D: a trial that never beat was aged from its start on the asking worker's clock,
+    # against the filesystem's: a worker whose clock is an hour behind had its new trial failed at once.
+    import datetime
+
+    from optuna.trial import FrozenTrial
+
+    from resnet_lab.sweep.storage import JournalFileStorage
+
+    storage = JournalFileStorage(str(tmp_path / "study.log"), 1, 3, None)
+    study_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "clock")
+    behind = datetime.datetime.now() - datetime.timedelta(hours=1)
+    template = FrozenTrial(number=0, state=TrialState.RUNNING, value=None, datetime_start=behind,
+                           datetime_complete=None, params={}, distributions={}, user_attrs={},
+                           system_attrs={}, intermediate_values={}, trial_id=0)  # fmt: skip
+    trial_id = storage.create_new_trial(study_id, template_trial=template)
+    assert storage._get_stale_trial_ids(study_id) == []  # first seen now, by the filesystem's clock
+    beat = tmp_path / "study.log.heartbeats" / str(trial_id)
+    old = beat.stat().st_mtime - 10  # no beat for 10 s of the filesystem's time: stale (grace 3 s)
+    os.utime(beat, (old, old))
+    assert storage._get_stale_trial_ids(study_id) == [trial_id]
+
+
+def test_the_optuna_internals_the_journal_heartbeats_rely_on_are_there(tmp_path):
+    # No public Optuna API lets a storage other than RDB have heartbeats: these private names are
+    # what JournalFileStorage builds on (pyproject pins optuna below 6); an upgrade that moves them fails here.
+    from optuna.storages import fail_stale_trials
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+    from resnet_lab.sweep.storage import JournalFileStorage
+
+    assert callable(fail_stale_trials) and issubclass(JournalFileStorage, BaseHeartbeat)
+    for name in ("record_heartbeat", "_get_stale_trial_ids", "get_heartbeat_interval",
+                 "get_heartbeat_stale_trial_callback"):  # fmt: skip
+        assert name in BaseHeartbeat.__dict__, name
+    assert is_heartbeat_enabled(JournalFileStorage(str(tmp_path / "study.log"), 1, 3, None))

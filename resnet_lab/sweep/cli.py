@@ -217,6 +217,10 @@ def parser() -> argparse.ArgumentParser:
         "each) and wait for them",
     )
     p.add_argument("--summary", action="store_true", help="print the trial table and write plots; run nothing")
+    p.add_argument(
+        "--no-summary", dest="no_summary", action="store_true",
+        help="run trials without printing the study's summary at the end (--workers' workers: the launcher prints it)",
+    )  # fmt: skip
     p.add_argument("--force", action="store_true", help="reuse a study name whose space differs")
     p.add_argument(
         "--threads",
@@ -279,6 +283,8 @@ def main(argv: list[str]) -> int:
             n, failed = run_worker(spec, args.config, force=args.force, max_trials=args.max_trials)
             more = args.max_trials is not None and n == args.max_trials
             print(f"worker ran {n} trial(s), {failed} failed" + ("" if more else "; the study has no more work"))
+            if args.no_summary:
+                return 1 if failed else 0
         study = load_existing_study(spec)  # read-only
         print(summarize(study, Path(spec.root) / spec.study_name / "summary", spec.metric))
         return 1 if failed else 0

@@ -86,7 +86,7 @@ def worker_command(argv: list[str], env: dict[str, str]) -> list[str]:
     --threads on CPU unless argv gives --threads (`--threads N` or `--threads=N`)."""
     given = any(a == "--threads" or a.startswith("--threads=") for a in argv)
     threads = [] if given or "CUDA_VISIBLE_DEVICES" in env else ["--threads", env["OMP_NUM_THREADS"]]
-    return [sys.executable, "-m", "resnet_lab.cli", "sweep", *argv, *threads]
+    return [sys.executable, "-m", "resnet_lab.cli", "sweep", *argv, *threads, "--no-summary"]  # the launcher prints it
 
 
 def _stream(i: int, pipe: IO[str], lock: threading.Lock) -> None:
@@ -111,9 +111,7 @@ def launch(argv: list[str], envs: list[dict[str, str]]) -> int:
         readers.append(threading.Thread(target=_stream, args=(i, p.stdout, lock), daemon=True))
         readers[-1].start()
         gpu = env.get("CUDA_VISIBLE_DEVICES")
-        place = (
-            f"GPU {gpu}" if gpu else f"{cmd[-1]} torch thread(s)" if cmd[-2] == "--threads" else "--threads as given"
-        )
+        place = f"GPU {gpu}" if gpu else f"{env['OMP_NUM_THREADS']} torch thread(s)"
         print(f"[w{i}] pid {p.pid}, {place}", flush=True)
     stopped = threading.Event()
 

@@ -12,7 +12,14 @@ file, `JournalFileStorage` adds them on the same mechanism (Optuna's BaseHeartbe
 running trial touches its own file under `<journal>.heartbeats/`, and a trial whose file
 is older than the grace period is stale, so `fail_stale_trials` fails and re-enqueues it
 exactly as on SQLite and PostgreSQL. Ages are measured against a file the checker
-touches on the same filesystem, so clock skew between machines does not matter.
+touches on the same filesystem, so clock skew between machines does not matter; a trial
+that never beat gets its file when a checker first sees it, and ages from there. A finished
+trial's file is removed.
+
+Optuna has no public API for heartbeats on a storage other than its RDB one: this builds on
+`optuna.storages._heartbeat.BaseHeartbeat` (pinned below Optuna 6, and tested). `Heartbeat`
+is a daemon thread that survives a failed beat (a network hiccup), which Optuna's own
+`HeartbeatThread` (non-daemon, ends on the first error) does not.
 """
 
 from __future__ import annotations
@@ -48,6 +55,15 @@ class JournalFileStorage(JournalStorage, BaseHeartbeat):
         self.beats.mkdir(exist_ok=True)
         (self.beats / str(trial_id)).touch()
 
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
+        changed = super().set_trial_state_values(trial_id, state, values)
+        if state.is_finished():  # a finished trial beats no more (also one failed as stale): drop its file
+            self.forget_heartbeat(trial_id)
+        return changed
+
+    def forget_heartbeat(self, trial_id: int) -> None:
+        (self.beats / str(trial_id)).unlink(missing_ok=True)
+
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         self.beats.mkdir(exist_ok=True)
         clock = self.beats / "now"
@@ -56,10 +72,10 @@ class JournalFileStorage(JournalStorage, BaseHeartbeat):
         stale = []
         for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
             beat = self.beats / str(t._trial_id)
-            last = beat.stat().st_mtime if beat.exists() else None
-            if last is None:  # never beat (killed right after asking): count from its start
-                last = t.datetime_start.timestamp() if t.datetime_start else now
-            if now - last > self.grace:
+            if not beat.exists():  # never beat (killed right after asking): its age counts from now,
+                beat.touch()  # on the filesystem's clock (its start is on the asking worker's)
+                continue
+            if now - beat.stat().st_mtime > self.grace:
                 stale.append(t._trial_id)
         return stale
 
@@ -226,3 +242,6 @@ class Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        forget = getattr(self.storage, "forget_heartbeat", None)
+        if forget is not None:  # a beat the thread wrote just after the trial's tell
+            forget(self.trial_id)

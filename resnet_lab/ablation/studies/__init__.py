@@ -68,8 +68,21 @@ def _compose(registry: Registry) -> type:
             owner[f.name] = s.name
             specs.append((f.name, f.type, _copy(f)))
 
+    defaults = {name: f.default for name, _, f in specs}
+
     def __post_init__(self) -> None:
         check_fields(self)
+        twice = next((n for i, n in enumerate(self.studies) if n in self.studies[:i]), None)
+        if twice:  # stored twice, and a rerun naming it once looked like another configuration
+            raise AblationError(f"--studies lists {twice} twice; name each study once")
+        for name, study in owner.items():
+            given = getattr(self, name)
+            if study not in ("common", *self.studies) and given != defaults[name]:
+                flag = "--" + name.replace("_", "-")
+                raise AblationError(
+                    f"{flag} is an option of the {study} study, which is not selected: add {study} to --studies, "
+                    f"or drop {flag} (it would be ignored)"
+                )
         for s in registry.selected(self.studies):
             s.options(self)  # the study's own checks
 

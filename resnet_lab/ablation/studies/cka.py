@@ -114,6 +114,13 @@ class CKA(Study):
         "cka_first_last": "CKA of the stem output and the last block's output",
     }
 
+    def check(self, specs, opts) -> None:
+        if opts.limit is not None and opts.limit < 4:
+            raise AblationError(
+                f"cka needs at least 4 images (the unbiased HSIC estimator); --limit {opts.limit} gives "
+                f"{opts.limit}: raise --limit"
+            )
+
     def check_model(self, model, opts) -> None:
         unknown = [b for b in opts.cka_without or () if b not in model.block_names]
         if unknown:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import engine
 from ..stats import wilson
-from ..study import Section, Study, check_fields, option, plot_along_depth, save_figure
+from ..study import AblationError, Section, Study, check_fields, option, plot_along_depth, save_figure
 
 NAME = "probes"
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -99,6 +99,9 @@ def choose_l2(x: Tensor, y: Tensor, classes: int, generator: torch.Generator) ->
     return -min(errors)[1]
 
 
+PER_CLASS = 10  # fewest probe images a class (the held-out fifth: 2 a class)
+
+
 class Probes(Study):
     name = NAME
     Options = Options
@@ -106,6 +109,17 @@ class Probes(Study):
         "probe_last_error": "test error (%) of the linear probe on the last block's output",
         "probe_min_error": "lowest probe error (%) over the stem and all blocks",
     }
+
+    def check(self, specs, opts) -> None:
+        """The probe is fit on 4/5 of --probe-images and its L2 chosen on the held-out fifth:
+        at least PER_CLASS images a class, so that fifth holds two of each class."""
+        classes = max(s.num_classes for s in specs)
+        if opts.probe_images < PER_CLASS * classes:
+            raise AblationError(
+                f"probes needs at least {PER_CLASS * classes} training images ({PER_CLASS} per class for "
+                f"{classes} classes: L2 is chosen on a held-out fifth); --probe-images {opts.probe_images} is "
+                "too few: raise it"
+            )
 
     def run(self, unit) -> None:
         unit.whole(NAME, lambda: self.rows(unit))
