@@ -3,6 +3,7 @@ comparisons, and ablate's lesion robustness deep vs shallow, all on known number
 
 import csv
 import math
+from pathlib import Path
 
 import optuna
 import pytest
@@ -218,3 +219,24 @@ def test_summary_of_a_single_depth_says_why_it_has_no_depth_comparison(tmp_path)
     text = summarize(study, tmp_path / "s", "test/error")
     assert "Depth comparisons: none: the study has one depth (20)" in text
     assert "## Depth comparisons" in (tmp_path / "s" / "cells.md").read_text()  # the table says so too
+
+
+def test_summary_plots_draw_each_architecture_apart_and_every_lesion_metric(tmp_path):
+    # Issue 24 §8: the lesion plot grouped only by `plain` (pre- and post-activation nets of one
+    # depth were one line) and drew only lesion/mean_single_error.
+    from resnet_lab.ablation.stats import depth_family
+    from resnet_lab.sweep.plots import _by_arch, plot_lesions
+
+    rows = []
+    for preact in (False, True):
+        for depth in (20, 56):
+            for seed in (0, 1):
+                spec = ResNetSpec(depth=depth, preact=preact).to_dict()
+                rows.append({"state": "COMPLETE", "depth": depth, "net": ResNetSpec.from_dict(spec).name,
+                             "family": depth_family(spec), "lesion/mean_single_error": 10.0 + depth + 5 * preact + seed,
+                             "lesion/kmax_error": 50.0 + seed})  # fmt: skip
+    groups = _by_arch(rows)
+    assert set(groups) == {"resnet", "preact_resnet"}
+    assert all({r["depth"] for r in rs} == {20, 56} and len(rs) == 4 for rs in groups.values())
+    made = plot_lesions(rows, tmp_path)
+    assert sorted(Path(p).name for p in made) == ["kmax_error_vs_depth.png", "mean_single_error_vs_depth.png"]

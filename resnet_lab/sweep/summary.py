@@ -1,4 +1,5 @@
-"""`resnet-lab sweep --summary`: per-cell statistics over seeds, and the paper-style plots.
+"""`resnet-lab sweep --summary`: per-cell statistics over seeds, and the depth comparisons
+(the plots are in plots.py).
 
 A cell is one setting of every swept parameter except the seed (`seed_everything`).
 Each cell's row states how many completed runs it stands on (n) and gives, as mean ± std
@@ -56,7 +57,7 @@ def trial_rows(study: optuna.Study) -> list[dict]:
             rows[-1]["train/error_end"] = end
         rows[-1]["budget"] = training_budget(rows[-1]["run_dir"])
         paper = paper_error(ResNetSpec.from_dict(spec)) if spec else None
-        rows[-1]["paper"] = f"{paper.error:.2f} ({paper.source}; {paper.budget})" if paper else None
+        rows[-1]["paper"] = paper.label() if paper else None
     return rows
 
 
@@ -190,14 +191,10 @@ def write_cells(cs: list[dict], out: Path) -> str:
         "selected on the validation split; its test error is reported apart. The paper's number is for the",
         "registered net of that name only (a variant gets none), trained on the paper's budget, not this run's.",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-        *["| " + " | ".join(r) + " |" for r in body],
+        *markdown_table(head, body),
     ]
-    text = "\n".join(md) + "\n"
-    (out / "cells.md").write_text(text)
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    return "\n".join("  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in [head, *body])
+    (out / "cells.md").write_text("\n".join(md) + "\n")
+    return text_table(head, body)
 
 
 DEPTH_KEYS = ("model.depth", "model.arch")
@@ -289,155 +286,25 @@ def write_depth_comparisons(comps: list[dict], out: Path) -> str:
                 if d is not None:
                     w.writerow([c["comparison"], c["setting"], stat, d.n_b, d.n_a, d.mean, d.lo, d.hi, d.df])
     head, body = depth_table(comps)
-    md = ["", "## Depth comparisons", "", DEPTH_NOTE, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    md += ["| " + " | ".join(r) + " |" for r in body]
+    md = ["", "## Depth comparisons", "", DEPTH_NOTE, "", *markdown_table(head, body)]
     with open(out / "cells.md", "a") as f:
         f.write("\n".join(md) + "\n")
+    return text_table(head, body)
+
+
+def markdown_table(head: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *["| " + " | ".join(r) + " |" for r in body]]
+
+
+def text_table(head: list[str], body: list[list[str]]) -> str:
+    """Columns padded to their widest cell, for the terminal."""
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in [head, *body])
-
-
-def _series_label(c: dict, skip: tuple[str, ...]) -> str:
-    keys = [k for k in cell_params([{k: 1 for k in c if "." in k}]) if k not in skip]
-    return ", ".join(f"{k.split('.')[-1]}={c[k]}" for k in keys)
-
-
-def plot(rows: list[dict], cs: list[dict], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    made = [p for p in (_plot_error_vs_depth(cs, out), _plot_shortcuts(cs, out), _plot_lesions(rows, out)) if p]
-    made += plot_training_curves(rows, out)
-    return made
-
-
-def _plot_error_vs_depth(cs: list[dict], out: Path) -> str | None:
-    """Error vs depth with error bars (std over seeds); one line per setting of every other
-    swept parameter, so cells never overwrite each other."""
-    import matplotlib.pyplot as plt
-
-    series: dict[str, list[dict]] = defaultdict(list)
-    for c in cs:
-        if "model.depth" in c and "test/error" in c:
-            series[_series_label(c, ("model.depth",))].append(c)
-    if not series:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (label, cl) in enumerate(sorted(series.items())):
-        cl = sorted(cl, key=lambda c: c["model.depth"])
-        d = [c["model.depth"] for c in cl]
-        for stat, style in (("test/error", "o-"), ("train/error_end", "s--")):
-            if all(stat in c for c in cl):
-                ax.errorbar(
-                    d,
-                    [c[stat]["mean"] for c in cl],
-                    yerr=[c[stat]["std"] or 0.0 for c in cl],
-                    fmt=style,
-                    color=f"C{i}",
-                    capsize=3,
-                    label=f"{label or 'all'} {stat.split('/')[0]} (n={min(c['n'] for c in cl)})",
-                )
-    ax.set(xlabel="depth", ylabel="error (%)", title="Final error vs depth (mean ± std over seeds)")
-    ax.legend(fontsize=7)
-    return _save(fig, out / "error_vs_depth.png")
-
-
-def _plot_shortcuts(cs: list[dict], out: Path) -> str | None:
-    import matplotlib.pyplot as plt
-
-    cl = [c for c in cs if "model.shortcut" in c and "test/error" in c]
-    if len(cl) < 2:
-        return None
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    labels = [_series_label(c, ()) for c in cl]
-    ax.bar(range(len(cl)), [c["test/error"]["mean"] for c in cl], yerr=[c["test/error"]["std"] or 0.0 for c in cl],
-           color="tab:green", capsize=3)  # fmt: skip
-    ax.set_xticks(range(len(cl)), labels, rotation=30, fontsize=7)
-    ax.set(ylabel="test error (%)", title="Shortcut comparison (mean ± std over seeds)")
-    return _save(fig, out / "shortcuts.png")
-
-
-def _plot_lesions(rows: list[dict], out: Path) -> str | None:
-    import matplotlib.pyplot as plt
-
-    done = [r for r in rows if r["state"] == "COMPLETE" and "lesion/mean_single_error" in r]
-    if not done:
-        return None
-    groups: dict[bool, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in done:
-        groups[bool(r["plain"])][r["depth"]].append(r["lesion/mean_single_error"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for plain, pts in sorted(groups.items()):
-        d = sorted(pts)
-        stats = [describe(pts[x]) for x in d]
-        ax.errorbar(d, [s["mean"] for s in stats], yerr=[s["std"] or 0.0 for s in stats], fmt="o-", capsize=3,
-                    color="tab:red" if plain else "tab:blue", label="plain" if plain else "resnet")  # fmt: skip
-    ax.set(xlabel="depth", ylabel="mean error, one block removed (%)", title="Lesion summary vs depth")
-    ax.legend(fontsize=8)
-    return _save(fig, out / "lesion_vs_depth.png")
 
 
 def read_curves(run_dir: str | None) -> dict[str, list[tuple[int, float]]]:
     """(step, value) series of a run's csv/metrics.csv: train/error_step and val/error."""
     return read_history(run_dir, ("train/error_step", "val/error"))
-
-
-def _smooth(points: list[tuple[int, float]], window: int) -> list[tuple[int, float]]:
-    """Moving average of per-batch values over `window` logged points."""
-    out, acc = [], []
-    for s, v in points:
-        acc.append(v)
-        acc = acc[-window:]
-        out.append((s, statistics.fmean(acc)))
-    return out
-
-
-def plot_training_curves(rows: list[dict], out: Path) -> list[str]:
-    """He et al. Fig. 6: training error (thin) and validation error (bold) vs iterations,
-    one panel per family (plain, residual), one colour per depth; the line is the mean
-    over seeds, the band spans min..max over seeds."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    done = [r for r in rows if r["state"] == "COMPLETE" and r.get("depth") is not None and r.get("run_dir")]
-    runs: dict[tuple[bool, int], list[dict]] = defaultdict(list)
-    for r in done:
-        curves = read_curves(r["run_dir"])
-        if curves["train/error_step"]:
-            runs[(bool(r["plain"]), r["depth"])].append(curves)
-    if not runs:
-        return []
-    families = sorted({p for p, _ in runs})
-    depths = sorted({d for _, d in runs})
-    fig, axes = plt.subplots(1, len(families), figsize=(6 * len(families), 4.2), sharey=True, squeeze=False)
-    for ax, plain in zip(axes[0], families):
-        for i, depth in enumerate(depths):
-            series = runs.get((plain, depth), [])
-            for key, lw, smooth in (("train/error_step", 0.8, 10), ("val/error", 2.2, 1)):
-                curves = [_smooth(s[key], smooth) for s in series if s[key]]
-                if not curves:
-                    continue
-                steps = sorted(set.intersection(*[{p for p, _ in c} for c in curves]))
-                if not steps:
-                    continue
-                vals = np.array([[dict(c)[p] for p in steps] for c in curves])
-                label = f"{'plain' if plain else 'resnet'}-{depth} {'train' if key.startswith('train') else 'val'}"
-                ax.plot(steps, vals.mean(0), lw=lw, color=f"C{i}", label=f"{label} (n={len(curves)})")
-                if len(curves) > 1:
-                    ax.fill_between(steps, vals.min(0), vals.max(0), color=f"C{i}", alpha=0.15, lw=0)
-        ax.set(xlabel="iterations", ylabel="error (%)", title=f"{'Plain' if plain else 'Residual'} nets")
-        ax.legend(fontsize=7)
-    fig.suptitle("Training (thin) and validation (bold) error, mean over seeds, band = min..max (He et al. Fig. 6)")
-    return [_save(fig, out / "training_curves.png")]
-
-
-def _save(fig, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
 
 
 def print_table(rows: list[dict], metric: str) -> str:
@@ -454,9 +321,7 @@ def print_table(rows: list[dict], metric: str) -> str:
     def fmt(v):
         return f"{v:.2f}" if isinstance(v, float) else ("-" if v is None else str(v))
 
-    table = [keep] + [[fmt(r.get(c)) for c in keep] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(keep))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table)
+    return text_table(keep, [[fmt(r.get(c)) for c in keep] for r in rows])
 
 
 def summarize(study: optuna.Study, out: Path, metric: str) -> str:
@@ -476,7 +341,9 @@ def summarize(study: optuna.Study, out: Path, metric: str) -> str:
         text += f"\n\nDepth comparisons: none: {why}"
         with open(out / "cells.md", "a") as f:
             f.write(f"\n## Depth comparisons\n\nNone: {why}.\n")
-    plots = plot(rows, cs, out)
+    from .plots import plot
+
+    plots = plot(rows, cs, out, metric)
     counts = {s.name: sum(r["state"] == s.name for r in rows) for s in TrialState}
     text += "\n\n" + ", ".join(f"{k.lower()} {v}" for k, v in counts.items() if v)
     tables = [out / "cells.csv", out / "cells.md", *([out / "depth_differences.csv"] if comps else [])]
