@@ -292,3 +292,20 @@ def test_every_checkpoint_of_a_report_has_its_own_colour():
     for n in (2, 10, 12, 20, 30):
         colours = checkpoint_colours([f"net {i}" for i in range(n)])
         assert len({to_rgba(c) for c in colours.values()}) == n
+
+
+def test_report_html_renders_code_spans_and_is_titled_by_its_studies(two_checkpoints, tmp_path):
+    # Issue 26 §D: report.html showed raw backticks, and read "Test-time lesion report" for CKA alone.
+    import re
+
+    out = tmp_path / "r"
+    assert ablate_main([two_checkpoints[0], "--out", str(out), "--studies", "iterative", "--limit", "50",
+                        "--no-progress"]) == 0  # fmt: skip
+    page = (out / "report.html").read_text()
+    text = re.sub(r'src="data:[^"]*"', "", page)
+    assert "`" not in text and "**" not in text
+    assert "<code>results.csv</code>" in text and "<code>resnet-lab ablate " in text
+    title = re.search(r"<title>(.*)</title>", page)[1]
+    assert "lesion" not in title.lower() and "iterative" in title
+    md = (out / "report.md").read_text()
+    assert md.startswith(f"# {title}") and "`results.csv`" in md  # Markdown keeps its own syntax

@@ -10,9 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .render import markdown, page
 from .stats import across_checkpoints
 from .studies import REGISTRY
-from .study import Section, chance_error, markdown, page, save_figure
+from .study import Section, chance_error, save_figure
 
 __all__ = ["chance_error", "complete", "lesion_summary", "write_report"]
 
@@ -164,6 +165,11 @@ def sections(rows: list[dict], agg: list[dict], meta: dict[str, Any], plots: dic
     return out
 
 
+def report_title(studies) -> str:
+    """The report is of the studies it ran, whichever they are."""
+    return f"resnet-lab ablate report: {', '.join(studies)}"
+
+
 def write_report(rows: list[dict], out: Path, meta: dict[str, Any]) -> dict[str, str]:
     """results.csv/json, results_by_arch.csv, plots, report.md and report.html (images
     inlined), from completed rows (`complete`). Returns the plots, {name: file}."""
@@ -177,7 +183,7 @@ def write_report(rows: list[dict], out: Path, meta: dict[str, Any]) -> dict[str,
         f"Split: **{meta['split']}** ({meta['n_images']} images). BN: trained running statistics (eval mode).",
     ]
     secs = sections(rows, agg, meta, plots)
-    title = "Test-time lesion report"
+    title = report_title(meta["options"]["studies"])
     (out / "report.md").write_text(markdown(title, preface, secs))
-    (out / "report.html").write_text(page(title, [p.replace("**", "").replace("`", "") for p in preface], secs, out))
+    (out / "report.html").write_text(page(title, preface, secs, out))
     return plots

@@ -12,7 +12,6 @@ tests and the README.
 
 from __future__ import annotations
 
-import html
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -111,63 +110,6 @@ class Section:
     after: list[str] = field(default_factory=list)  # paragraphs after the table
     items: list[str] = field(default_factory=list)  # a bullet list of literal (code) lines
     images: list[str] = field(default_factory=list)  # PNG file names beside the report
-
-
-def markdown(title: str, preface: list[str], sections: list[Section]) -> str:
-    out = [f"# {title}\n", *[p + "\n" for p in preface]]
-    for s in sections:
-        out.append(f"## {s.title}\n")
-        out += [p + "\n" for p in s.notes]
-        out += [f"- `{i}`" for i in s.items] + ([""] if s.items else [])
-        if s.table is not None:
-            out.append(_md_table(*s.table))
-        out += [p + "\n" for p in s.after]
-        out += [f"![{p}]({p})\n" for p in s.images]
-    return "\n".join(out)
-
-
-def page(title: str, preface: list[str], sections: list[Section], out: Path) -> str:
-    """A self-contained HTML page (images inlined)."""
-    import base64
-
-    e = html.escape
-    body = [f"<h1>{e(title)}</h1>", *[f"<p>{e(p)}</p>" for p in preface]]
-    for s in sections:
-        body.append(f"<h2>{e(s.title)}</h2>")
-        body += [f"<p>{e(p)}</p>" for p in s.notes]
-        if s.items:
-            body.append("<ul>" + "".join(f"<li><code>{e(i)}</code></li>" for i in s.items) + "</ul>")
-        if s.table is not None:
-            body.append(_html_table(*s.table))
-        body += [f"<p>{e(p)}</p>" for p in s.after]
-        for p in s.images:
-            data = base64.b64encode((out / p).read_bytes()).decode()
-            body.append(f'<h3>{e(p)}</h3><img alt="{e(p)}" src="data:image/png;base64,{data}"/>')
-    style = (
-        "body{font-family:sans-serif;max-width:1000px;margin:auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}"
-    )
-    return (
-        f'<!doctype html><html><head><meta charset="utf-8"><title>{e(title)}</title><style>{style}</style>'
-        f"</head><body>\n" + "\n".join(body) + "\n</body></html>"
-    )
-
-
-def _md_table(head: list[str], body: list[list[str]]) -> str:
-    if not head:
-        return "_not run_\n"
-    cell = lambda c: c.replace("|", "\\|")  # noqa: E731 (a literal pipe would split the cell)
-    lines = ["| " + " | ".join(map(cell, head)) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(map(cell, r)) + " |" for r in body]
-    return "\n".join(lines) + "\n"
-
-
-def _html_table(head: list[str], body: list[list[str]]) -> str:
-    if not head:
-        return "<p><em>not run</em></p>"
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
-    return f"<table><tr>{th}</tr>{trs}</table>"
 
 
 def chance_error(num_classes: int) -> float:
