@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,22 @@ def check_finite_weights(module: torch.nn.Module, step: int) -> None:
                 f"training diverged: {name} is not finite at step {step}; the last finite last.ckpt is kept. "
                 "Lower optimizer.init_args.lr (or use the warm-up, lr_scheduler.init_args.warmup_lr)."
             )
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """The best checkpoint by val/error. A resumed fit first removes best files that the state
+    it resumes from does not know: written by the killed attempt after its last.ckpt (the
+    resumed run trains those steps again), they would sit beside the real best."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.ckpt_path or not trainer.is_global_zero or not self.dirpath:
+            return
+        known = {Path(p).resolve() for p in self.best_k_models}
+        for path in sorted(Path(self.dirpath).glob("best-*.ckpt")):
+            if path.resolve() not in known:
+                path.unlink()
+                print(f"resumed: removed {path.name}, a best checkpoint the resumed state does not know (the steps "
+                      "after the checkpoint resumed from are trained again)", file=sys.stderr, flush=True)  # fmt: skip
 
 
 class LastCheckpoint(ModelCheckpoint):

@@ -32,13 +32,13 @@ from typing import Any
 
 import torch
 from pytorch_lightning import LightningModule, Trainer
-from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, ReduceLROnPlateau
 from pytorch_lightning.loggers import WandbLogger
 from torch.optim.lr_scheduler import OneCycleLR
 
 from . import slurm
-from .callbacks import AtomicCheckpointIO, HistoryCSVLogger, LastCheckpoint, ValidateFinalStep
+from .callbacks import AtomicCheckpointIO, BestCheckpoint, HistoryCSVLogger, LastCheckpoint, ValidateFinalStep
 from .errors import UserError, load_yaml, user_error
 from .models import ResNetSpec, named_fields, resolve_spec
 from .module import SPEC_OPTIONS, CheckpointMismatchError, ResNetClassifier, check_spec_matches, read_checkpoint
@@ -402,7 +402,7 @@ class ResNetLabCLI(LightningCLI):
             LastCheckpoint(
                 dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=cfg.run.checkpoint_every_n_steps
             ),
-            ModelCheckpoint(
+            BestCheckpoint(
                 dirpath=ckpt_dir,
                 monitor="val/error",
                 mode="min",
