@@ -88,14 +88,13 @@ def test_ablate_that_would_do_less_than_asked_is_refused_before_writing(two_chec
 def test_a_resumed_fit_keeps_one_best_checkpoint(tmp_path, capsys):
     # Issue 26 §B: a run killed after saving a new best-*.ckpt but before its next last.ckpt, then
     # resumed, kept both: last.ckpt's record of the best did not know the newer file.
-    assert cli(fit_args(tmp_path, "--trainer.check_val_every_n_epoch", "1", "--data.init_args.batch_size", "32",
-                        "--run.checkpoint_every_n_steps", "20", steps=60)) == 0  # fmt: skip
+    every = ["--trainer.check_val_every_n_epoch", "1", "--data.init_args.batch_size", "32"]
+    every += ["--run.checkpoint_every_n_steps", "20"]
+    assert cli(fit_args(tmp_path, *every, steps=60)) == 0
     (ckpts,) = (tmp_path / "runs").glob("*/*/checkpoints")
     (best,) = ckpts.glob("best-*.ckpt")
     orphan = ckpts / "best-step99-err1.00.ckpt"  # what the killed attempt wrote after last.ckpt
     orphan.write_bytes(best.read_bytes())
-    args = fit_args(tmp_path, "--trainer.check_val_every_n_epoch", "1", "--data.init_args.batch_size", "32",
-                    "--run.checkpoint_every_n_steps", "20", "--ckpt_path", str(ckpts / "last.ckpt"), steps=120)  # fmt: skip
-    assert cli(args) == 0
+    assert cli(fit_args(tmp_path, *every, "--ckpt_path", str(ckpts / "last.ckpt"), steps=120)) == 0
     assert not orphan.exists() and len(list(ckpts.glob("best-*.ckpt"))) == 1
     assert "best-step99-err1.00.ckpt" in capsys.readouterr().err  # and says which it removed

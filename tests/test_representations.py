@@ -294,7 +294,16 @@ def test_representation_studies_pool_across_checkpoints_of_one_architecture(tmp_
     assert ("iterative", "cos layer2.0") in by and ("cka", "cka stem ~ layer1.0") in by
     with open(tmp_path / "r" / "results.csv") as f:
         probe = [r for r in csv.DictReader(f) if r["study"] == "probes" and r["key"] == "layer3.0"]
-    assert float(by[("probes", "probe layer3.0")]["error_mean"]) == pytest.approx(
-        sum(float(r["error"]) for r in probe) / 2
-    )
+    assert float(by[("probes", "probe layer3.0")]["mean"]) == pytest.approx(sum(float(r["error"]) for r in probe) / 2)
     assert (tmp_path / "r" / "across_seeds.png").exists()
+    # Each pooled value says what it is (issue 24 §1): the report labelled cosines "errors in %",
+    # and printed them with two decimals as "0.00 ± 0.00".
+    assert by[("probes", "probe layer3.0")]["measure"] == "top-1 error (%)"
+    assert by[("iterative", "cos layer2.0")]["measure"] == "cos(f, dL/dh)"
+    assert by[("iterative", "ratio layer2.0")]["measure"] == "||f|| / ||h||"
+    assert by[("cka", "cka stem ~ layer1.0")]["measure"] == "linear CKA"
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "errors in %" not in md
+    cos = float(by[("iterative", "cos layer2.0")]["mean"])
+    line = next(x for x in md.splitlines() if "| cos layer2.0 |" in x)
+    assert "| cos(f, dL/dh) | 2 |" in line and f"{cos:.4f} ± " in line

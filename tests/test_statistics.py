@@ -146,15 +146,15 @@ def test_ablate_pools_checkpoints_of_one_architecture(two_checkpoints, tmp_path)
             by_ck[r["checkpoint"]] = r["error"]
     a = agg[("single", "drop:layer2.0")]
     assert int(a["n_checkpoints"]) == 3
-    assert float(a["error_mean"]) == pytest.approx(statistics.fmean(by_ck.values()))
-    assert float(a["error_std"]) == pytest.approx(statistics.stdev(by_ck.values()))
+    assert float(a["mean"]) == pytest.approx(statistics.fmean(by_ck.values()))
+    assert float(a["std"]) == pytest.approx(statistics.stdev(by_ck.values()))
     k2 = {}
     for r in rows:
         if r["study"] == "k" and r["k"] == 2:
             k2.setdefault(r["checkpoint"], []).append(r["error"])
     per_ck = [statistics.fmean(v) for v in k2.values()]
-    assert float(agg[("k", "k=2")]["error_mean"]) == pytest.approx(statistics.fmean(per_ck))
-    assert float(agg[("k", "k=2")]["error_std"]) == pytest.approx(statistics.stdev(per_ck))
+    assert float(agg[("k", "k=2")]["mean"]) == pytest.approx(statistics.fmean(per_ck))
+    assert float(agg[("k", "k=2")]["std"]) == pytest.approx(statistics.stdev(per_ck))
     md = (out / "report.md").read_text()
     assert "mean over blocks" in md and "Wilson" in md and (out / "across_seeds.png").exists()
 

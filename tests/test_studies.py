@@ -159,3 +159,23 @@ def test_bn_recalibration_images_follow_the_ablation_seed_not_the_environment(tm
     monkeypatch.setenv("PL_GLOBAL_SEED", "7")
     assert recalibrated("b") == fresh
     assert recalibrated("c", "--seed", "1") != fresh
+
+
+def test_float_options_are_checked_finite_and_positive_where_declared():
+    # Issue 24 §1: the option kinds gain floats (a radius, a tolerance); nan and inf never pass.
+    from dataclasses import dataclass
+
+    from resnet_lab.ablation.study import AblationError, check_fields, option
+
+    @dataclass(frozen=True)
+    class Opts:
+        radius: float = option(1.0, "a radius", kind="float>0")
+        shift: float = option(0.0, "a shift", kind="float")
+
+    for radius, shift in ((0.0, 0.0), (-1.0, 0.0), (float("nan"), 0.0), (float("inf"), 0.0), (1.0, float("-inf")),
+                          (True, 0.0), ("1", 0.0)):  # fmt: skip
+        with pytest.raises(AblationError, match="must be a finite number"):
+            check_fields(Opts(radius, shift))
+    ok = Opts(2, -3)
+    check_fields(ok)
+    assert (ok.radius, ok.shift) == (2.0, -3.0) and isinstance(ok.radius, float)

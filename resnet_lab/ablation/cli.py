@@ -67,6 +67,8 @@ def add_study_options(p: argparse.ArgumentParser) -> None:
             kw["type"] = count(1)
         elif m["kind"] == "int":
             kw["type"] = int
+        elif m["kind"] in ("float", "float>0"):
+            kw["type"] = float  # nan, inf and (for float>0) values <= 0 are refused by StudyOptions
         elif m["kind"] == "choice":
             kw["choices"] = m["choices"]
         else:  # names, studies

@@ -54,11 +54,11 @@ def write_tables(rows: list[dict], out: Path) -> None:
 
 def write_seed_table(agg: list[dict], out: Path) -> None:
     """results_by_arch.csv: the across-checkpoint aggregates (empty with one checkpoint per arch)."""
-    keys = ["arch", "condition", "study", "key", "n_checkpoints", "error_mean", "error_std", "error_min", "error_max"]
+    keys = ["arch", "condition", "study", "key", "measure", "n_checkpoints", "mean", "std", "min", "max"]
     with open(out / "results_by_arch.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
-        w.writerows(agg)
+        w.writerows({**a, "measure": REGISTRY[a["study"]].measure(a["key"]).label} for a in agg)
 
 
 def seeds_table(agg: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -71,17 +71,13 @@ def seeds_table(agg: list[dict]) -> tuple[list[str], list[list[str]]]:
         (a for a in agg if a["condition"] == "eval-bn"),
         key=lambda a: (a["arch"], study_order.get(a["study"], 99), order.get(a["key"], 2), a["key"]),
     )
-    body = [
-        [
-            a["arch"],
-            a["study"],
-            a["key"],
-            str(a["n_checkpoints"]),
-            f"{a['error_mean']:.2f} ± {a['error_std']:.2f} ({a['error_min']:.2f}, {a['error_max']:.2f})",
-        ]
-        for a in agg
-    ]
-    return ["architecture", "study", "condition", "checkpoints", "mean ± std (min, max); errors in %"], body
+    body = []
+    for a in agg:
+        m = REGISTRY[a["study"]].measure(a["key"])
+        d = m.digits
+        spread = f"{a['mean']:.{d}f} ± {a['std']:.{d}f} ({a['min']:.{d}f}, {a['max']:.{d}f})"
+        body.append([a["arch"], a["study"], a["key"], m.label, str(a["n_checkpoints"]), spread])
+    return ["architecture", "study", "condition", "measure", "checkpoints", "mean ± std (min, max)"], body
 
 
 def plot_all(rows: list[dict], agg: list[dict], out: Path, num_classes: int) -> dict[str, str]:
@@ -125,12 +121,13 @@ def _plot_seeds(agg: list[dict], path: Path, num_classes: int) -> str | None:
     fig, axes = plt.subplots(1, len(studies), figsize=(5.5 * len(studies), 4), squeeze=False)
     drawn = False
     for ax, study in zip(axes[0], studies):
+        its_rows = [a for a in agg if a["study"] == study.name]
         for i, arch in enumerate(sorted({a["arch"] for a in agg})):
             mine = [a for a in agg if a["arch"] == arch]
             n = max(a["n_checkpoints"] for a in mine)
             ours = [a for a in mine if a["study"] == study.name]
             drawn |= bool(ours) and study.plot_pooled(ax, ours, f"C{i}", f"{arch} (n={n})")
-        if study.pools_errors:
+        if its_rows and all(study.measure(a["key"]).chance for a in its_rows):
             ax.axhline(chance_error(num_classes), color="gray", ls=":", lw=1, label=f"chance ({num_classes} classes)")
         ax.legend(fontsize=7)
     if not drawn:

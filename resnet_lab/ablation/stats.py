@@ -79,10 +79,10 @@ def across_checkpoints(rows: list[dict], pooled: Callable[[dict], list[tuple[str
                 "study": study,
                 "key": key,
                 "n_checkpoints": len(values),
-                "error_mean": statistics.fmean(values),
-                "error_std": statistics.stdev(values),
-                "error_min": min(values),
-                "error_max": max(values),
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values),
+                "min": min(values),
+                "max": max(values),
             }
         )
     return out

@@ -12,6 +12,7 @@ tests and the README.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -31,8 +32,11 @@ class AblationError(UserError, RuntimeError):
 
 
 # -- options ------------------------------------------------------------------------
-# Kinds: "count" (an integer >= 1), "count?" (the same, or None), "int", "choice" (one of
-# `choices`), "names" (a list of strings, or None), "studies" (registered study names).
+# Kinds: "count" (an integer >= 1), "count?" (the same, or None), "int", "float" (a finite
+# number), "float>0" (a finite number > 0), "choice" (one of `choices`), "names" (a list of
+# strings, or None), "studies" (registered study names). A study's Options is a frozen
+# dataclass of such fields; the run's StudyOptions (studies/__init__.py) composes them all
+# and checks every field once, so a study's `options(opts)` is already checked.
 def option(default: Any, help: str, kind: str = "count", choices: Sequence[str] = (), metavar: str | None = None):
     """A study option: its default, its `ablate --flag` help, and how it is checked."""
     meta = {"help": help, "kind": kind, "choices": tuple(choices), "metavar": metavar}
@@ -48,6 +52,11 @@ def check_fields(opts: Any) -> None:
                 raise AblationError(f"{f.name}={v!r} must be an integer >= 1" + (" (or null)" if v is None else ""))
         elif kind == "int" and (not isinstance(v, int) or isinstance(v, bool)):
             raise AblationError(f"{f.name}={v!r} must be an integer")
+        elif kind in ("float", "float>0"):
+            real = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            if not real or (kind == "float>0" and v <= 0):
+                raise AblationError(f"{f.name}={v!r} must be a finite number" + (" > 0" if kind == "float>0" else ""))
+            object.__setattr__(opts, f.name, float(v))
         elif kind == "choice" and v not in f.metadata["choices"]:
             raise AblationError(f"{f.name}={v!r}: use one of {', '.join(f.metadata['choices'])}")
         elif kind in ("names", "studies"):
@@ -86,14 +95,10 @@ class Common:
     seed: int = option(0, "seed of every random draw", kind="int")
     limit: int | None = option(None, "use only the first N images of the split", kind="count?", metavar="N")
 
-    def __post_init__(self) -> None:
-        check_fields(self)
-
 
 @dataclass(frozen=True)
 class NoOptions:
-    def __post_init__(self) -> None:
-        check_fields(self)
+    """A study without options of its own."""
 
 
 # -- report pieces ------------------------------------------------------------------
@@ -112,6 +117,18 @@ class Section:
     images: list[str] = field(default_factory=list)  # PNG file names beside the report
 
 
+@dataclass(frozen=True)
+class Measure:
+    """What a study's pooled value is: the report's tables, CSV and plots follow it."""
+
+    label: str  # e.g. "top-1 error (%)", "cosine"
+    digits: int = 2  # decimals shown
+    chance: bool = False  # a top-1 error: plots draw the chance line
+
+
+ERROR = Measure("top-1 error (%)", 2, chance=True)
+
+
 def chance_error(num_classes: int) -> float:
     """Top-1 error (%) of a uniform guess over `num_classes` classes."""
     return 100.0 * (1 - 1 / num_classes)
@@ -123,7 +140,7 @@ def plot_along_depth(ax, agg: list[dict], colour: str, label: str, **labels: str
     if not agg:
         return False
     x = [j / max(1, len(agg) - 1) for j in range(len(agg))]
-    ax.errorbar(x, [a["error_mean"] for a in agg], [a["error_std"] for a in agg], fmt="o-", ms=3, capsize=2,
+    ax.errorbar(x, [a["mean"] for a in agg], [a["std"] for a in agg], fmt="o-", ms=3, capsize=2,
                 color=colour, label=label)  # fmt: skip
     ax.set(**labels)
     return True
@@ -147,7 +164,6 @@ class Study:
     default: ClassVar[bool] = False  # run when `--studies` is not given
     Options: ClassVar[type] = NoOptions  # its own options (flat names, unique across studies)
     metrics: ClassVar[dict[str, str]] = {}  # lesion/<name> summaries -> what each means
-    pools_errors: ClassVar[bool] = True  # its pooled values are top-1 errors (%): plots show chance
 
     def options(self, opts: Any) -> Any:
         """This study's options out of the flat options of a run."""
@@ -186,6 +202,10 @@ class Study:
     def pooled(self, row: dict) -> list[tuple[str, float]]:
         """(key, value) pairs under which one of its rows pools across checkpoints."""
         return []
+
+    def measure(self, key: str) -> Measure:
+        """What the pooled value under `key` is (default: a top-1 error in %)."""
+        return ERROR
 
     def sections(self, rows: list[dict], meta: dict[str, Any]) -> list[Section]:
         return []

@@ -71,7 +71,7 @@ def _compose(registry: Registry) -> type:
     defaults = {name: f.default for name, _, f in specs}
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        check_fields(self)  # every field, the common ones and each study's, once
         twice = next((n for i, n in enumerate(self.studies) if n in self.studies[:i]), None)
         if twice:  # stored twice, and a rerun naming it once looked like another configuration
             raise AblationError(f"--studies lists {twice} twice; name each study once")
@@ -83,8 +83,6 @@ def _compose(registry: Registry) -> type:
                     f"{flag} is an option of the {study} study, which is not selected: add {study} to --studies, "
                     f"or drop {flag} (it would be ignored)"
                 )
-        for s in registry.selected(self.studies):
-            s.options(self)  # the study's own checks
 
     def asked(self) -> dict[str, Any]:
         """The options that shape this run's results: the common ones and the selected studies'."""

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..engine import Condition
 from ..stats import mean_spread
-from ..study import Section, Study, check_at_most_blocks, check_fields, option, save_figure
+from ..study import Section, Study, check_at_most_blocks, option, save_figure
 from .k import curves as k_curves
 
 NAME = "adjacent"
@@ -32,9 +32,6 @@ class Options:
     adjacent_max: int = option(
         3, "adjacent-block lesion: every run of L = 1..L_MAX consecutive blocks", metavar="L_MAX"
     )
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 def runs(model, blocks: list[str], length: int) -> list[Condition]:
@@ -161,7 +158,7 @@ class Adjacent(Study):
         ls = sorted(agg, key=lambda a: int(a["key"][2:]))
         if not ls:
             return False
-        ax.errorbar([int(a["key"][2:]) for a in ls], [a["error_mean"] for a in ls], [a["error_std"] for a in ls],
+        ax.errorbar([int(a["key"][2:]) for a in ls], [a["mean"] for a in ls], [a["std"] for a in ls],
                     fmt="o-", capsize=3, color=colour, label=label)  # fmt: skip
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set(

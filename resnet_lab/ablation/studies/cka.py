@@ -28,9 +28,10 @@ import torch
 from torch import Tensor
 
 from .. import engine
-from ..study import AblationError, Section, Study, check_fields, option, plot_along_depth, save_figure
+from ..study import AblationError, Measure, Section, Study, option, plot_along_depth, save_figure
 
 NAME = "cka"
+CKA_MEASURE = Measure("linear CKA", 3)
 CKA_BATCH = 256  # images per minibatch (the unbiased estimator needs at least 4)
 
 
@@ -39,9 +40,6 @@ class Options:
     cka_without: tuple[str, ...] | None = option(
         None, "cka: also compare each net with itself with each of these blocks removed", "names", metavar="BLOCK"
     )
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 def grams(reps: list[Tensor]) -> Tensor:
@@ -108,7 +106,6 @@ def _chunks(batches):
 class CKA(Study):
     name = NAME
     Options = Options
-    pools_errors = False
     metrics = {
         "cka_adjacent_mean": "mean CKA of consecutive representations (stem, block 1, ...) within the net",
         "cka_first_last": "CKA of the stem output and the last block's output",
@@ -192,6 +189,9 @@ class CKA(Study):
         m = mats[0]
         adjacent = torch.diagonal(m, 1)
         return {"lesion/cka_adjacent_mean": float(adjacent.mean()), "lesion/cka_first_last": float(m[0, -1])}
+
+    def measure(self, key: str) -> Measure:
+        return CKA_MEASURE
 
     def pooled(self, row: dict) -> list[tuple[str, float]]:
         if row["comparison"] == "within" and row["pos_b"] == row["pos_a"] + 1:

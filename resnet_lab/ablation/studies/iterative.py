@@ -27,9 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..stats import Running
-from ..study import Section, Study, plot_along_depth, save_figure
+from ..study import Measure, Section, Study, plot_along_depth, save_figure
 
 NAME = "iterative"
+COSINE = Measure("cos(f, dL/dh)", 4)  # values of order 1e-3: two decimals showed 0.00 ± 0.00
+RATIO = Measure("||f|| / ||h||", 3)
 MAX_BATCH = 128  # images per forward/backward (the graph of every block is held at once)
 
 
@@ -73,7 +75,6 @@ def block_steps(model, x: Tensor, y: Tensor) -> list[dict[str, Any]]:
 
 class Iterative(Study):
     name = NAME
-    pools_errors = False
     metrics = {
         "iterative_mean_cos": "mean over blocks of cos(f_i, dL/dh_i) (negative: the blocks step down the loss)",
         "iterative_mean_ratio": "mean over blocks of ||f_i|| / ||h_i||",
@@ -131,6 +132,9 @@ class Iterative(Study):
             "lesion/iterative_mean_cos": sum(r["cos_mean"] for r in ok) / len(ok),
             "lesion/iterative_mean_ratio": sum(r["ratio_mean"] for r in ok) / len(ok),
         }
+
+    def measure(self, key: str) -> Measure:
+        return COSINE if key.startswith("cos ") else RATIO
 
     def pooled(self, row: dict) -> list[tuple[str, float]]:
         if not row.get("applicable") or row.get("cos_mean") is None:

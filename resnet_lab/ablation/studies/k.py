@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import engine
 from ..stats import mean_spread
-from ..study import Section, Study, check_at_most_blocks, check_fields, option, save_figure
+from ..study import Section, Study, check_at_most_blocks, option, save_figure
 
 NAME = "k"
 
@@ -23,9 +23,6 @@ NAME = "k"
 @dataclass(frozen=True)
 class Options:
     k_max: int = option(5, "k-block lesion: k = 1..K")
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 def curves(rows: list[dict]) -> dict[tuple[str, str], dict[int, tuple[float, float | None, int]]]:
@@ -108,7 +105,7 @@ class KLesion(Study):
         ks = sorted(agg, key=lambda a: int(a["key"][2:]))
         if not ks:
             return False
-        ax.errorbar([int(a["key"][2:]) for a in ks], [a["error_mean"] for a in ks], [a["error_std"] for a in ks],
+        ax.errorbar([int(a["key"][2:]) for a in ks], [a["mean"] for a in ks], [a["std"] for a in ks],
                     fmt="o-", capsize=3, color=colour, label=label)  # fmt: skip
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set(xlabel="blocks removed (k)", ylabel="error (%)", title="k random blocks: mean ± std over checkpoints")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import paths
-from ..study import AblationError, Section, Study, check_fields, option, save_figure
+from ..study import AblationError, Section, Study, option, save_figure
 
 NAME = "paths"
 PATH_LENGTHS_PER_UNIT = 8
@@ -24,9 +24,6 @@ class Options:
     paths_images: int = option(
         256, "images of the split to measure routed gradients on (--samples routings per length)", metavar="N"
     )
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 def by_checkpoint(rows: list[dict]) -> dict[str, dict[str, Any]]:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import engine
 from ..stats import wilson
-from ..study import AblationError, Section, Study, check_fields, option, plot_along_depth, save_figure
+from ..study import AblationError, Section, Study, option, plot_along_depth, save_figure
 
 NAME = "probes"
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -37,9 +37,6 @@ HELD_OUT = 0.2  # share of the probe's training images that choose its L2
 @dataclass(frozen=True)
 class Options:
     probe_images: int = option(5000, "probes: training images to fit each linear probe on (drawn from --seed)")
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from typing import Any
 from ...models import ResNetSpec
 from .. import engine
 from ..stats import depth_family, welch
-from ..study import Section, Study, chance_error, check_fields, option, plot_along_depth, save_figure
+from ..study import Section, Study, chance_error, option, plot_along_depth, save_figure
 
 NAME = "single"
 
@@ -28,9 +28,6 @@ class Options:
         kind="count?",
         metavar="N",
     )
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 def by_net(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
