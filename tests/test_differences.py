@@ -234,9 +234,10 @@ def test_summary_plots_draw_each_architecture_apart_and_every_lesion_metric(tmp_
                 spec = ResNetSpec(depth=depth, preact=preact).to_dict()
                 rows.append({"state": "COMPLETE", "depth": depth, "net": ResNetSpec.from_dict(spec).name,
                              "family": depth_family(spec), "lesion/mean_single_error": 10.0 + depth + 5 * preact + seed,
-                             "lesion/kmax_error": 50.0 + seed})  # fmt: skip
+                             "lesion/kmax_error": 50.0 + seed, "lesion/k2_error": 40.0})  # fmt: skip
     groups = _by_arch(rows)
     assert set(groups) == {"resnet", "preact_resnet"}
     assert all({r["depth"] for r in rs} == {20, 56} and len(rs) == 4 for rs in groups.values())
     made = plot_lesions(rows, tmp_path)
-    assert sorted(Path(p).name for p in made) == ["kmax_error_vs_depth.png", "mean_single_error_vs_depth.png"]
+    names = ["k2_error_vs_depth.png", "kmax_error_vs_depth.png", "mean_single_error_vs_depth.png"]
+    assert sorted(Path(p).name for p in made) == names  # k2: a metric the k study names per level

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,3 +243,39 @@ def test_under_ddp_every_rank_saves_when_any_rank_was_signalled(tmp_path, monkey
     assert trainer.saved == [tmp_path / "requeue.ckpt"] and trainer.strategy.asked == [(False, False)]
     cb.on_train_batch_end(trainer, None)  # once only
     assert len(trainer.saved) == 1
+
+
+@pytest.mark.slow
+def test_a_ddp_fit_signalled_on_one_rank_saves_on_both_and_finishes(tmp_path):
+    # Issue 26 §B, with two real gloo processes: SIGUSR1 reaches rank 1 only. Each rank used to
+    # save when it saw the signal; save_checkpoint's barrier then waited for rank 0 for ever.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.calls\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "91", "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    args = fit_args(tmp_path, *ddp, "--run.checkpoint_every_n_steps", "1000", "--run.test_after_fit", "false", steps=60)
+    with open(tmp_path / "fit.log", "w") as log:
+        fit = subprocess.Popen([sys.executable, "-m", "resnet_lab.cli", *args], env=env, stdout=log,
+                               stderr=subprocess.STDOUT)  # fmt: skip
+    run_dir = tmp_path / "runs" / "resnet20" / "slurm-91"
+    deadline, rank1 = time.time() + 300, None
+    while time.time() < deadline and fit.poll() is None:  # rank 1 is the child Lightning started; wait for steps
+        children = Path(f"/proc/{fit.pid}/task/{fit.pid}/children").read_text().split()
+        rank1 = int(children[0]) if children else None
+        metrics = run_dir / "csv" / "metrics.csv"
+        if rank1 and metrics.is_file() and metrics.read_text().count("\n") > 5:
+            break
+        time.sleep(0.2)
+    assert rank1 is not None, (tmp_path / "fit.log").read_text()[-3000:]
+    os.kill(rank1, signal.SIGUSR1)
+    try:
+        rc = fit.wait(timeout=240)  # a rank alone at the checkpoint barrier hangs here
+    except subprocess.TimeoutExpired:
+        fit.kill()
+        pytest.fail("the DDP fit hung after one rank was signalled:\n" + (tmp_path / "fit.log").read_text()[-3000:])
+    assert rc == 0, (tmp_path / "fit.log").read_text()[-3000:]
+    step = torch.load(run_dir / "checkpoints" / "requeue.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    assert 0 < step < 60 and (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "91"]

@@ -595,7 +595,8 @@ def test_sigterm_to_the_launcher_stops_every_worker_and_a_rerun_completes(tmp_pa
             os.kill(pid, 0)
     assert len(_cells(tmp_path, "t")) < 4  # stopped mid-grid, nothing left RUNNING
     assert sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg]) == 0
-    assert _cells(tmp_path, "t") == GRID
+    trials = [(t.number, t.state.name, t.params, t.user_attrs.get("error")) for t in load(tmp_path, "t").trials]
+    assert _cells(tmp_path, "t") == GRID, (trials, log[-4000:])
     resumed = [
         t for t in load(tmp_path, "t").trials if t.state == TrialState.COMPLETE and "resumed_from" in t.user_attrs
     ]

@@ -122,7 +122,7 @@ def plot_lesions(rows: list[dict], out: Path) -> list[str]:
             n = min(len(pts[x]) for x in d)
             ax.errorbar(d, [s["mean"] for s in stats], yerr=[s["std"] or 0.0 for s in stats], fmt="o-", capsize=3,
                         color=f"C{i}", label=f"{label} (n={n})")  # fmt: skip
-        what = owner.metrics[name] if owner else metric
+        what = owner.metrics.get(name, metric) if owner else metric
         ax.set(xlabel="depth", ylabel=name, title=f"{what} (mean ± std over seeds)"[:90])
         ax.legend(fontsize=8)
         made.append(_save(fig, out / f"{name}_vs_depth.png"))

@@ -156,7 +156,9 @@ def make_storage(spec: SweepSpec, create: bool = True) -> tuple[BaseStorage, str
                 heartbeat_interval=spec.heartbeat_interval,
                 grace_period=spec.grace_period,
                 heartbeat_stale_trial_callback=callback,
-                engine_kwargs={"pool_pre_ping": True} if not sqlite else None,
+                # SQLite: wait up to 60 s for another worker's write lock (the default 5 s gave
+                # "database is locked" under load); a server: drop connections that died.
+                engine_kwargs={"pool_pre_ping": True} if not sqlite else {"connect_args": {"timeout": 60}},
             )
     except Exception as e:  # OperationalError, missing driver, ...
         hint = (
