@@ -85,6 +85,7 @@ def test_ablate_that_would_do_less_than_asked_is_refused_before_writing(two_chec
     assert not out.exists()  # not even the manifest
 
 
+@pytest.mark.slow
 def test_a_resumed_fit_keeps_one_best_checkpoint(tmp_path, capsys):
     # Issue 26 §B: a run killed after saving a new best-*.ckpt but before its next last.ckpt, then
     # resumed, kept both: last.ckpt's record of the best did not know the newer file.
