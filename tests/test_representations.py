@@ -307,3 +307,63 @@ def test_representation_studies_pool_across_checkpoints_of_one_architecture(tmp_
     cos = float(by[("iterative", "cos layer2.0")]["mean"])
     line = next(x for x in md.splitlines() if "| cos layer2.0 |" in x)
     assert "| cos(f, dL/dh) | 2 |" in line and f"{cos:.4f} ± " in line
+
+
+def test_probe_l2_is_scored_on_images_it_was_not_fit_on(monkeypatch):
+    # Issue 24 §8: a mutation that scored L2 on the fit images themselves (no held-out fifth) passed.
+    from resnet_lab.ablation.studies import probes
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 5, generator=g), torch.randint(0, 3, (60,), generator=g)
+    fitted, scored = [], []
+    real_fit, real_logits = probes.fit_probe, probes.Probe.logits
+
+    def fit(xf, yf, classes, l2, **kw):
+        fitted.append(xf)
+        return real_fit(xf, yf, classes, l2, max_iter=5)
+
+    def logits(self, xs):
+        scored.append(xs)
+        return real_logits(self, xs)
+
+    monkeypatch.setattr(probes, "fit_probe", fit)
+    monkeypatch.setattr(probes.Probe, "logits", logits)
+    probes.choose_l2(x, y, 3, torch.Generator().manual_seed(1))
+    assert len(fitted) == len(scored) == len(probes.L2_GRID)
+    rows = lambda t: {tuple(r.tolist()) for r in t}  # noqa: E731
+    for f, s in zip(fitted, scored):
+        assert rows(f).isdisjoint(rows(s)) and len(s) == 12 and len(f) == 48  # the held-out fifth, apart
+
+
+def test_iterative_counts_a_block_that_does_not_move_like_a_zero_gradient(tmp_path):
+    # Issue 24 §8: a block whose step f is 0 gave cos = 0/0 = NaN, and the block's mean became NaN.
+    from resnet_lab.ablation.studies.iterative import Iterative
+
+    model = trained_like("resnet14")
+    blk = model.blocks[1]
+    with torch.no_grad():  # the branch's last BN outputs 0: f = 0 for every image
+        last_bn = [m for m in blk.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
+        last_bn.weight.zero_()
+        last_bn.bias.zero_()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    steps = block_steps(model, x, y)
+    assert steps[1]["ok"].sum() == 0 and steps[0]["ok"].all()  # nothing to take a cosine of
+
+    class Unit:  # the runner's surface the study uses, over these 8 images
+        progress = None
+
+        def __init__(self):
+            self.model = model
+
+        def batches(self):
+            return [(x, y)]
+
+        def row(self, study, condition, **fields):
+            return {"study": study, "condition": condition, **fields}
+
+    rows = Iterative().rows(Unit())
+    assert rows[1]["cos_n"] == 0 and rows[1]["cos_mean"] is None  # counted out, not NaN
+    assert rows[0]["cos_n"] == 8 and -1 <= rows[0]["cos_mean"] <= 1
+    assert Iterative().summary(rows)["lesion/iterative_mean_cos"] == pytest.approx(
+        sum(r["cos_mean"] for r in rows if r["cos_mean"] is not None) / sum(r["cos_mean"] is not None for r in rows)
+    )

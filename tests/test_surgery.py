@@ -159,3 +159,15 @@ def test_block_names_are_stable_module_paths(name):
     modules = dict(m.named_modules())
     assert all(modules[n] is m.get_block(n) for n in m.block_names)
     assert m.block_names == create_model(name).block_names
+
+
+def test_reorder_swap_levels_per_depth_are_the_documented_ones():
+    # Issue 24 §8: the docstring said "up to half the blocks" while resnet-56 got 16 and 32 swaps.
+    from resnet_lab.ablation.studies import reorder
+    from resnet_lab.models import create_model
+
+    want = {"resnet8": (1,), "resnet14": (1, 2, 4), "resnet20": (1, 2, 4, 8), "resnet56": (1, 2, 4, 8, 16, 32),
+            "resnet110": (1, 2, 4, 8, 16, 32)}  # fmt: skip
+    for name, levels in want.items():
+        blocks = len(create_model(name).block_names)
+        assert reorder.swap_levels(blocks) == levels, name  # as the module docstring lists them

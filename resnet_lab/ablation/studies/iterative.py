@@ -37,7 +37,9 @@ MAX_BATCH = 128  # images per forward/backward (the graph of every block is held
 
 def block_steps(model, x: Tensor, y: Tensor) -> list[dict[str, Any]]:
     """Per block (forward order): {"cos": (B,), "ratio": (B,), "grad_norm": (B,)} per image, or
-    cos None where the block is not applicable, and "reference": what f and g are taken at."""
+    cos None where the block is not applicable, and "reference": what f and g are taken at.
+    "ok" marks the images whose cosine is defined (||f|| > 0 and ||g|| > 0: a block that does
+    not move an image, or a saturated softmax, gives no direction); "ratio_ok" those with ||h|| > 0."""
     if model.training:
         raise ValueError("the iterative study runs in eval mode (BN running statistics)")
     with torch.enable_grad():
@@ -63,13 +65,14 @@ def block_steps(model, x: Tensor, y: Tensor) -> list[dict[str, Any]]:
         for (f, r, _, how), g in zip(taken, grads):
             gn = g.flatten(1).double().norm(dim=1)
             if f is None:
-                out.append({"cos": None, "ratio": None, "grad_norm": gn, "reference": how})
+                out.append({"cos": None, "ratio": None, "grad_norm": gn, "reference": how, "ok": None})
                 continue
             f, r, g = f.flatten(1).double(), r.flatten(1).double(), g.flatten(1).double()
-            fn = f.norm(dim=1)
+            fn, rn = f.norm(dim=1), r.norm(dim=1)
             cos = (f * g).sum(1) / (fn * gn)
-            ratio = fn / r.norm(dim=1)
-            out.append({"cos": cos, "ratio": ratio, "grad_norm": gn, "reference": how})
+            ratio = fn / rn
+            out.append({"cos": cos, "ratio": ratio, "grad_norm": gn, "reference": how, "ok": (fn > 0) & (gn > 0),
+                        "ratio_ok": rn > 0})  # fmt: skip
     return out
 
 
@@ -87,23 +90,23 @@ class Iterative(Study):
         model = unit.model
         cos = [Running() for _ in model.block_names]
         ratio = [Running() for _ in model.block_names]
-        how, images = [""] * len(cos), 0
+        how, images, seen = [""] * len(cos), 0, [False] * len(cos)
         for x, y in unit.batches():
             for i in range(0, len(y), MAX_BATCH):
                 xb, yb = x[i : i + MAX_BATCH], y[i : i + MAX_BATCH]
                 for j, s in enumerate(block_steps(model, xb, yb)):
                     how[j] = s["reference"]
-                    if s["cos"] is not None:
-                        ok = s["grad_norm"] > 0  # an image with a saturated softmax has no direction
-                        cos[j].add(s["cos"][ok])
-                        ratio[j].add(s["ratio"])
+                    if s["cos"] is not None:  # only images with a defined cosine / ratio count
+                        cos[j].add(s["cos"][s["ok"]])
+                        ratio[j].add(s["ratio"][s["ratio_ok"]])
+                        seen[j] = True
             images += len(y)
             if unit.progress:
                 unit.progress(len(y))
         down = set(model.downsample_blocks)
         rows = []
         for j, b in enumerate(model.block_names):
-            ok = ratio[j].n > 0
+            ok = seen[j] and ratio[j].n > 0
             rows.append(
                 unit.row(
                     NAME,
@@ -119,6 +122,7 @@ class Iterative(Study):
                     cos_n=cos[j].n,
                     ratio_mean=ratio[j].mean if ok else None,
                     ratio_std=ratio[j].std if ok else None,
+                    ratio_n=ratio[j].n,
                     images=images,
                 )  # fmt: skip
             )

@@ -1,8 +1,11 @@
 """`reorder`: swap shape-compatible blocks at test time (Veit et al. 2016, Sec. 4.3 / Fig. 4).
 
-Rows: for 1, 2, 4, ... swaps (up to half the blocks, at most 32), `samples` random
-orders each, with Kendall's tau to the trained order. Nets without two blocks of the
-same shape have no rows.
+Rows: `samples` random orders at each level of 1, 2, 4, ... swaps, with Kendall's tau to
+the trained order. A net of B blocks gets the first max(1, B // 2) levels of 1, 2, 4, 8, 16,
+32 (see `swap_levels`): resnet-8 (3 blocks) 1 swap; resnet-14 (6) 1, 2, 4; resnet-20 (9)
+1, 2, 4, 8; resnet-56 (27) and deeper all six, up to 32 swaps. A swap exchanges two
+shape-compatible blocks, so a count above the blocks only mixes the order further. Nets
+without two blocks of the same shape have no rows.
 """
 
 from __future__ import annotations
@@ -16,6 +19,11 @@ NAME = "reorder"
 SWAP_LEVELS = (1, 2, 4, 8, 16, 32)
 
 
+def swap_levels(blocks: int) -> tuple[int, ...]:
+    """The swap counts a net of `blocks` blocks is reordered at: the first max(1, blocks // 2) levels."""
+    return SWAP_LEVELS[: max(1, min(len(SWAP_LEVELS), blocks // 2))]
+
+
 class Reorder(Study):
     name = NAME
 
@@ -23,7 +31,7 @@ class Reorder(Study):
         model, o = unit.model, unit.opts
         if not model.swappable_groups():
             return
-        for swaps in SWAP_LEVELS[: max(1, min(len(SWAP_LEVELS), len(model.block_names) // 2))]:
+        for swaps in swap_levels(len(model.block_names)):
             unit.conditions(NAME, f"swaps{swaps}", engine.reorder_conditions(model, swaps, o.samples, o.seed))
 
     def plot(self, rows: list[dict], out: Path, colour: dict[str, str], num_classes: int) -> str | None:
