@@ -43,6 +43,7 @@ from .errors import UserError, load_yaml, user_error
 from .models import ResNetSpec, named_fields, resolve_spec
 from .module import SPEC_OPTIONS, CheckpointMismatchError, ResNetClassifier, check_spec_matches, read_checkpoint
 from .schedules import PaperLR
+from .trainer_checks import check_trainer_counts, say_if_no_validation
 
 REPO = Path(__file__).resolve().parent.parent
 EVALUATIONS = ("validate", "test", "predict")  # subcommands that score a checkpoint
@@ -438,63 +439,6 @@ class ResNetLabCLI(LightningCLI):
             lg.log_hyperparams(flat)
             if isinstance(lg, WandbLogger):
                 define_wandb_metrics(lg.experiment)
-
-
-def check_trainer_counts(t, subcommand: str | None) -> None:
-    """Trainer counts that Lightning would divide by, or loop on, or that leave the command
-    nothing to do, are checked up front."""
-
-    def bad(name: str, why: str) -> UserError:
-        return UserError(f"trainer.{name}={t.get(name)!r} {why}")
-
-    fit = subcommand == "fit"
-    stage = {"fit": "train", "validate": "val", "test": "test", "predict": "predict"}.get(subcommand or "")
-    if stage and t.get(f"limit_{stage}_batches") == 0:
-        what = "trains nothing" if fit else f"gives `{subcommand}` nothing to score"
-        raise bad(f"limit_{stage}_batches", f"{what}: give a count of batches >= 1, a fraction in (0, 1], or drop it")
-    if fit:
-        for name in ("max_steps", "max_epochs"):
-            v = t.get(name)
-            if v is not None and (v == 0 or v < -1):
-                raise bad(name, "must be a positive count (or -1 for no limit)")
-    for name in ("check_val_every_n_epoch", "accumulate_grad_batches", "log_every_n_steps", "num_nodes"):
-        v = t.get(name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise bad(name, "must be a positive integer" + (" (or null)" if name == "check_val_every_n_epoch" else ""))
-    for name in ("min_steps", "min_epochs"):
-        v = t.get(name)
-        if v is not None and v < 0:
-            raise bad(name, "must be >= 0")
-    v = t.get("num_sanity_val_steps")
-    if v is not None and v < -1:
-        raise bad("num_sanity_val_steps", "must be >= 0 (or -1 for the whole validation set)")
-    for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches"):
-        v = t.get(name)
-        if v is not None and (v < 0 or (isinstance(v, float) and v > 1 and v % 1)):  # 2.0 is 2 batches
-            raise bad(name, "must be a count of batches >= 0, or a fraction in [0, 1]")
-    v = t.get("val_check_interval")
-    if v is not None and not isinstance(v, str) and v <= 0:
-        raise bad("val_check_interval", "must be > 0: a fraction of an epoch, or a count of training batches")
-    devices = t.get("devices")
-    count = devices is not None and not isinstance(devices, list) and str(devices).lstrip("-").isdigit()
-    if count and (int(devices) == 0 or int(devices) < -1):
-        raise bad("devices", "must be a positive count, -1 (all), a list of device ids, or auto")
-
-
-def say_if_no_validation(cfg) -> None:
-    """A fit without validation data does what it was asked and says what that means."""
-    why = (
-        "trainer.limit_val_batches=0" if cfg.trainer.get("limit_val_batches") == 0
-        else "data.init_args.val_size=0" if (cfg.data.get("init_args") or {}).get("val_size") == 0
-        else None
-    )  # fmt: skip
-    if why and os.environ.get("LOCAL_RANK", "0") == "0":
-        print(
-            f"resnet-lab fit: no validation ({why}): no val/ metrics and no best-*.ckpt; "
-            "last.ckpt is kept and the final weights are tested",
-            file=sys.stderr,
-            flush=True,
-        )
 
 
 def _as_list(x: Any) -> list[Any]:

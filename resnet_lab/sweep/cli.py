@@ -88,7 +88,7 @@ def check_builds(cfg: dict[str, Any]) -> None:
     OneCycleLR's total_steps, ...)."""
     import torch
 
-    from ..train import check_trainer_counts
+    from ..trainer_checks import check_trainer_counts
 
     check_trainer_counts(cfg.get("trainer") or {}, "fit")
     built: dict[str, Any] = {}
