@@ -19,7 +19,7 @@ def _series_label(c: dict, skip: tuple[str, ...]) -> str:
     return ", ".join(f"{k.split('.')[-1]}={c[k]}" for k in keys)
 
 
-def plot(rows: list[dict], cs: list[dict], out: Path, metric: str = "") -> list[str]:
+def plot(rows: list[dict], cs: list[dict], out: Path) -> list[str]:
     """Every plot the study's trials allow; returns their paths."""
     import matplotlib
 

@@ -343,7 +343,7 @@ def summarize(study: optuna.Study, out: Path, metric: str) -> str:
             f.write(f"\n## Depth comparisons\n\nNone: {why}.\n")
     from .plots import plot
 
-    plots = plot(rows, cs, out, metric)
+    plots = plot(rows, cs, out)
     counts = {s.name: sum(r["state"] == s.name for r in rows) for s in TrialState}
     text += "\n\n" + ", ".join(f"{k.lower()} {v}" for k, v in counts.items() if v)
     tables = [out / "cells.csv", out / "cells.md", *([out / "depth_differences.csv"] if comps else [])]
