@@ -349,7 +349,7 @@ def test_iterative_counts_a_block_that_does_not_move_like_a_zero_gradient(tmp_pa
     steps = block_steps(model, x, y)
     assert steps[1]["ok"].sum() == 0 and steps[0]["ok"].all()  # nothing to take a cosine of
 
-    class Unit:  # the runner's surface the study uses, over these 8 images
+    class Ctx:  # the study context's surface the study uses, over these 8 images
         progress = None
 
         def __init__(self):
@@ -358,10 +358,10 @@ def test_iterative_counts_a_block_that_does_not_move_like_a_zero_gradient(tmp_pa
         def batches(self):
             return [(x, y)]
 
-        def row(self, study, condition, **fields):
-            return {"study": study, "condition": condition, **fields}
+        def row(self, bn="eval", **fields):
+            return {"study": "iterative", "condition": f"{bn}-bn", **fields}
 
-    rows = Iterative().rows(Unit())
+    rows = Iterative().rows(Ctx())
     assert rows[1]["cos_n"] == 0 and rows[1]["cos_mean"] is None  # counted out, not NaN
     assert rows[0]["cos_n"] == 8 and -1 <= rows[0]["cos_mean"] <= 1
     assert Iterative().summary(rows)["lesion/iterative_mean_cos"] == pytest.approx(

@@ -21,14 +21,15 @@ from .runner import (
     AblationError,
     Loaded,
     Store,
-    UnitRunner,
     build_datamodule,
     check_blocks,
     check_compatible,
     load_checkpoints,
     manifest_for,
+    run_checkpoint,
 )
 from .studies import REGISTRY, StudyOptions, check_nets
+from .study import common_of
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
         nargs="+",
         help="checkpoints written by `resnet-lab fit` (e.g. a resnet and its plain twin), or torchvision weights: "
         "torchvision:resnet50 (the local torch hub cache, never downloaded), torchvision:resnet50=FILE, or a "
-        "state-dict FILE",
+        "state-dict FILE; or init:ARCH[@SEED], a freshly initialised network of any registered architecture "
+        "(seeded by @SEED, default --seed), e.g. init:resnet56 init:plain56",
     )
     p.add_argument("--out", required=True, help="report directory (resumable; refuses a different configuration)")
     add_study_options(p)
@@ -127,18 +129,19 @@ def ablate(
 ) -> Path:
     """Run the selected studies on the checkpoints into `out` (resumable) and write the report."""
     with torch.no_grad():  # scoped: an in-process sweep goes on to train
-        ckpts = load_checkpoints(checkpoints)
+        ckpts = load_checkpoints(checkpoints, opts.seed)
         check_compatible(ckpts)
-        if ckpts[0].pretrained and data_folder is None:
+        base = next((c for c in ckpts if not c.init), ckpts[0])  # whose data the report uses
+        if (base.pretrained or base.init and base.spec.family == "imagenet") and data_folder is None:
             raise AblationError(
-                f"{ckpts[0].label} carries no data location: pass --data-folder with an ImageNet-layout folder "
+                f"{base.label} carries no data location: pass --data-folder with an ImageNet-layout folder "
                 "(val/<wnid>/..., or the val folder itself)"
             )
         for c in ckpts:
             check_blocks(c.model, list(opts.blocks) if opts.blocks else None)
         check_nets([c.spec for c in ckpts], opts, [c.model for c in ckpts])
         dm = build_datamodule(
-            ckpts[0].data, folder=data_folder, augment=False, eval_batch_size=batch_size, batch_size=batch_size
+            base.data, folder=data_folder, augment=False, eval_batch_size=batch_size, batch_size=batch_size
         )
         dm.setup("test")
         check_compatible(ckpts, dm.num_classes)
@@ -149,7 +152,7 @@ def ablate(
         n_split = dm.eval_size(opts.split)
         n_images = min(n_split, opts.limit or n_split)
         for study in REGISTRY.selected(opts.studies):
-            for note in study.data_notes(opts, n_split):
+            for note in study.data_notes(study.options(opts), common_of(opts), n_split):
                 print(f"note: {note}", file=sys.stderr)
         rows = _evaluate(ckpts, dm, store, opts, progress)
     evaluated = {r["n"] for r in rows if "n" in r}
@@ -179,7 +182,7 @@ def _evaluate(ckpts: list[Loaded], dm, store: Store, opts: Any, progress: bool) 
     bar = tqdm(desc="lesion evaluations", unit="img", disable=not progress, unit_scale=True)
     for c in ckpts:
         bar.set_postfix_str(c.label)
-        UnitRunner(c, dm, store, opts, progress=bar.update, peers=ckpts).run()
+        run_checkpoint(c, dm, store, opts, progress=bar.update, peers=ckpts)
     bar.close()
     return complete(store.rows())
 

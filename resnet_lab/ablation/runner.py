@@ -14,7 +14,6 @@ e.g. the single-block sweep of one net, or one k of the k-lesion study.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib
 import inspect
@@ -30,9 +29,8 @@ import torch
 import yaml
 
 from ..models import ResNet, ResNetSpec
-from . import engine, pretrained
-from .engine import Condition
-from .stats import arch_label, wilson
+from . import pretrained
+from .stats import arch_label
 from .study import AblationError
 
 
@@ -48,11 +46,49 @@ class Loaded:
     train_metrics: dict[str, float]
     run_dir: str | None
     pretrained: bool = False  # torchvision weights: no run, no stored data location
+    init: bool = False  # a freshly initialised network (init:ARCH), no checkpoint
+    label_smoothing: float = 0.0  # of the training loss (ctx.loss)
+
+    @property
+    def arch(self) -> str:
+        """What checkpoints must share to be pooled (an untrained net never pools with trained ones)."""
+        return arch_label(self.spec.to_dict()) + (" (init)" if self.init else "")
 
 
-def load_checkpoint(path: str | os.PathLike) -> Loaded:
-    """A `resnet-lab fit` checkpoint, or torchvision weights (`torchvision:NAME[=PATH]`,
-    or a bare state-dict file; see pretrained.py)."""
+INIT = "init:"
+CIFAR = "resnet_lab.data.cifar.CIFAR10DataModule"
+
+
+def is_init_ref(path: str | os.PathLike) -> bool:
+    return str(path).startswith(INIT)
+
+
+def load_init(ref: str, seed: int) -> Loaded:
+    """`init:ARCH[@SEED]`: a registered architecture freshly initialised from SEED (default: the
+    run's --seed: `torch.manual_seed(SEED)`, then the network's own initialisation; no training. Its data is CIFAR-10's
+    default location (or --data-folder, or the trained checkpoints' beside it)."""
+    from ..models import resolve_spec
+    from ..models.spec import SpecError
+
+    name, _, s = ref[len(INIT) :].partition("@")
+    if s and not s.isdigit():
+        raise AblationError(f"{ref}: the seed after @ must be a non-negative integer, e.g. init:{name}@1")
+    seed = int(s) if s else seed
+    try:
+        spec = resolve_spec(name)
+    except SpecError as e:
+        raise AblationError(f"{ref}: {e} (see `resnet-lab models`)") from None
+    torch.manual_seed(seed)
+    model = ResNet(spec).eval().to(memory_format=torch.channels_last)
+    data = {"class_path": CIFAR if spec.family == "cifar" else pretrained.DATA, "init_args": {}}
+    return Loaded(f"{INIT}{name}@{seed}", f"{spec.name} (init, seed {seed})", model, spec, data, {}, None, init=True)
+
+
+def load_checkpoint(path: str | os.PathLike, seed: int = 0) -> Loaded:
+    """A `resnet-lab fit` checkpoint, torchvision weights (`torchvision:NAME[=PATH]`, or a
+    bare state-dict file; see pretrained.py), or `init:ARCH[@SEED]` (an untrained network)."""
+    if is_init_ref(path):
+        return load_init(str(path), seed)
     if pretrained.is_torchvision_ref(str(path)):
         return _pretrained(*pretrained.load_pretrained(str(path)))
     p = Path(path)
@@ -85,21 +121,26 @@ def load_checkpoint(path: str | os.PathLike) -> Loaded:
     label = spec.name if run_dir is None else f"{spec.name} ({run_dir.name})"
     if p.stem != "last":
         label += f" [{p.stem}]"  # best-*.ckpt beside last.ckpt: a row set of its own
-    return Loaded(str(p), label, model, spec, data, metrics, str(run_dir) if run_dir else None)
+    smoothing = float(hp.get("label_smoothing") or 0.0)
+    run = str(run_dir) if run_dir else None
+    return Loaded(str(p), label, model, spec, data, metrics, run, label_smoothing=smoothing)
 
 
 def _pretrained(path: str, label: str, model: ResNet, data: dict[str, Any]) -> Loaded:
     return Loaded(path, label, model, model.spec, data, {}, None, pretrained=True)
 
 
-def load_checkpoints(paths: list[str]) -> list[Loaded]:
+def load_checkpoints(paths: list[str], seed: int = 0) -> list[Loaded]:
     """Load every checkpoint, each with a label no other one shares (labels key the
     results: two checkpoints under one label would silently merge into one net)."""
-    resolved = [p if pretrained.is_torchvision_ref(p) else Path(p).resolve() for p in paths]
+    ckpts = [load_init(p, seed) if is_init_ref(p) else None for p in paths]  # init:X and init:X@seed alike
+    resolved = [
+        c.path if c else p if pretrained.is_torchvision_ref(p) else Path(p).resolve() for c, p in zip(ckpts, paths)
+    ]
     twice = sorted({str(p) for p in resolved if resolved.count(p) > 1})
     if twice:
         raise AblationError(f"checkpoint(s) given more than once: {twice}; pass each file once")
-    ckpts = [load_checkpoint(p) for p in paths]
+    ckpts = [c or load_checkpoint(p) for c, p in zip(ckpts, paths)]
     for label in {c.label for c in ckpts}:
         same = [c for c in ckpts if c.label == label]
         if len(same) > 1:
@@ -219,6 +260,9 @@ class Store:
 def manifest_for(ckpts: list[Loaded], opts: dict[str, Any]) -> dict[str, Any]:
     ids = []
     for c in ckpts:
+        if c.init:
+            ids.append({"init": c.path})
+            continue
         st = Path(c.path).stat()
         ids.append({"path": str(Path(c.path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     body = {"checkpoints": ids, "data": ckpts[0].data, **opts}
@@ -257,7 +301,7 @@ def check_compatible(ckpts: list[Loaded], num_classes: int | None = None) -> Non
         key = ("folder", "source", "path", "root")
         ia = {k: (a.data.get("init_args") or {}).get(k) for k in key}
         ib = {k: (b.data.get("init_args") or {}).get(k) for k in key}
-        unset = a.pretrained or b.pretrained  # torchvision weights: --data-folder decides
+        unset = a.pretrained or b.pretrained or a.init or b.init  # no stored data: --data-folder decides
         if da != db or (ia != ib and not unset):
             raise AblationError(
                 f"{a.path} and {b.path} were trained on different datasets ({da} {ia} vs {db} {ib}); "
@@ -265,98 +309,10 @@ def check_compatible(ckpts: list[Loaded], num_classes: int | None = None) -> Non
             )
 
 
-class UnitRunner:
-    """Runs the unfinished units of one checkpoint into the store: each selected study's
-    `run` asks for its units through `conditions` (the engine's prefix-shared lesion
-    evaluation) or computes them itself and stores them with `add`."""
+def run_checkpoint(ckpt: Loaded, dm, store: Store, opts: Any, progress=None, peers: list[Loaded] = ()) -> None:
+    """Every selected study's unfinished units of one checkpoint, in registry order."""
+    from .context import Context
+    from .studies import REGISTRY
 
-    def __init__(self, ckpt: Loaded, dm, store: Store, opts: Any, progress=None, peers: list[Loaded] = ()) -> None:
-        self.ckpt, self.dm, self.store, self.opts, self.progress = ckpt, dm, store, opts, progress
-        self.peers = list(peers) or [ckpt]  # every checkpoint of this run, in command-line order
-        self.model = ckpt.model
-        self.blocks = check_blocks(ckpt.model, list(opts.blocks) if opts.blocks else None)
-
-    def run(self) -> None:
-        from .studies import REGISTRY
-
-        for study in REGISTRY.selected(self.opts.studies):
-            study.run(self)
-
-    def key(self, study: str, unit: str, condition: str = "eval-bn") -> str:
-        """A unit's key in results.jsonl: finished units are skipped on a rerun."""
-        return f"{self.ckpt.label}|{study}|{unit}|{condition}"
-
-    def done(self, key: str) -> bool:
-        return key in self.store.done
-
-    def add(self, key: str, rows: list[dict]) -> None:
-        self.store.add(key, rows)
-
-    def whole(self, study: str, compute) -> None:
-        """A study whose one unit is the whole checkpoint: `compute()` -> its rows, unless done."""
-        key = self.key(study, "all")
-        if not self.done(key):
-            self.add(key, compute())
-
-    def batches(self, split: str | None = None, limit: int | None = None):
-        """The evaluation split's batches (default: the run's split and --limit)."""
-        o = self.opts
-        return batches(self.dm, split or o.split, limit if split else o.limit)
-
-    def sample(self, split: str, n: int):
-        """Batches of `n` images of `split` drawn at random from the run's --seed (e.g. training
-        images), the same whatever the process environment."""
-        return batches(self.dm, split, loader=self.dm.sample_dataloader(split, n, self.opts.seed))
-
-    def row(self, study: str, condition: str, **fields: Any) -> dict[str, Any]:
-        c = self.ckpt
-        return {
-            "checkpoint": c.label,
-            "spec": c.spec.name,
-            "arch": arch_label(c.spec.to_dict()),
-            "plain": c.spec.plain,
-            "study": study,
-            "condition": condition,
-            **fields,
-        }
-
-    def _tallies(self, conds: list[Condition], condition: str, bn_recalib: int | None) -> dict[str, engine.Tally]:
-        model = self.model
-        if condition == "eval-bn":
-            return engine.evaluate(model, self.batches(), conds, self.progress)
-        tallies = {}  # re-estimate BN after each change: one pass of training batches per condition
-        for c in conds:
-            m = copy.deepcopy(model)
-            with m.remove_blocks(c.removed):
-                engine.recalibrate_bn(m, self.sample("train", bn_recalib), engine.first_changed(m, c))
-                tallies.update(engine.evaluate(m, self.batches(), [c], self.progress))
-        return tallies
-
-    def conditions(
-        self, study: str, unit: str, conds: list[Condition], condition: str = "eval-bn", bn_recalib: int | None = None
-    ) -> None:
-        """One unit of lesion conditions: error, loss and Wilson interval of each, with its meta.
-        condition "recalibrated-bn" re-estimates BN on `bn_recalib` training images first."""
-        key = self.key(study, unit, condition)
-        if self.done(key):
-            return
-        tallies = self._tallies(conds, condition, bn_recalib)
-        rows = []
-        for c in conds:
-            t = tallies[c.key]
-            lo, hi = wilson(t.wrong, t.n)
-            rows.append(
-                self.row(
-                    study,
-                    condition,
-                    key=c.key,
-                    error=t.error,
-                    loss=t.mean_loss,
-                    n=t.n,
-                    wrong=t.wrong,
-                    error_ci_lo=lo,
-                    error_ci_hi=hi,
-                    **c.meta,
-                )  # fmt: skip
-            )
-        self.add(key, rows)
+    for study in REGISTRY.selected(opts.studies):
+        study.run(Context(study, ckpt, dm, store, opts, progress, peers))

@@ -2,8 +2,9 @@
 
 A study is one module in `resnet_lab/ablation/studies/`, registered once in that
 package's `__init__`. It owns its options (a frozen dataclass of `option` fields, checked
-on construction), its units of work (`run`, resumable through the runner's store), its
-result rows, its `lesion/*` scalar summary, its report sections and plots, and how its
+once with the run's), its units of work (`run(ctx)`, with the per-checkpoint context of
+context.py: typed options, resumable units, BN modes, seeded samples, the checkpoint's
+loss, weights to perturb), its result rows, its `lesion/*` scalar summary, its report sections and plots, and how its
 rows pool across checkpoints of one architecture. Everything else (the `ablate` flags,
 the manifest, the W&B config, the sweep's `ablation.*` keys, the report) is derived
 from the registry, so adding a study touches its module, its registration line, its
@@ -22,7 +23,7 @@ from ..errors import UserError
 
 if TYPE_CHECKING:
     from ..models import ResNetSpec
-    from .runner import UnitRunner
+    from .context import Context
 
 SPLITS = ("val", "test")
 
@@ -71,11 +72,11 @@ def check_fields(opts: Any) -> None:
                 raise AblationError(f"unknown {f.name} {unknown or list(v)}; valid: {', '.join(f.metadata['choices'])}")
 
 
-def check_at_most_blocks(name: str, specs: Sequence[ResNetSpec], opts: Any) -> None:
+def check_at_most_blocks(name: str, specs: Sequence[ResNetSpec], options: Any, common: Common) -> None:
     """Refuse a count option `name` (e.g. k_max) above the removable blocks of any net."""
-    value = getattr(opts, name)
+    value = getattr(options, name)
     for spec in specs:
-        n = len(set(opts.blocks)) if opts.blocks else spec.num_blocks
+        n = len(set(common.blocks)) if common.blocks else spec.num_blocks
         if value > n:
             raise AblationError(
                 f"{name} {value} exceeds the {n} removable blocks of {spec.name}; lower --{name.replace('_', '-')} "
@@ -94,6 +95,11 @@ class Common:
     samples: int = option(10, "random draws per level: block subsets, permutations, routings")
     seed: int = option(0, "seed of every random draw", kind="int")
     limit: int | None = option(None, "use only the first N images of the split", kind="count?", metavar="N")
+
+
+def common_of(opts: Any) -> Common:
+    """The common options out of the flat (already checked) options of a run."""
+    return Common(**{f.name: getattr(opts, f.name) for f in fields(Common)})
 
 
 @dataclass(frozen=True)
@@ -166,25 +172,26 @@ class Study:
     metrics: ClassVar[dict[str, str]] = {}  # lesion/<name> summaries -> what each means
 
     def options(self, opts: Any) -> Any:
-        """This study's options out of the flat options of a run."""
+        """This study's typed options out of the flat (already checked) options of a run."""
         return self.Options(**{f.name: getattr(opts, f.name) for f in fields(self.Options)})
 
     def mine(self, rows: list[dict]) -> list[dict]:
         return [r for r in rows if r["study"] == self.name]
 
-    def check(self, specs: Sequence[ResNetSpec], opts: Any) -> None:
-        """Refuse, before anything is evaluated, options these networks cannot serve."""
+    def check(self, specs: Sequence[ResNetSpec], options: Any, common: Common) -> None:
+        """Refuse, before anything is evaluated, options (its own, and the common ones) these
+        networks cannot serve."""
 
-    def check_model(self, model: Any, opts: Any) -> None:
+    def check_model(self, model: Any, options: Any, common: Common) -> None:
         """Refuse, before anything is evaluated, options this loaded network cannot serve
         (e.g. block names it does not have)."""
 
-    def data_notes(self, opts: Any, n_split: int) -> list[str]:
+    def data_notes(self, options: Any, common: Common, n_split: int) -> list[str]:
         """Notes on how the options meet the data (printed by `ablate`), e.g. a count cut to the split."""
         return []
 
-    def run(self, unit: UnitRunner) -> None:
-        """Compute this study's unfinished units of one checkpoint into the store."""
+    def run(self, ctx: Context) -> None:
+        """Compute this study's unfinished units of one checkpoint (context.py) into the store."""
         raise NotImplementedError
 
     def complete(self, rows: list[dict]) -> list[dict]:

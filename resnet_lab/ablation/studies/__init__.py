@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import MISSING, asdict, field, fields, make_dataclass
 from typing import Any
 
-from ..study import AblationError, Common, Study, check_fields, option
+from ..study import AblationError, Common, Study, check_fields, common_of, option
 from . import adjacent, cka, iterative, k, paths, probes, reorder, responses, single
 
 
@@ -114,10 +114,11 @@ def defaults() -> dict[str, Any]:
 def check_nets(specs: Sequence[Any], opts: Any, models: Sequence[Any] = ()) -> None:
     """Every selected study's refusal of networks it cannot serve, before any evaluation:
     by their specs (ablate, and each sweep cell before it trains), and by the loaded models."""
+    common = common_of(opts)
     for s in REGISTRY.selected(opts.studies):
-        s.check(specs, opts)
+        s.check(specs, s.options(opts), common)
         for m in models:
-            s.check_model(m, opts)
+            s.check_model(m, s.options(opts), common)
 
 
 __all__ = ["REGISTRY", "AblationError", "StudyOptions", "check_nets", "defaults"]

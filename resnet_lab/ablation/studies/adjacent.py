@@ -112,13 +112,12 @@ class Adjacent(Study):
     Options = Options
     metrics = {"adjacentN_error": "mean error over the runs of N adjacent blocks removed (adjacent1_error, ...)"}
 
-    def check(self, specs, opts) -> None:
-        check_at_most_blocks("adjacent_max", specs, opts)
+    def check(self, specs, options, common) -> None:
+        check_at_most_blocks("adjacent_max", specs, options, common)
 
-    def run(self, unit) -> None:
-        self.check([unit.ckpt.spec], unit.opts)
-        for length in range(1, unit.opts.adjacent_max + 1):
-            unit.conditions(NAME, f"L{length}", runs(unit.model, unit.blocks, length))
+    def run(self, ctx) -> None:
+        for length in range(1, ctx.options.adjacent_max + 1):
+            ctx.lesions(f"L{length}", runs(ctx.model, ctx.blocks, length))
 
     def produces(self, metric: str) -> bool:
         return re.fullmatch(r"adjacent\d+_error", metric) is not None

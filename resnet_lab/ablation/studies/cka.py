@@ -111,57 +111,58 @@ class CKA(Study):
         "cka_first_last": "CKA of the stem output and the last block's output",
     }
 
-    def check(self, specs, opts) -> None:
-        if opts.limit is not None and opts.limit < 4:
+    def check(self, specs, options, common) -> None:
+        if common.limit is not None and common.limit < 4:
             raise AblationError(
-                f"cka needs at least 4 images (the unbiased HSIC estimator); --limit {opts.limit} gives "
-                f"{opts.limit}: raise --limit"
+                f"cka needs at least 4 images (the unbiased HSIC estimator); --limit {common.limit} gives "
+                f"{common.limit}: raise --limit"
             )
 
-    def check_model(self, model, opts) -> None:
-        unknown = [b for b in opts.cka_without or () if b not in model.block_names]
+    def check_model(self, model, options, common) -> None:
+        unknown = [b for b in options.cka_without or () if b not in model.block_names]
         if unknown:
             raise AblationError(
                 f"--cka-without {unknown}: no such block in {model.spec.name}; valid: {', '.join(model.block_names)}"
             )
 
-    def run(self, unit) -> None:
-        model, o = unit.model, unit.opts
-        without = list(o.cka_without or ())
-        peers = unit.peers[: unit.peers.index(unit.ckpt)]  # the checkpoints given before this one
+    def run(self, ctx) -> None:
+        model = ctx.model
+        without = list(ctx.options.cka_without or ())
+        peers = ctx.peers[: ctx.peers.index(ctx.ckpt)]  # the checkpoints given before this one
         todo = {"within": None, **{f"vs {c.label}": c.model for c in peers}, **{f"without {b}": b for b in without}}
-        todo = {k: v for k, v in todo.items() if not unit.done(unit.key(NAME, k))}
+        todo = {k: v for k, v in todo.items() if not ctx.done(k)}
         if not todo:
             return
+        lesioned = ctx.scratch() if any(isinstance(v, str) for v in todo.values()) else None
         accs = {k: CKAAccumulator() for k in todo}
         names = ["stem", *model.block_names]
-        for x in _chunks(unit.batches()):
+        for x in _chunks(ctx.batches()):
             reps = [h for _, h in engine.representations(model, x)]
             k_self = grams(reps)
             for comp, what in todo.items():
                 if what is None:
                     accs[comp].add(k_self, k_self)
                 elif isinstance(what, str):
-                    with model.remove_blocks([what]):
-                        accs[comp].add(k_self, grams([h for _, h in engine.representations(model, x)]))
+                    with lesioned.remove_blocks([what]):
+                        accs[comp].add(k_self, grams([h for _, h in engine.representations(lesioned, x)]))
                 else:
                     accs[comp].add(k_self, grams([h for _, h in engine.representations(what, x)]))
-            if unit.progress:
-                unit.progress(len(x))
+            if ctx.progress:
+                ctx.progress(len(x))
         for comp, acc in accs.items():
             peer = todo[comp]
             cols = ["stem", *peer.block_names] if peer is not None and not isinstance(peer, str) else names
-            unit.add(unit.key(NAME, comp), self._rows(unit, comp, names, cols, acc))
+            ctx.add(comp, self._rows(ctx, comp, names, cols, acc))
 
-    def _rows(self, unit, comp: str, names: list[str], cols: list[str], acc: CKAAccumulator) -> list[dict]:
+    def _rows(self, ctx, comp: str, names: list[str], cols: list[str], acc: CKAAccumulator) -> list[dict]:
         m = acc.cka()
         rows = []
         for i, a in enumerate(names):
             for j, b in enumerate(cols):
                 if comp == "within" and j < i:
                     continue  # symmetric: the upper triangle and the diagonal
-                rows.append(unit.row(NAME, "eval-bn", key=f"{comp}: {a} ~ {b}", comparison=comp, rep_a=a, rep_b=b,
-                                     pos_a=i - 1, pos_b=j - 1, cka=float(m[i, j]), images=acc.images))  # fmt: skip
+                rows.append(ctx.row(key=f"{comp}: {a} ~ {b}", comparison=comp, rep_a=a, rep_b=b, pos_a=i - 1,
+                                    pos_b=j - 1, cka=float(m[i, j]), images=acc.images))  # fmt: skip
         return rows
 
     @staticmethod

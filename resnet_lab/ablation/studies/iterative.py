@@ -83,15 +83,15 @@ class Iterative(Study):
         "iterative_mean_ratio": "mean over blocks of ||f_i|| / ||h_i||",
     }
 
-    def run(self, unit) -> None:
-        unit.whole(NAME, lambda: self.rows(unit))
+    def run(self, ctx) -> None:
+        ctx.whole(lambda: self.rows(ctx))
 
-    def rows(self, unit) -> list[dict]:
-        model = unit.model
+    def rows(self, ctx) -> list[dict]:
+        model = ctx.model
         cos = [Running() for _ in model.block_names]
         ratio = [Running() for _ in model.block_names]
         how, images, seen = [""] * len(cos), 0, [False] * len(cos)
-        for x, y in unit.batches():
+        for x, y in ctx.batches():
             for i in range(0, len(y), MAX_BATCH):
                 xb, yb = x[i : i + MAX_BATCH], y[i : i + MAX_BATCH]
                 for j, s in enumerate(block_steps(model, xb, yb)):
@@ -101,16 +101,14 @@ class Iterative(Study):
                         ratio[j].add(s["ratio"][s["ratio_ok"]])
                         seen[j] = True
             images += len(y)
-            if unit.progress:
-                unit.progress(len(y))
+            if ctx.progress:
+                ctx.progress(len(y))
         down = set(model.downsample_blocks)
         rows = []
         for j, b in enumerate(model.block_names):
             ok = seen[j] and ratio[j].n > 0
             rows.append(
-                unit.row(
-                    NAME,
-                    "eval-bn",
+                ctx.row(
                     key=b,
                     block=b,
                     position=j,

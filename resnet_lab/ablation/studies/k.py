@@ -56,14 +56,13 @@ class KLesion(Study):
         "kN_error": "mean error over the subsets of k = N (k1_error, k2_error, ...)",
     }
 
-    def check(self, specs, opts) -> None:
-        check_at_most_blocks("k_max", specs, opts)
+    def check(self, specs, options, common) -> None:
+        check_at_most_blocks("k_max", specs, options, common)
 
-    def run(self, unit) -> None:
-        o = unit.opts
-        self.check([unit.ckpt.spec], o)
+    def run(self, ctx) -> None:
+        o, c = ctx.options, ctx.common
         for k in range(1, o.k_max + 1):
-            unit.conditions(NAME, f"k{k}", engine.k_conditions(unit.model, k, o.samples, o.seed, unit.blocks))
+            ctx.lesions(f"k{k}", engine.k_conditions(ctx.model, k, c.samples, c.seed, ctx.blocks))
 
     def produces(self, metric: str) -> bool:
         return metric == "kmax_error" or re.fullmatch(r"k\d+_error", metric) is not None

@@ -76,39 +76,36 @@ class Paths(Study):
         "paths_path_share": "share of all paths inside the effective range",
     }
 
-    def check(self, specs, opts) -> None:
+    def check(self, specs, options, common) -> None:
         if all(s.plain for s in specs):
             raise AblationError(
                 "--studies paths needs a residual net: every checkpoint given is plain (one path, no skips); "
                 "add a residual checkpoint or drop 'paths'"
             )
 
-    def data_notes(self, opts, n_split: int) -> list[str]:
-        if opts.paths_images <= n_split:
+    def data_notes(self, options, common, n_split: int) -> list[str]:
+        if options.paths_images <= n_split:
             return []
         return [
-            f"--paths-images {opts.paths_images} exceeds the {n_split} images of the {opts.split} split; "
+            f"--paths-images {options.paths_images} exceeds the {n_split} images of the {common.split} split; "
             f"the paths study measures on all {n_split} (the report says so)"
         ]
 
-    def run(self, unit) -> None:
-        model, o = unit.model, unit.opts
+    def run(self, ctx) -> None:
+        model, o, c = ctx.model, ctx.options, ctx.common
         if model.spec.plain:
             why = "plain net: no skip connections, one path through every block"
-            unit.whole(NAME, lambda: [unit.row(NAME, "eval-bn", key="not applicable", applicable=False, reason=why)])
+            ctx.whole(lambda: [ctx.row(key="not applicable", applicable=False, reason=why)])
             return
         n = len(model.block_names)
         data = None  # the same images for every unit, read once and only if a unit is left
         for lo in range(0, n + 1, PATH_LENGTHS_PER_UNIT):
             lengths = range(lo, min(n, lo + PATH_LENGTHS_PER_UNIT - 1) + 1)
-            key = unit.key(NAME, f"k{lengths[0]}-{lengths[-1]}")
-            if unit.done(key):
-                continue
-            data = data or list(unit.batches(o.split, o.paths_images))
-            stats = paths.gradient_by_length(model, data, lengths, o.samples, o.seed, unit.progress)
-            images = sum(len(y) for _, y in data)
-            rows = [unit.row(NAME, "eval-bn", applicable=True, **r) for r in paths.length_rows(model, stats, images)]
-            unit.add(key, rows)
+            for rows in ctx.unit(f"k{lengths[0]}-{lengths[-1]}"):
+                data = data or list(ctx.batches(c.split, o.paths_images))
+                stats = paths.gradient_by_length(model, data, lengths, c.samples, c.seed, ctx.progress)
+                images = sum(len(y) for _, y in data)
+                rows += [ctx.row(applicable=True, **r) for r in paths.length_rows(model, stats, images)]
 
     def complete(self, rows: list[dict]) -> list[dict]:
         """Each checkpoint's length rows with (c) total_share and its effective-range row

@@ -107,39 +107,37 @@ class Probes(Study):
         "probe_min_error": "lowest probe error (%) over the stem and all blocks",
     }
 
-    def check(self, specs, opts) -> None:
+    def check(self, specs, options, common) -> None:
         """The probe is fit on 4/5 of --probe-images and its L2 chosen on the held-out fifth:
         at least PER_CLASS images a class, so that fifth holds two of each class."""
         classes = max(s.num_classes for s in specs)
-        if opts.probe_images < PER_CLASS * classes:
+        if options.probe_images < PER_CLASS * classes:
             raise AblationError(
                 f"probes needs at least {PER_CLASS * classes} training images ({PER_CLASS} per class for "
-                f"{classes} classes: L2 is chosen on a held-out fifth); --probe-images {opts.probe_images} is "
+                f"{classes} classes: L2 is chosen on a held-out fifth); --probe-images {options.probe_images} is "
                 "too few: raise it"
             )
 
-    def run(self, unit) -> None:
-        unit.whole(NAME, lambda: self.rows(unit))
+    def run(self, ctx) -> None:
+        ctx.whole(lambda: self.rows(ctx))
 
-    def rows(self, unit) -> list[dict]:
-        model, o = unit.model, unit.opts
+    def rows(self, ctx) -> list[dict]:
+        model, o = ctx.model, ctx.options
         classes = model.spec.num_classes
-        train, y_train = pooled_features(model, unit.sample("train", o.probe_images))
-        test, y_test = pooled_features(model, unit.batches())
-        if unit.progress:
-            unit.progress(len(y_test))
+        train, y_train = pooled_features(model, ctx.sample("train", o.probe_images))
+        test, y_test = pooled_features(model, ctx.batches())
+        if ctx.progress:
+            ctx.progress(len(y_test))
         down = set(model.downsample_blocks)
         rows = []
         for position, (name, x) in enumerate(train.items(), start=-1):
-            l2 = choose_l2(x, y_train, classes, torch.Generator().manual_seed(o.seed))
+            l2 = choose_l2(x, y_train, classes, torch.Generator().manual_seed(ctx.common.seed))
             probe = fit_probe(x, y_train, classes, l2)
             wrong = int((probe.logits(test[name]).argmax(1) != y_test).sum())
             train_wrong = int((probe.logits(x).argmax(1) != y_train).sum())
             lo, hi = wilson(wrong, len(y_test))
             rows.append(
-                unit.row(
-                    NAME,
-                    "eval-bn",
+                ctx.row(
                     key=name,
                     block=name,
                     position=position,

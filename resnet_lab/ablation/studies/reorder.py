@@ -27,12 +27,12 @@ def swap_levels(blocks: int) -> tuple[int, ...]:
 class Reorder(Study):
     name = NAME
 
-    def run(self, unit) -> None:
-        model, o = unit.model, unit.opts
+    def run(self, ctx) -> None:
+        model, c = ctx.model, ctx.common
         if not model.swappable_groups():
             return
         for swaps in swap_levels(len(model.block_names)):
-            unit.conditions(NAME, f"swaps{swaps}", engine.reorder_conditions(model, swaps, o.samples, o.seed))
+            ctx.lesions(f"swaps{swaps}", engine.reorder_conditions(model, swaps, c.samples, c.seed))
 
     def plot(self, rows: list[dict], out: Path, colour: dict[str, str], num_classes: int) -> str | None:
         by: dict[tuple[str, str], list[dict]] = {}

@@ -17,12 +17,12 @@ class Responses(Study):
     name = NAME
     default = True
 
-    def run(self, unit) -> None:
-        unit.whole(NAME, lambda: self.rows(unit))
+    def run(self, ctx) -> None:
+        ctx.whole(lambda: self.rows(ctx))
 
-    def rows(self, unit) -> list[dict]:
-        stds = engine.response_stds(unit.model, unit.batches())
-        return [unit.row(NAME, "eval-bn", key=layer, layer_index=i, std=v) for i, (layer, v) in enumerate(stds.items())]
+    def rows(self, ctx) -> list[dict]:
+        stds = engine.response_stds(ctx.model, ctx.batches())
+        return [ctx.row(key=layer, layer_index=i, std=v) for i, (layer, v) in enumerate(stds.items())]
 
     def plot(self, rows: list[dict], out: Path, colour: dict[str, str], num_classes: int) -> str | None:
         by: dict[str, list[dict]] = {}

@@ -214,11 +214,11 @@ class Single(Study):
         "max_single_error": "worst single-block removal",
     }
 
-    def run(self, unit) -> None:
-        conds = engine.single_block_conditions(unit.model, unit.blocks)
-        unit.conditions(NAME, "all", conds)
-        if unit.opts.bn_recalib:
-            unit.conditions(NAME, "all", conds[1:], "recalibrated-bn", unit.opts.bn_recalib)
+    def run(self, ctx) -> None:
+        conds = engine.single_block_conditions(ctx.model, ctx.blocks)
+        ctx.lesions("all", conds)
+        if ctx.options.bn_recalib:
+            ctx.lesions("all", conds[1:], bn="recalibrated", bn_images=ctx.options.bn_recalib)
 
     def summary(self, rows: list[dict]) -> dict[str, float]:
         out, drops = {}, []
