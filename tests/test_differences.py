@@ -241,3 +241,28 @@ def test_summary_plots_draw_each_architecture_apart_and_every_lesion_metric(tmp_
     made = plot_lesions(rows, tmp_path)
     names = ["k2_error_vs_depth.png", "kmax_error_vs_depth.png", "mean_single_error_vs_depth.png"]
     assert sorted(Path(p).name for p in made) == names  # k2: a metric the k study names per level
+
+
+def test_net_differences_pair_deep_with_shallow_and_plain_with_residual_never_init_with_trained():
+    from resnet_lab.ablation.stats import net_differences, welch
+    from resnet_lab.models import resolve_spec
+
+    vals, cks = {}, []
+    for name, base in (("resnet20", 1.0), ("resnet56", 2.0), ("plain20", 3.0), ("plain56", 7.0)):
+        for seed in range(3):
+            label = f"{name} s{seed}"
+            vals[label] = base + 0.1 * seed * (1 + len(name))
+            cks.append({"label": label, "spec": resolve_spec(name).to_dict()})
+        cks.append({"label": f"{name} init", "spec": resolve_spec(name).to_dict(), "init": True})
+        vals[f"{name} init"] = 100.0
+    got = dict(net_differences(vals, cks))
+
+    def side(name):
+        return [vals[f"{name} s{s}"] for s in range(3)]
+
+    assert set(got) == {"resnet56 − resnet20", "plain56 − plain20", "plain20 − resnet20", "plain56 − resnet56",
+                        "resnet56 (init) − resnet20 (init)", "plain56 (init) − plain20 (init)",
+                        "plain20 (init) − resnet20 (init)", "plain56 (init) − resnet56 (init)"}  # fmt: skip
+    assert got["plain56 − resnet56"] == welch(side("resnet56"), side("plain56"))
+    assert got["resnet56 − resnet20"].mean == pytest.approx(sum(side("resnet56")) / 3 - sum(side("resnet20")) / 3)
+    assert got["plain56 (init) − resnet56 (init)"].mean == 0 and got["plain56 (init) − resnet56 (init)"].lo is None

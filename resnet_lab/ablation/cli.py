@@ -165,7 +165,13 @@ def ablate(
         "n_split": n_split,
         "options": asdict(opts),
         "checkpoints": [
-            {"label": c.label, "path": c.path, "spec": c.spec.to_dict(), "train_metrics": c.train_metrics}
+            {
+                "label": c.label,
+                "path": c.path,
+                "spec": c.spec.to_dict(),
+                "train_metrics": c.train_metrics,
+                "init": c.init,
+            }
             for c in ckpts
         ],
     }

@@ -169,3 +169,50 @@ def mean_spread(mean: float, std: float | None, n: int, extra: str = "") -> str:
     if n < 2 or std is None:
         return f"{mean:.2f} (n = 1)"
     return f"{mean:.2f} ± {std:.2f}{extra}"
+
+
+def net_differences(values: dict[str, float], checkpoints: list[dict[str, Any]]) -> list[tuple[str, Difference]]:
+    """Per-checkpoint scalars (e.g. a top Hessian eigenvalue) compared across seeds, with Welch
+    intervals: deep − shallow within a depth family (each depth against the shallowest), and
+    plain − residual at the same depth (otherwise the same spec). `checkpoints` are the report's
+    meta entries ({"label", "spec", "init"}); untrained (init:) nets compare only with untrained ones."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    specs: dict[str, ResNetSpec] = {}
+    for c in checkpoints:
+        if c["label"] in values:
+            spec = ResNetSpec.from_dict(c["spec"])
+            key = json.dumps({**spec.to_dict(), "init": bool(c.get("init"))}, sort_keys=True)
+            groups[key].append(values[c["label"]])
+            specs[key] = spec
+    name = {k: s.name + (" (init)" if json.loads(k)["init"] else "") for k, s in specs.items()}
+
+    def without(key: str, *fields: str) -> str:
+        return json.dumps({k: v for k, v in json.loads(key).items() if k not in fields}, sort_keys=True)
+
+    out = []
+    families: dict[str, list[str]] = defaultdict(list)
+    for k in groups:
+        families[without(k, "depth")].append(k)
+    for ks in families.values():
+        ks.sort(key=lambda k: specs[k].depth)
+        out += [(f"{name[k]} − {name[ks[0]]}", welch(groups[ks[0]], groups[k])) for k in ks[1:]]
+    twins: dict[str, dict[bool, str]] = defaultdict(dict)
+    for k in groups:
+        twins[without(k, "plain")][specs[k].plain] = k  # plain nets keep the default shortcut A
+    for pair in twins.values():
+        if len(pair) == 2:
+            out.append((f"{name[pair[True]]} − {name[pair[False]]}", welch(groups[pair[False]], groups[pair[True]])))
+    return out
+
+
+def differences_table(
+    rows: list[tuple[str, list[tuple[str, Difference]]]], digits: int = 3
+) -> tuple[list[str], list[list[str]]]:
+    """One table of `net_differences` for several quantities: (quantity, its differences)."""
+    body = []
+    for what, diffs in rows:
+        for comparison, d in diffs:
+            ci = "- (needs n ≥ 2 per side)" if d.lo is None else f"[{d.lo:+.{digits}g}, {d.hi:+.{digits}g}]"
+            body.append([what, comparison, f"{d.n_b}/{d.n_a}", f"{d.mean:+.{digits}g}", ci,
+                         d.verdict("lower", "higher")])  # fmt: skip
+    return ["quantity", "comparison (a − b)", "n (a/b)", "Δ mean", "95% Welch CI", "a is"], body
