@@ -222,12 +222,15 @@ def response_stds(model: ResNet, batches: Iterable[tuple[Tensor, Tensor]], max_b
 
 
 @torch.no_grad()
-def recalibrate_bn(model: ResNet, batches: Iterable[tuple[Tensor, Tensor]], from_position: int = 0) -> None:
+def recalibrate_bn(model: ResNet, batches: Iterable[tuple[Tensor, Tensor]], from_position: int | None = 0) -> None:
     """Re-estimate BN running statistics on (unaugmented) training batches for the
     BNs at or after block `from_position` (earlier ones see unchanged inputs), and a
-    pre-activation net's final BN.
-    Cumulative averages (momentum=None); the model is left in eval mode."""
-    bns = model.batchnorms_after(from_position)
+    pre-activation net's final BN; `from_position=None`: every BN, the stem's too (all
+    weights changed). Cumulative averages (momentum=None); the model is left in eval mode."""
+    if from_position is None:
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    else:
+        bns = model.batchnorms_after(from_position)
     saved = [(bn.momentum, bn.training) for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
