@@ -1,0 +1,175 @@
+"""The `landscape` study (Li et al. 2018): each value against a second way of computing it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from resnet_lab.ablation.cli import main as ablate_main
+from resnet_lab.ablation.runner import build_datamodule, load_checkpoint
+from resnet_lab.ablation.studies.landscape import basin_width, directions, walk_points
+from resnet_lab.models import create_model
+
+from .conftest import trained_like
+
+OPTS = ["--studies", "landscape", "--landscape-images", "64", "--landscape-grid", "3", "--landscape-radius", "0.5"]
+
+
+def run(ckpts, out, *extra):
+    assert ablate_main([*ckpts, "--out", str(out), *OPTS, *extra, "--no-progress"]) == 0
+    return [r for r in json.loads((out / "results.json").read_text()) if r["study"] == "landscape"]
+
+
+def sample(ckpt, n, seed):
+    dm = build_datamodule(ckpt.data, augment=False, eval_batch_size=500, batch_size=500)
+    dm.setup("test")
+    xs, ys = zip(*[dm.on_after_batch_transfer(b, 0) for b in dm.sample_dataloader("train", n, seed)])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def explicit_loss(ckpt, a, b, x, y, recalibrate=None):
+    """The reference: a fresh net whose state dict is set to theta + a d1 + b d2, run forward."""
+    theta = {k: p.detach().clone() for k, p in ckpt.model.named_parameters()}
+    d1, d2 = directions(theta, 2, 0)
+    model = create_model(ckpt.spec.name, num_classes=ckpt.spec.num_classes)
+    sd = dict(ckpt.model.state_dict())
+    sd.update({k: theta[k] + a * d1[k] + b * d2[k] for k in theta})
+    model.load_state_dict(sd)
+    if recalibrate is not None:  # by hand: fresh cumulative statistics over the sample, train mode
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None
+        model.train()
+        with torch.no_grad():
+            model(recalibrate)
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    return F.cross_entropy(logits, y).item(), 100.0 * (logits.argmax(1) != y).float().mean().item()
+
+
+def test_every_point_equals_a_net_set_explicitly_to_theta_plus_a_d1_plus_b_d2(two_checkpoints, tmp_path):
+    rows = run(two_checkpoints[:1], tmp_path / "r")
+    ckpt = load_checkpoint(two_checkpoints[0])
+    x, y = sample(ckpt, 64, 0)
+    points = [r for r in rows if r["walk"] != "summary"]
+    assert {r["walk"] for r in points} == {"1d", "2d"} and len([r for r in points if r["walk"] == "2d"]) == 9
+    for r in points:
+        a, b = (r["alpha"], 0.0) if r["walk"] == "2d" or r["direction"] == 1 else (0.0, r["alpha"])
+        if r["walk"] == "2d":
+            b = r["beta"]
+        loss, err = explicit_loss(ckpt, a, b, x, y)
+        assert r["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6), r["key"]
+        assert r["error"] == pytest.approx(err, abs=1e-9) and r["images"] == 64
+    # The 1D walks hold +-r/2 and the centre; the centre is the unperturbed net.
+    d1 = sorted(r["alpha"] for r in points if r["walk"] == "1d" and r["direction"] == 1)
+    assert d1 == [-0.5, -0.25, 0.0, 0.25, 0.5]
+
+
+def test_recalibrated_bn_equals_bn_re_estimated_by_hand_on_the_perturbed_net(two_checkpoints, tmp_path):
+    rows = run(two_checkpoints[:1], tmp_path / "r", "--landscape-bn", "recalibrated", "--landscape-bn-images", "100",
+               "--landscape-directions", "1")  # fmt: skip
+    ckpt = load_checkpoint(two_checkpoints[0])
+    x, y = sample(ckpt, 64, 0)
+    bn_x, _ = sample(ckpt, 100, 1)  # the second, separately seeded sample
+    for r in (r for r in rows if r["walk"] == "1d"):
+        loss, _ = explicit_loss(ckpt, r["alpha"], 0.0, x, y, recalibrate=bn_x)
+        assert r["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+    assert not any(r["walk"] == "2d" for r in rows)  # one direction: no plane
+
+
+def test_each_direction_filter_has_the_norm_of_the_weight_filter_and_bias_bn_are_zero_unless_asked():
+    model = trained_like("resnet20")
+    theta = {k: p.detach() for k, p in model.named_parameters()}
+    for ignore in ("biasbn", "none"):
+        (d,) = directions(theta, 1, 3, ignore)
+        for name, w in theta.items():
+            if w.dim() > 1:
+                got, want = d[name].reshape(len(w), -1).norm(dim=1), w.reshape(len(w), -1).norm(dim=1)
+                assert torch.allclose(got, want, rtol=1e-5), name
+                assert not torch.allclose(d[name], w)  # a random direction, not the weights
+            elif ignore == "biasbn":
+                assert not d[name].any(), name
+            else:
+                assert torch.equal(d[name], w), name
+
+
+def test_the_same_seed_gives_the_same_directions_across_processes_and_across_nets_of_one_shape():
+    code = (
+        "import torch, hashlib\n"
+        "from resnet_lab.models import create_model\n"
+        "from resnet_lab.ablation.studies.landscape import directions\n"
+        "torch.manual_seed(5)\n"
+        "m = create_model('resnet20')\n"
+        "d = directions({k: p.detach() for k, p in m.named_parameters()}, 2, 7)\n"
+        "print(hashlib.sha1(b''.join(t.numpy().tobytes() for x in d for t in x.values())).hexdigest())\n"
+    )
+    a, b = (subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2))  # fmt: skip
+    assert a == b and len(a.strip()) == 40
+    res, plain = create_model("resnet56"), create_model("plain56")
+    tr, tp = ({k: p.detach() for k, p in m.named_parameters()} for m in (res, plain))
+    assert [t.shape for t in tr.values()] == [t.shape for t in tp.values()]
+    (dr,), (dp,) = directions(tr, 1, 7), directions(tp, 1, 7)
+    for (k, w1), w2 in zip(tr.items(), tp.values()):
+        if w1.dim() > 1:  # the raw draw is shared: the direction over each net's filter norms agrees
+            n1, n2 = w1.reshape(len(w1), -1).norm(dim=1), w2.reshape(len(w2), -1).norm(dim=1)
+            r1 = dr[k].reshape(len(w1), -1) / n1[:, None]
+            r2 = dp[k].reshape(len(w2), -1) / n2[:, None]
+            assert torch.allclose(r1, r2, atol=1e-5), k
+    (other,) = directions(tr, 1, 8)
+    assert not torch.allclose(other["fc.weight"], dr["fc.weight"])
+
+
+def test_basin_width_by_hand():
+    alphas = walk_points(5, 1.0)  # [-1, -0.5, 0, 0.5, 1]
+    assert alphas == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    # +: doubles between 0.5 (loss 1.5) and 1 (loss 3): 0.5 + 0.5 * (2 - 1.5) / 1.5; -: never (censored at 1).
+    w, censored = basin_width(alphas, [1.9, 1.2, 1.0, 1.5, 3.0])
+    assert w == pytest.approx((0.5 + 0.5 / 3 + 1.0) / 2) and censored
+    assert basin_width(alphas, [4.0, 2.0, 1.0, 2.0, 4.0]) == (0.5, False)
+
+
+def test_summaries_and_the_paired_report_of_a_residual_net_and_its_plain_twin(two_checkpoints, tmp_path):
+    rows = run(two_checkpoints, tmp_path / "r", "--landscape-directions", "1")
+    summ = {(r["checkpoint"].split(" ")[0], r["key"]): r["value"] for r in rows if r["walk"] == "summary"}
+    for net in ("resnet14", "plain14"):
+        pts = {r["alpha"]: r["loss"] for r in rows if r["walk"] == "1d" and r["checkpoint"].startswith(net)}
+        assert summ[(net, "centre loss")] == pts[0.0]
+        assert summ[(net, "rise at r")] == pytest.approx((pts[0.5] + pts[-0.5]) / 2 - pts[0.0])
+        assert summ[(net, "rise at r/2")] == pytest.approx((pts[0.25] + pts[-0.25]) / 2 - pts[0.0])
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "Paired directions" in report and "resnet14" in report.split("Paired directions")[1].split("\n")[0]
+    assert (tmp_path / "r" / "landscape.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--landscape-grid", "4"], "odd and at least 3"),
+        (["--landscape-grid", "1"], "odd and at least 3"),
+        (["--landscape-radius", "0"], "> 0"),
+        (["--landscape-radius", "nan"], "finite"),
+        (["--landscape-radius", "inf"], "finite"),
+        (["--landscape-directions", "0"], "landscape-directions"),
+        (["--landscape-images", "-3"], "landscape-images"),
+    ],
+)
+def test_bad_landscape_options_are_one_line_and_write_nothing(two_checkpoints, tmp_path, capsys, flags, words):
+    out = tmp_path / "bad"
+    assert_refused([two_checkpoints[0], "--out", str(out), "--studies", "landscape", *flags], capsys, words)
+    assert not out.exists()
+
+
+def assert_refused(argv, capsys, words):
+    """Exit 2 with one error line (argparse's own flags: its usage line and the error)."""
+    try:
+        code = ablate_main([*argv, "--no-progress"])
+    except SystemExit as e:  # argparse: a count flag below 1
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("error:") == 1 and words in err and "Traceback" not in err, err
