@@ -1,0 +1,329 @@
+"""`hessian`: curvature of the training loss at the trained weights (PyHessian, Yao et al.
+2020; Ghorbani et al. 2019), with and without residual connections.
+
+Hessian-vector products Hv of the checkpoint's training loss (ctx.loss, the mean over the
+study's images: a seeded sample of training images, or with --limit the evaluation split's
+first images), BN in eval mode, computed exactly by double backward on a private copy of the
+network. From them:
+  - the top-k eigenvalues by Lanczos with full re-orthogonalisation, stopped when every one
+    of the k Ritz pairs has a residual ||H y - theta y|| = |beta_m s_m| at most
+    --hessian-tol x |theta| (an a-posteriori bound, not a change between iterations);
+  - the trace by Hutchinson's estimator with Rademacher vectors: the mean of z^T H z and its
+    95% t interval, with as many samples as a pilot of MIN_SAMPLES says a half-width of
+    --hessian-tol x |mean| needs (Stein's two stages; at most --hessian-max-iter);
+  - on request (--hessian-slq N) the spectral density by stochastic Lanczos quadrature:
+    N Lanczos runs from Rademacher starts; nodes are the Ritz values, weights the squared
+    first components of their eigenvectors (each run's weights sum to 1).
+With --hessian-per-stage on, the same for each stage's parameters alone (the diagonal
+block of H; "other": the stem, the head and any final BN), whose traces sum to the trace.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..stats import differences_table, net_differences
+from ..study import AblationError, Measure, Section, Study, option, save_figure
+
+NAME = "hessian"
+EIGEN = Measure("Hessian eigenvalue", 3)
+TRACE = Measure("Hessian trace", 2)
+RATIO = Measure("top eigenvalue / trace", 4)
+MIN_SAMPLES = 30  # Hutchinson pilot samples (the spread of a quadratic form is poorly seen in fewer)
+CHUNK = 250  # images per double backward (memory: the graph of one chunk)
+DENSITY_POINTS = 200
+
+
+@dataclass(frozen=True)
+class Options:
+    hessian_images: int = option(1000, "hessian: images the loss is taken over (a seeded training sample)")
+    hessian_top_k: int = option(1, "hessian: top eigenvalues by Lanczos")
+    hessian_tol: float = option(1e-3, "hessian: relative accuracy of the eigenvalues and the trace", "float>0")
+    hessian_max_iter: int = option(100, "hessian: Lanczos steps and Hutchinson samples at most")
+    hessian_slq: int | None = option(None, "hessian: also the spectral density from N SLQ runs", "count?", metavar="N")
+    hessian_per_stage: str = option("off", "hessian: also each stage's parameters alone", "choice", ("off", "on"))
+
+
+# -- Hessian-vector products ----------------------------------------------------------------
+def param_groups(model) -> dict[str, list[str]]:
+    """Parameter names by stage ("layer1", ...), and "other" (stem, head, final BN)."""
+    groups: dict[str, list[str]] = {}
+    for name, _ in model.named_parameters():
+        head = name.split(".")[0]
+        groups.setdefault(head if head.startswith("layer") else "other", []).append(name)
+    return groups
+
+
+def make_hvp(model, loss: Callable, data: list[tuple[Tensor, Tensor]], names: list[str]) -> Callable[[Tensor], Tensor]:
+    """v (flat, over `names`) -> H v of the mean loss over `data`, H restricted to `names`."""
+    params = dict(model.named_parameters())
+    ps = [params[n] for n in names]
+    n_images = sum(len(y) for _, y in data)
+
+    def hvp(v: Tensor) -> Tensor:
+        vs = list(torch.split(v.to(ps[0].dtype), [p.numel() for p in ps]))
+        vs = [u.view_as(p) for u, p in zip(vs, ps)]
+        out = torch.zeros(v.shape, dtype=torch.float64)
+        with torch.enable_grad():
+            for x, y in data:
+                for i in range(0, len(y), CHUNK):
+                    value = loss(model(x[i : i + CHUNK]), y[i : i + CHUNK], reduction="sum") / n_images
+                    g = torch.autograd.grad(value, ps, create_graph=True)
+                    hv = torch.autograd.grad(g, ps, grad_outputs=vs)
+                    out += torch.cat([h.reshape(-1) for h in hv]).double()
+        return out
+
+    hvp.dim = sum(p.numel() for p in ps)  # type: ignore[attr-defined]
+    return hvp
+
+
+# -- estimators ----------------------------------------------------------------------------
+@dataclass
+class Lanczos:
+    ritz: list[float]  # the top-k Ritz values, descending
+    residuals: list[float]  # their residual bounds |beta_m s_m|
+    hvps: int
+    nodes: list[float]  # every Ritz value of the last tridiagonal matrix (SLQ)
+    weights: list[float]  # squared first components of their eigenvectors
+
+
+def lanczos(matvec: Callable[[Tensor], Tensor], dim: int, k: int, iters: int, tol: float, start: Tensor,
+            reorthogonalise: bool = True) -> Lanczos:  # fmt: skip
+    """Lanczos from `start`; stops when the top k Ritz pairs have residual <= tol |theta|, the
+    Krylov space is exhausted, or after `iters` products."""
+    q = start.double() / start.double().norm()
+    basis, alphas, betas = [q], [], []
+    ritz = res = nodes = weights = None
+    for j in range(min(iters, dim)):
+        w = matvec(basis[j])
+        a = float(w @ basis[j])
+        w = w - a * basis[j] - (betas[-1] * basis[j - 1] if j else 0)
+        if reorthogonalise:  # twice is enough (Parlett): Q Q^T w removed against every earlier q
+            Q = torch.stack(basis)
+            for _ in range(2):
+                w = w - Q.T @ (Q @ w)
+        alphas.append(a)
+        b = float(w.norm())
+        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if j:
+            off = torch.tensor(betas, dtype=torch.float64)
+            T += torch.diag(off, 1) + torch.diag(off, -1)
+        evals, evecs = torch.linalg.eigh(T)
+        order = torch.argsort(evals, descending=True)
+        ritz = evals[order][:k].tolist()
+        res = (b * evecs[-1, order][:k]).abs().tolist()
+        nodes, weights = evals.tolist(), (evecs[0] ** 2).tolist()
+        if len(ritz) == k and all(r <= tol * abs(t) for r, t in zip(res, ritz)):
+            return Lanczos(ritz, res, j + 1, nodes, weights)
+        if b <= 1e-10 * max(1.0, max(abs(x) for x in nodes)):  # an invariant subspace: exact
+            return Lanczos(ritz, [0.0] * len(ritz), j + 1, nodes, weights)
+        betas.append(b)
+        basis.append(w / b)
+    return Lanczos(ritz, res, min(iters, dim), nodes, weights)
+
+
+@dataclass
+class Trace:
+    mean: float
+    lo: float
+    hi: float
+    samples: int
+    converged: bool
+
+
+def hutchinson(matvec: Callable[[Tensor], Tensor], dim: int, tol: float, max_samples: int,
+               gen: torch.Generator) -> Trace:  # fmt: skip
+    """Mean of z^T H z over Rademacher z, with its 95% t interval, aiming at half-width <= tol |mean|.
+
+    Two stages (Stein 1945): MIN_SAMPLES pilot samples estimate the spread and so the number of
+    samples the tolerance needs; that many are drawn (at most `max_samples`), and the interval is
+    the mean of all of them +- t(pilot - 1) s_pilot / sqrt(n), whose coverage does not depend
+    on how n was chosen (for normal samples: exact). One look at the data: stopping whenever the running interval first
+    looks narrow enough would favour runs whose spread happens to be underestimated, and its
+    intervals would cover the trace less often than they claim."""
+    from scipy.stats import t
+
+    def draw() -> float:
+        z = torch.randint(0, 2, (dim,), generator=gen, dtype=torch.float64) * 2 - 1
+        return float(z @ matvec(z))
+
+    pilot = min(MIN_SAMPLES, max(max_samples, 2))
+    values = [draw() for _ in range(pilot)]
+    m0, s0 = statistics.fmean(values), statistics.stdev(values)
+    want = (float(t.ppf(0.975, pilot - 1)) * s0 / (tol * abs(m0))) ** 2 if m0 else math.inf
+    n = max(pilot, min(max_samples, math.ceil(want))) if math.isfinite(want) else max(pilot, max_samples)
+    values += [draw() for _ in range(n - pilot)]
+    m = statistics.fmean(values)
+    half = float(t.ppf(0.975, pilot - 1)) * s0 / math.sqrt(n)  # Stein: the pilot's spread, its t quantile
+    return Trace(m, m - half, m + half, n, half <= tol * abs(m))
+
+
+def density(runs: list[Lanczos], points: int = DENSITY_POINTS) -> tuple[list[float], list[float], float]:
+    """SLQ: the runs' (node, weight) pairs averaged, smoothed by a Gaussian of width sigma on a
+    grid spanning the nodes +- 5 sigma: (grid, density, sigma). The weights sum to 1."""
+    nodes = torch.tensor([x for r in runs for x in r.nodes], dtype=torch.float64)
+    weights = torch.tensor([w for r in runs for w in r.weights], dtype=torch.float64) / len(runs)
+    span = float(nodes.max() - nodes.min()) or 1.0
+    sigma = span / 100
+    grid = torch.linspace(float(nodes.min()) - 5 * sigma, float(nodes.max()) + 5 * sigma, points, dtype=torch.float64)
+    dens = (weights[None] * torch.exp(-((grid[:, None] - nodes[None]) ** 2) / (2 * sigma**2))).sum(1)
+    return grid.tolist(), (dens / (sigma * math.sqrt(2 * math.pi))).tolist(), sigma
+
+
+def _name(model) -> str:
+    return model.spec.name if hasattr(model, "spec") else type(model).__name__
+
+
+# -- the study -------------------------------------------------------------------------------
+class Hessian(Study):
+    name = NAME
+    Options = Options
+    metrics = {
+        "hessian_top": "top eigenvalue of the training loss's Hessian",
+        "hessian_trace": "Hutchinson estimate of the Hessian's trace",
+    }
+
+    def check(self, specs, options, common) -> None:
+        if options.hessian_top_k > options.hessian_max_iter:
+            raise AblationError(
+                f"--hessian-top-k {options.hessian_top_k} exceeds --hessian-max-iter {options.hessian_max_iter} "
+                "(Lanczos finds at most one eigenvalue per step): raise --hessian-max-iter"
+            )
+
+    def check_model(self, model, options, common) -> None:
+        n = sum(p.numel() for p in model.parameters())
+        if options.hessian_top_k > n:
+            raise AblationError(f"--hessian-top-k {options.hessian_top_k} exceeds the {n} weights of "
+                                f"{_name(model)}: lower it")  # fmt: skip
+        stages = [g for g in param_groups(model) if g != "other"]
+        if options.hessian_per_stage == "on" and len(stages) < 2:
+            raise AblationError(f"--hessian-per-stage on: {_name(model)} has no stages to separate "
+                                "(its parameters are not grouped as layer1, layer2, ...); use off")  # fmt: skip
+
+    def run(self, ctx) -> None:
+        o = ctx.options
+        groups = {"all": None}
+        if o.hessian_per_stage == "on":
+            groups.update(param_groups(ctx.model))
+        state: dict[str, Any] = {}
+
+        def setup():
+            if not state:  # once, and only if a unit is left
+                x, y, what = ctx.images(o.hessian_images)
+                state.update(model=ctx.scratch(), data=[(x, y)], what=what, n=len(y))
+            return state
+
+        for group, names in groups.items():
+            for rows in ctx.unit(f"{group} eigenvalues"):
+                s = setup()
+                hvp = make_hvp(s["model"], ctx.loss, s["data"], names or [n for n, _ in s["model"].named_parameters()])
+                start = torch.randn(
+                    hvp.dim, generator=torch.Generator().manual_seed(ctx.common.seed), dtype=torch.float64
+                )
+                lz = lanczos(hvp, hvp.dim, o.hessian_top_k, o.hessian_max_iter, o.hessian_tol, start)
+                for i, (v, r) in enumerate(zip(lz.ritz, lz.residuals), 1):
+                    rows.append(ctx.row(key=f"{group} top{i}", group=group, quantity="eigenvalue", rank=i, value=v,
+                                        residual=r, converged=r <= o.hessian_tol * abs(v), hvps=lz.hvps,
+                                        weights=hvp.dim, images=s["n"], sample=s["what"]))  # fmt: skip
+            for rows in ctx.unit(f"{group} trace"):
+                s = setup()
+                hvp = make_hvp(s["model"], ctx.loss, s["data"], names or [n for n, _ in s["model"].named_parameters()])
+                tr = hutchinson(hvp, hvp.dim, o.hessian_tol, o.hessian_max_iter,
+                                torch.Generator().manual_seed(ctx.common.seed + 1))  # fmt: skip
+                rows.append(ctx.row(key=f"{group} trace", group=group, quantity="trace", value=tr.mean, ci_lo=tr.lo,
+                                    ci_hi=tr.hi, samples=tr.samples, converged=tr.converged, hvps=tr.samples,
+                                    weights=hvp.dim, images=s["n"], sample=s["what"]))  # fmt: skip
+            if o.hessian_slq and group == "all":
+                for rows in ctx.unit("all density"):
+                    s = setup()
+                    hvp = make_hvp(s["model"], ctx.loss, s["data"], [n for n, _ in s["model"].named_parameters()])
+                    gen = torch.Generator().manual_seed(ctx.common.seed + 2)
+                    runs = []
+                    for _ in range(o.hessian_slq):
+                        z = torch.randint(0, 2, (hvp.dim,), generator=gen, dtype=torch.float64) * 2 - 1
+                        runs.append(lanczos(hvp, hvp.dim, 1, min(o.hessian_max_iter, 80), 0.0, z))
+                    grid, dens, sigma = density(runs)
+                    rows.append(ctx.row(key="all density", group="all", quantity="density", grid=grid, density=dens,
+                                        sigma=sigma, runs=len(runs), hvps=sum(r.hvps for r in runs),
+                                        images=s["n"], sample=s["what"]))  # fmt: skip
+
+    # -- summaries ---------------------------------------------------------------------------
+    def per_checkpoint(self, rows: list[dict]) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for r in self.mine(rows):
+            q = out.setdefault(r["checkpoint"], {})
+            if r["quantity"] == "eigenvalue" and r["rank"] == 1:
+                q[f"{r['group']} top eigenvalue"] = r["value"]
+            elif r["quantity"] == "trace":
+                q[f"{r['group']} trace"] = r["value"]
+        for q in out.values():
+            if q.get("all trace") and "all top eigenvalue" in q:
+                q["all top / trace"] = q["all top eigenvalue"] / q["all trace"]
+        return out
+
+    def summary(self, rows: list[dict]) -> dict[str, float]:
+        q = next(iter(self.per_checkpoint(rows).values()), {})
+        names = {"all top eigenvalue": "hessian_top", "all trace": "hessian_trace"}
+        return {f"lesion/{v}": q[k] for k, v in names.items() if k in q}
+
+    def pooled(self, row: dict) -> list[tuple[str, float]]:
+        if row["quantity"] == "eigenvalue":
+            return [(f"{row['group']} top{row['rank']}", row["value"])]
+        if row["quantity"] == "trace":
+            return [(f"{row['group']} trace", row["value"])]
+        return []
+
+    def measure(self, key: str) -> Measure:
+        return TRACE if key.endswith("trace") else EIGEN
+
+    def sections(self, rows: list[dict], meta: dict[str, Any]) -> list[Section]:
+        mine = self.mine(rows)
+        if not mine:
+            return []
+        body = []
+        for r in mine:
+            if r["quantity"] == "eigenvalue":
+                body.append([r["checkpoint"], r["group"], f"top-{r['rank']} eigenvalue", f"{r['value']:.4g}",
+                             f"residual {r['residual']:.2g}" + ("" if r["converged"] else " (not converged)"),
+                             str(r["hvps"])])  # fmt: skip
+            elif r["quantity"] == "trace":
+                body.append([r["checkpoint"], r["group"], "trace", f"{r['value']:.4g}",
+                             f"95% CI [{r['ci_lo']:.4g}, {r['ci_hi']:.4g}], {r['samples']} samples"
+                             + ("" if r["converged"] else " (not converged)"), str(r["hvps"])])  # fmt: skip
+        note = (f"Hessian of the training loss on {mine[0]['sample']}, BN in eval mode, exact Hessian-vector "
+                "products (double backward). Eigenvalues: Lanczos with full re-orthogonalisation, stopped at residual "
+                f"≤ {meta['options']['hessian_tol']:g} × |λ|. Trace: Hutchinson (Rademacher), 95% t "
+                "interval.")  # fmt: skip
+        head = ["checkpoint", "parameters", "quantity", "value", "accuracy", "Hessian-vector products"]
+        secs = [Section("Curvature: Hessian eigenvalues and trace", [note], (head, body))]
+        per = self.per_checkpoint(rows)
+        diffs = [(q, net_differences({ck: v[q] for ck, v in per.items() if q in v}, meta["checkpoints"]))
+                 for q in ("all top eigenvalue", "all trace", "all top / trace")]  # fmt: skip
+        table = differences_table(diffs)
+        if table[1]:
+            secs.append(Section("Curvature: differences across seeds (Welch 95%)", table=table))
+        if any(r["quantity"] == "density" for r in mine):
+            secs[0].images.append("hessian_density.png")
+        return secs
+
+    def plot(self, rows: list[dict], out: Path, colour: dict[str, str], num_classes: int) -> str | None:
+        dens = [r for r in self.mine(rows) if r["quantity"] == "density"]
+        if not dens:
+            return None
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for r in dens:
+            ax.semilogy(r["grid"], [max(d, 1e-12) for d in r["density"]], color=colour[r["checkpoint"]],
+                        label=r["checkpoint"])  # fmt: skip
+        ax.set(xlabel="eigenvalue", ylabel="density (log)", title="Hessian spectral density (SLQ)")
+        ax.legend(fontsize=7)
+        return save_figure(fig, out / "hessian_density.png")

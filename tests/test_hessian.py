@@ -1,0 +1,175 @@
+"""The `hessian` study: Lanczos, Hutchinson and SLQ against the explicit Hessian of a tiny net."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from resnet_lab.ablation.studies.hessian import density, hutchinson, lanczos, make_hvp, param_groups
+
+from .conftest import trained_like
+from .test_landscape import assert_refused
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A resnet8 of width 2 (1,356 weights), eval mode, 16 images of 8x8, and its explicit Hessian."""
+    torch.manual_seed(0)
+    model = trained_like("resnet8", base_width=2)
+    model.eval()
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+
+    def loss_of(v):
+        ps = {n: t.view(s).float() for n, t, s in zip(names, torch.split(v, [s.numel() for s in shapes]), shapes)}
+        buffers = dict(model.named_buffers())
+        return F.cross_entropy(torch.func.functional_call(model, {**buffers, **ps}, (x,)), y)
+
+    H = torch.autograd.functional.hessian(loss_of, flat).double()
+    H = (H + H.T) / 2
+    return model, [(x, y)], H
+
+
+def test_hvp_equals_the_explicit_hessian_times_v_whole_and_per_stage(tiny):
+    model, data, H = tiny
+    names = [n for n, _ in model.named_parameters()]
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    hvp = make_hvp(model, F.cross_entropy, data, names)
+    assert torch.allclose(hvp(v), H @ v, rtol=1e-4, atol=1e-6)
+    offsets, i = {}, 0
+    for n, p in model.named_parameters():
+        offsets[n] = range(i, i + p.numel())
+        i += p.numel()
+    for group, gnames in param_groups(model).items():
+        idx = torch.tensor([j for n in gnames for j in offsets[n]])
+        sub = make_hvp(model, F.cross_entropy, data, gnames)
+        u = torch.randn(len(idx), dtype=torch.float64)
+        assert torch.allclose(sub(u), H[idx][:, idx] @ u, rtol=1e-4, atol=1e-6), group
+
+
+def test_lanczos_top_k_equals_the_explicit_eigenvalues(tiny):
+    model, data, H = tiny
+    exact = torch.linalg.eigvalsh(H).flip(0)[:3]
+    hvp = make_hvp(model, F.cross_entropy, data, [n for n, _ in model.named_parameters()])
+    lz = lanczos(hvp, hvp.dim, 3, 300, 1e-6, torch.randn(hvp.dim, dtype=torch.float64))
+    assert torch.allclose(torch.tensor(lz.ritz, dtype=torch.float64), exact, rtol=1e-4)
+    assert all(r <= 1e-6 * abs(t) for r, t in zip(lz.residuals, lz.ritz)) and lz.hvps < 300
+
+
+def test_lanczos_needs_its_reorthogonalisation():
+    # A spectrum with one dominant eigenvalue: without re-orthogonalisation, its ghost copies
+    # take the top-k places once the first has converged (Paige).
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64))
+    evals = torch.cat(
+        [torch.tensor([100.0, 50.0, 49.0], dtype=torch.float64), torch.rand(297, generator=g, dtype=torch.float64) * 10]
+    )
+    A = q @ torch.diag(evals) @ q.T
+    start = torch.randn(300, generator=g, dtype=torch.float64)
+    good = lanczos(lambda v: A @ v, 300, 3, 150, 0.0, start)
+    assert torch.allclose(
+        torch.tensor(good.ritz, dtype=torch.float64), torch.tensor([100.0, 50.0, 49.0], dtype=torch.float64), rtol=1e-8
+    )
+    bad = lanczos(lambda v: A @ v, 300, 3, 150, 0.0, start, reorthogonalise=False)
+    want = torch.tensor([100.0, 50.0, 49.0], dtype=torch.float64)
+    assert not torch.allclose(torch.tensor(bad.ritz, dtype=torch.float64), want, rtol=1e-4)
+
+
+def test_hutchinson_interval_covers_the_exact_trace_in_at_least_90_of_50_seeds(tiny):
+    _, _, H = tiny
+    exact = float(torch.trace(H))
+    covered = stopped_early = 0
+    for seed in range(50):
+        tr = hutchinson(lambda v: H @ v, H.shape[0], 0.3, 400, torch.Generator().manual_seed(seed))
+        covered += tr.lo <= exact <= tr.hi
+        stopped_early += tr.samples < 400
+    assert covered >= 45, covered
+    assert stopped_early > 0  # the stopping rule was exercised
+
+
+def test_per_stage_traces_sum_to_the_full_trace_within_their_intervals(tiny):
+    model, data, H = tiny
+    full = hutchinson(lambda v: H @ v, H.shape[0], 0.02, 400, torch.Generator().manual_seed(1))
+    offsets, i = {}, 0
+    for n, p in model.named_parameters():
+        offsets[n] = range(i, i + p.numel())
+        i += p.numel()
+    parts = []
+    for gnames in param_groups(model).values():
+        idx = torch.tensor([j for n in gnames for j in offsets[n]])
+        B = H[idx][:, idx]
+        parts.append(hutchinson(lambda v, B=B: B @ v, len(idx), 0.02, 400, torch.Generator().manual_seed(2)))
+    total = sum(p.mean for p in parts)
+    slack = sum((p.hi - p.lo) / 2 for p in parts) + (full.hi - full.lo) / 2
+    assert abs(total - full.mean) <= slack
+    assert set(param_groups(model)) == {"layer1", "layer2", "layer3", "other"}
+
+
+def test_slq_density_integrates_to_one(tiny):
+    _, _, H = tiny
+    g = torch.Generator().manual_seed(0)
+    starts = [torch.randint(0, 2, (H.shape[0],), generator=g, dtype=torch.float64) * 2 - 1 for _ in range(3)]
+    runs = [lanczos(lambda v: H @ v, H.shape[0], 1, 60, 0.0, z) for z in starts]
+    assert all(sum(r.weights) == pytest.approx(1.0, abs=1e-9) for r in runs)
+    grid, dens, _ = density(runs)
+    assert torch.trapezoid(torch.tensor(dens), torch.tensor(grid)).item() == pytest.approx(1.0, abs=1e-3)
+    assert max(grid) >= float(torch.linalg.eigvalsh(H).max()) * 0.99  # the spectrum's edge is found
+
+
+def test_the_study_end_to_end_and_a_rerun_computes_nothing(two_checkpoints, tmp_path, monkeypatch):
+    from resnet_lab.ablation.cli import main as ablate_main
+    from resnet_lab.ablation.studies import hessian
+
+    out = tmp_path / "h"
+    argv = [two_checkpoints[0], "--out", str(out), "--studies", "hessian", "--hessian-images", "16", "--hessian-top-k",
+            "2", "--hessian-per-stage", "on", "--hessian-slq", "2", "--hessian-max-iter", "12", "--hessian-tol", "0.05",
+            "--no-progress"]  # fmt: skip
+    assert ablate_main(argv) == 0
+    rows = [r for r in json.loads((out / "results.json").read_text()) if r["study"] == "hessian"]
+    groups = {r["group"] for r in rows}
+    assert groups == {"all", "layer1", "layer2", "layer3", "other"}
+    top = [r for r in rows if r["quantity"] == "eigenvalue" and r["group"] == "all"]
+    assert [r["rank"] for r in top] == [1, 2] and top[0]["value"] >= top[1]["value"] and top[0]["images"] == 16
+    (dens,) = [r for r in rows if r["quantity"] == "density"]
+    assert dens["runs"] == 2 and (out / "hessian_density.png").exists()
+    assert "Curvature" in (out / "report.md").read_text()
+    before = (out / "results.jsonl").read_text()
+
+    def boom(*a, **k):
+        raise AssertionError("a rerun computed a Hessian-vector product")
+
+    monkeypatch.setattr(hessian, "make_hvp", boom)
+    assert ablate_main(argv) == 0
+    assert (out / "results.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--hessian-top-k", "5", "--hessian-max-iter", "3"], "exceeds --hessian-max-iter"),
+        (["--hessian-top-k", "10000000", "--hessian-max-iter", "10000000"], "weights of resnet14"),
+        (["--hessian-tol", "0"], "> 0"),
+        (["--hessian-tol", "nan"], "finite"),
+        (["--hessian-images", "0"], "hessian-images"),
+        (["--hessian-slq", "0"], "hessian-slq"),
+    ],
+)
+def test_bad_hessian_options_are_one_line_and_write_nothing(two_checkpoints, tmp_path, capsys, flags, words):
+    out = tmp_path / "bad"
+    assert_refused([two_checkpoints[0], "--out", str(out), "--studies", "hessian", *flags], capsys, words)
+    assert not out.exists()
+
+
+def test_per_stage_on_a_net_without_stages_is_refused():
+    from resnet_lab.ablation.studies import StudyOptions
+    from resnet_lab.ablation.studies.hessian import Hessian
+    from resnet_lab.ablation.study import AblationError, common_of
+
+    opts = StudyOptions(studies=("hessian",), hessian_per_stage="on")
+    flat = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with pytest.raises(AblationError, match="no stages"):
+        Hessian().check_model(flat, Hessian().options(opts), common_of(opts))
+    Hessian().check_model(trained_like("resnet8"), Hessian().options(opts), common_of(opts))  # three stages
