@@ -12,7 +12,7 @@ from dataclasses import MISSING, asdict, field, fields, make_dataclass
 from typing import Any
 
 from ..study import AblationError, Common, Study, check_fields, common_of, option
-from . import adjacent, cka, hessian, iterative, k, landscape, paths, probes, reorder, responses, single
+from . import adjacent, cka, hessian, iterative, k, landscape, paths, probes, reorder, responses, shattered, single
 
 
 class Registry:
@@ -53,6 +53,7 @@ REGISTRY = Registry(
         cka.CKA(),
         landscape.Landscape(),
         hessian.Hessian(),
+        shattered.Shattered(),
     ]
 )
 
