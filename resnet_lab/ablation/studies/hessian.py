@@ -218,7 +218,10 @@ class Hessian(Study):
         def setup():
             if not state:  # once, and only if a unit is left
                 x, y, what = ctx.images(o.hessian_images)
-                state.update(model=ctx.scratch(), data=[(x, y)], what=what, n=len(y))
+                # NCHW: double backward through channels-last convolutions is 1.37x slower on CPU
+                # (BENCHMARKS.md); the copy is private, the shared model keeps its format.
+                model = ctx.scratch().to(memory_format=torch.contiguous_format)
+                state.update(model=model, data=[(x.contiguous(), y)], what=what, n=len(y))
             return state
 
         for group, names in groups.items():
