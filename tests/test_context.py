@@ -111,6 +111,28 @@ def test_init_runs_beside_trained_checkpoints_on_their_data(two_checkpoints, tmp
     assert intact["n"] == 500 and intact["error"] > 50  # untrained: about chance on 10 classes
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"init": "init:resnet14@0"} in manifest["checkpoints"]
+    # By hand: the seeded net, its BN statistics estimated on 1,000 seeded training images as
+    # its first training batches would (train mode, cumulative), then evaluated.
+    from resnet_lab.models import ResNet, resolve_spec
+
+    torch.manual_seed(0)
+    model = ResNet(resolve_spec("resnet14"))
+    dm = build_datamodule(load_checkpoint(two_checkpoints[0]).data, augment=False, eval_batch_size=500,
+                          batch_size=500)  # fmt: skip
+    dm.setup("test")
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for x, _ in dm.sample_dataloader("train", 1000, 0):
+            model(dm.on_after_batch_transfer((x, None), 0)[0])
+        model.eval()
+        logits, ys = zip(*[(model(dm.on_after_batch_transfer((x, y), 0)[0]), y) for x, y in dm.test_dataloader()])
+    logits, ys = torch.cat(logits), torch.cat(ys)
+    assert intact["wrong"] == int((logits.argmax(1) != ys).sum())
+    assert intact["loss"] == pytest.approx(F.cross_entropy(logits, ys).item(), rel=1e-5)
 
 
 @pytest.mark.parametrize(

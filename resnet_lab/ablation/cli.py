@@ -27,6 +27,7 @@ from .runner import (
     load_checkpoints,
     manifest_for,
     run_checkpoint,
+    settle_init_bn,
 )
 from .studies import REGISTRY, StudyOptions, check_nets
 from .study import common_of
@@ -145,6 +146,9 @@ def ablate(
         )
         dm.setup("test")
         check_compatible(ckpts, dm.num_classes)
+        for c in ckpts:
+            if c.init:
+                settle_init_bn(c, dm, opts.seed)
         asked = opts.asked()
         if data_folder is not None:  # other data, other results: never resumed into the same report
             asked["data_folder"] = str(Path(data_folder).resolve())

@@ -65,7 +65,8 @@ def is_init_ref(path: str | os.PathLike) -> bool:
 
 def load_init(ref: str, seed: int) -> Loaded:
     """`init:ARCH[@SEED]`: a registered architecture freshly initialised from SEED (default: the
-    run's --seed: `torch.manual_seed(SEED)`, then the network's own initialisation; no training. Its data is CIFAR-10's
+    run's --seed: `torch.manual_seed(SEED)`, then the network's own initialisation; no training;
+    `ablate` then estimates its BN statistics, settle_init_bn). Its data is CIFAR-10's
     default location (or --data-folder, or the trained checkpoints' beside it)."""
     from ..models import resolve_spec
     from ..models.spec import SpecError
@@ -82,6 +83,20 @@ def load_init(ref: str, seed: int) -> Loaded:
     model = ResNet(spec).eval().to(memory_format=torch.channels_last)
     data = {"class_path": CIFAR if spec.family == "cifar" else pretrained.DATA, "init_args": {}}
     return Loaded(f"{INIT}{name}@{seed}", f"{spec.name} (init, seed {seed})", model, spec, data, {}, None, init=True)
+
+
+INIT_BN_IMAGES = 1000
+
+
+def settle_init_bn(ckpt: Loaded, dm, seed: int, n: int = INIT_BN_IMAGES) -> None:
+    """Give an init: net the BN statistics its first training batches would normalise with: a
+    fresh net's running statistics (mean 0, variance 1) would make eval-mode BN the identity,
+    which no training step computes. Estimated on `n` training images drawn from `seed`
+    (cumulative averages), every BN; the net stays in eval mode."""
+    from .engine import recalibrate_bn
+
+    with torch.no_grad():
+        recalibrate_bn(ckpt.model, batches(dm, "train", loader=dm.sample_dataloader("train", n, seed)), None)
 
 
 def load_checkpoint(path: str | os.PathLike, seed: int = 0) -> Loaded:
