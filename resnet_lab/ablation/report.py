@@ -129,7 +129,8 @@ def _plot_seeds(agg: list[dict], path: Path, num_classes: int) -> str | None:
             drawn |= bool(ours) and study.plot_pooled(ax, ours, f"C{i}", f"{arch} (n={n})")
         if its_rows and all(study.measure(a["key"]).chance for a in its_rows):
             ax.axhline(chance_error(num_classes), color="gray", ls=":", lw=1, label=f"chance ({num_classes} classes)")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a study without a pooled plot leaves its axes empty
+            ax.legend(fontsize=7)
     if not drawn:
         plt.close(fig)
         return None
@@ -138,10 +139,11 @@ def _plot_seeds(agg: list[dict], path: Path, num_classes: int) -> str | None:
 
 def sections(rows: list[dict], agg: list[dict], meta: dict[str, Any], plots: dict[str, str]) -> list[Section]:
     ck_lines = [
-        f"{c['label']}: {c['path']}; spec {json.dumps(c['spec'])}; training: "
-        + ", ".join(f"{k} {v:g}" for k, v in c["train_metrics"].items())
+        f"{c['label']}: {c['path']}; spec {json.dumps(c['spec'])}; "
+        + ("untrained (init:, BN statistics of 1,000 training images)" if c.get("init") else "training: "
+           + ", ".join(f"{k} {v:g}" for k, v in c["train_metrics"].items()))
         for c in meta["checkpoints"]
-    ]
+    ]  # fmt: skip
     out = [Section("Checkpoints", items=ck_lines)]
     for study in REGISTRY.selected(meta["options"]["studies"]):
         out += study.sections(rows, meta)
