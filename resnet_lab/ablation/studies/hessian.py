@@ -38,7 +38,7 @@ EIGEN = Measure("Hessian eigenvalue", 3)
 TRACE = Measure("Hessian trace", 2)
 RATIO = Measure("top eigenvalue / trace", 4)
 MIN_SAMPLES = 30  # Hutchinson pilot samples (the spread of a quadratic form is poorly seen in fewer)
-CHUNK = 250  # images per double backward (memory: the graph of one chunk)
+CHUNK = 64  # images per double backward: memory holds one chunk's graph (ResNet-110: 8.7 GB at 250, BENCHMARKS.md)
 DENSITY_POINTS = 200
 
 
@@ -308,8 +308,15 @@ class Hessian(Study):
         head = ["checkpoint", "parameters", "quantity", "value", "accuracy", "Hessian-vector products"]
         secs = [Section("Curvature: Hessian eigenvalues and trace", [note], (head, body))]
         per = self.per_checkpoint(rows)
-        diffs = [(q, net_differences({ck: v[q] for ck, v in per.items() if q in v}, meta["checkpoints"]))
-                 for q in ("all top eigenvalue", "all trace", "all top / trace")]  # fmt: skip
+        diffs = []
+        for q in ("all top eigenvalue", "all trace", "all top / trace"):
+            values = {ck: v[q] for ck, v in per.items() if q in v}
+            diffs.append((q, net_differences(values, meta["checkpoints"])))
+            if q != "all top / trace" and values and all(v > 0 for v in values.values()):
+                # Curvature grows multiplicatively with depth in plain nets (seeds spread over orders of
+                # magnitude): the difference of log10 values is the ratio, and its interval can resolve.
+                logs = {ck: math.log10(v) for ck, v in values.items()}
+                diffs.append((f"log10 {q}", net_differences(logs, meta["checkpoints"])))
         table = differences_table(diffs)
         if table[1]:
             secs.append(Section("Curvature: differences across seeds (Welch 95%)", table=table))
