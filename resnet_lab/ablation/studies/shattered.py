@@ -19,6 +19,7 @@ it falls below 0.5, as a fraction of the line (1 and "censored" where it never d
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,7 @@ class Shattered(Study):
                 ]).mean(0)  # fmt: skip
                 length, censored = correlation_length(corr)
                 common = dict(kind=kind, target=o.shattered_target, lines=o.shattered_lines, images=len(data["y"]),
-                              sample=data["what"])  # fmt: skip
+                              sample=data["what"], depth=ctx.spec.depth, init=ctx.ckpt.init)  # fmt: skip
                 rows += [ctx.row(key=f"{kind} lag{lag}", lag=lag, distance=lag / (len(corr) - 1), corr=float(c),
                                  **common) for lag, c in enumerate(corr)]  # fmt: skip
                 rows.append(ctx.row(key=f"{kind} lag-1 correlation", lag=None, value=float(corr[1]), **common))
@@ -174,13 +175,32 @@ class Shattered(Study):
             return None
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
         for ax, kind in zip(axes, KINDS):
             for ck in dict.fromkeys(r["checkpoint"] for r in mine):
-                rs = sorted((r for r in mine if r["checkpoint"] == ck and r["kind"] == kind), key=lambda r: r["lag"])
-                ax.plot([r["distance"] for r in rs], [r["corr"] for r in rs], "-", color=colour[ck], label=ck)
+                rs = sorted((r for r in mine if r["checkpoint"] == ck and r["kind"] == kind and r["lag"] > 0),
+                            key=lambda r: r["lag"])  # fmt: skip
+                ax.semilogx([r["distance"] for r in rs], [r["corr"] for r in rs], "-", color=colour[ck], label=ck)
             ax.axhline(THRESHOLD, color="gray", ls=":", lw=1)
-            ax.set(xlabel="distance between points (fraction of the line)", ylabel="gradient correlation",
+            ax.set(xlabel="distance between points (fraction of the line, log)", ylabel="gradient correlation",
                    title=f"{kind} lines")  # fmt: skip
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6, ncol=2)
+        self._plot_depth(axes[2], [r for r in self.mine(rows) if r["key"] == "pair lag-1 correlation"])
         return save_figure(fig, out / "shattered.png")
+
+    @staticmethod
+    def _plot_depth(ax, summ: list[dict]) -> None:
+        """Lag-1 correlation of pair lines against depth, mean ± std over checkpoints, per family."""
+        groups: dict[str, dict[int, list[float]]] = {}
+        for r in summ:
+            name = ("plain" if r["plain"] else "residual") + (" (init)" if r.get("init") else " (trained)")
+            groups.setdefault(name, {}).setdefault(r["depth"], []).append(r["value"])
+        for i, (name, by_depth) in enumerate(sorted(groups.items())):
+            ds = sorted(by_depth)
+            mean = [sum(by_depth[d]) / len(by_depth[d]) for d in ds]
+            sd = [statistics.stdev(by_depth[d]) if len(by_depth[d]) > 1 else 0.0 for d in ds]
+            n = max(len(v) for v in by_depth.values())
+            ax.errorbar(ds, mean, sd, fmt="o-" if "init" in name else "s--", capsize=3, color=f"C{i}",
+                        label=f"{name}, n ≤ {n}")  # fmt: skip
+        ax.set(xlabel="depth", ylabel="correlation at lag 1 (pair lines)", title="Gradient correlation vs depth")
+        ax.legend(fontsize=7)
