@@ -173,3 +173,23 @@ def assert_refused(argv, capsys, words):
         code = e.code
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("error:") == 1 and words in err and "Traceback" not in err, err
+
+
+def test_a_rerun_computes_nothing_and_a_killed_run_resumes_to_the_same_csv(two_checkpoints, tmp_path, monkeypatch):
+    from resnet_lab.ablation.studies import landscape
+
+    out = tmp_path / "r"
+    run(two_checkpoints[:1], out)
+    expected = (out / "results.csv").read_text()
+    lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
+    assert len(lines) == 5  # two walks and three grid rows: a kill loses at most one
+    (out / "results.jsonl").write_text("".join(lines[:2]) + lines[2][: len(lines[2]) // 2])
+    run(two_checkpoints[:1], out)
+    assert (out / "results.csv").read_text() == expected
+
+    def boom(*a, **k):
+        raise AssertionError("a rerun evaluated a point")
+
+    monkeypatch.setattr(landscape, "loss_error", boom)
+    run(two_checkpoints[:1], out)
+    assert (out / "results.csv").read_text() == expected
