@@ -27,6 +27,7 @@ plain - residual differences.
 from __future__ import annotations
 
 import hashlib
+import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
@@ -278,18 +279,23 @@ class Landscape(Study):
         for ck in cks:
             rs = sorted((r for r in mine if r["checkpoint"] == ck and r["walk"] == "1d" and r["direction"] == 1),
                         key=lambda r: r["alpha"])  # fmt: skip
-            ax.plot([r["alpha"] for r in rs], [r["loss"] for r in rs], "o-", ms=3, color=colour[ck], label=ck)
-        ax.set(xlabel="step along direction 1", ylabel="training loss", title="1D walk (Li et al. Fig. 2)")
+            ax.semilogy([r["alpha"] for r in rs], [r["loss"] for r in rs], "o-", ms=3, color=colour[ck], label=ck)
+        ax.set(xlabel="step along direction 1", ylabel="training loss (log)", title="1D walk (Li et al. Fig. 2)")
         ax.legend(fontsize=7)
         for ax, ck in zip(axes[0][1:], with_grid):
             a = sorted({r["alpha"] for r in grids[ck]})
             b = sorted({r["beta"] for r in grids[ck]})
             z = torch.full((len(b), len(a)), float("nan"), dtype=torch.float64)
             for r in grids[ck]:
-                z[b.index(r["beta"]), a.index(r["alpha"])] = r["loss"]
-            cs = ax.contour(a, b, z.numpy(), levels=20, cmap="viridis")
-            ax.clabel(cs, fontsize=6)
-            ax.set(xlabel="direction 1", ylabel="direction 2", title=f"{ck} (Li et al. Fig. 5)")
+                z[b.index(r["beta"]), a.index(r["alpha"])] = math.log10(max(r["loss"], 1e-12))
+            # Li et al. draw levels over a fixed range above the minimum: here log10 loss, the
+            # minimum to 1,000x it (a far corner at 1e5 would otherwise take every level).
+            lo = float(z[~z.isnan()].min())
+            levels = torch.linspace(lo, min(lo + 3, float(z[~z.isnan()].max())), 21).tolist()
+            cs = ax.contour(a, b, z.numpy(), levels=sorted(set(levels)) if len(set(levels)) > 1 else 5,
+                            cmap="viridis")  # fmt: skip
+            ax.clabel(cs, fontsize=6, fmt="%.2f")
+            ax.set(xlabel="direction 1", ylabel="direction 2", title=f"{ck}: log10 loss (Li et al. Fig. 5)")
         return save_figure(fig, out / "landscape.png")
 
 
