@@ -50,6 +50,20 @@ def trained_like(name: str = "resnet20", **overrides):
 
 
 @torch.no_grad()
+def settle_bn_by_hand(model, batches) -> None:
+    """The BN reference: fresh cumulative statistics (momentum None) over `batches` in train
+    mode, then eval mode."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    model.eval()
+
+
 def naive_logits(model, x, cond):
     """The lesion reference: one full forward pass of the modified network."""
     with model.remove_blocks(cond.removed):

@@ -12,7 +12,7 @@ from resnet_lab.ablation.context import Context
 from resnet_lab.ablation.runner import Store, build_datamodule, load_checkpoint, load_checkpoints, manifest_for
 from resnet_lab.ablation.studies import REGISTRY, StudyOptions
 
-from .conftest import fit_args, one_message
+from .conftest import fit_args, one_message, settle_bn_by_hand
 
 
 def context(ckpt_path, tmp_path, study="single", **opts):
@@ -120,15 +120,10 @@ def test_init_runs_beside_trained_checkpoints_on_their_data(two_checkpoints, tmp
     dm = build_datamodule(load_checkpoint(two_checkpoints[0]).data, augment=False, eval_batch_size=500,
                           batch_size=500)  # fmt: skip
     dm.setup("test")
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
+    settle_bn_by_hand(
+        model, [dm.on_after_batch_transfer((x, None), 0)[0] for x, _ in dm.sample_dataloader("train", 1000, 0)]
+    )
     with torch.no_grad():
-        for x, _ in dm.sample_dataloader("train", 1000, 0):
-            model(dm.on_after_batch_transfer((x, None), 0)[0])
-        model.eval()
         logits, ys = zip(*[(model(dm.on_after_batch_transfer((x, y), 0)[0]), y) for x, y in dm.test_dataloader()])
     logits, ys = torch.cat(logits), torch.cat(ys)
     assert intact["wrong"] == int((logits.argmax(1) != ys).sum())

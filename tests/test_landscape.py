@@ -13,7 +13,7 @@ from resnet_lab.ablation.runner import build_datamodule, load_checkpoint
 from resnet_lab.ablation.studies.landscape import basin_width, directions, walk_points
 from resnet_lab.models import create_model
 
-from .conftest import trained_like
+from .conftest import settle_bn_by_hand, trained_like
 
 OPTS = ["--studies", "landscape", "--landscape-images", "64", "--landscape-grid", "3", "--landscape-radius", "0.5"]
 
@@ -38,14 +38,8 @@ def explicit_loss(ckpt, a, b, x, y, recalibrate=None):
     sd = dict(ckpt.model.state_dict())
     sd.update({k: theta[k] + a * d1[k] + b * d2[k] for k in theta})
     model.load_state_dict(sd)
-    if recalibrate is not None:  # by hand: fresh cumulative statistics over the sample, train mode
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.reset_running_stats()
-                m.momentum = None
-        model.train()
-        with torch.no_grad():
-            model(recalibrate)
+    if recalibrate is not None:
+        settle_bn_by_hand(model, [recalibrate])
     model.eval()
     with torch.no_grad():
         logits = model(x)

@@ -122,14 +122,15 @@ class Context:
         """(x, y, what) of the geometry studies: n training images drawn from --seed (plus
         `seed_offset`, for a second, disjoint-by-seed sample), or with --limit the first
         --limit images of --split that every other study evaluates."""
+        seed = self.common.seed + seed_offset
         if self.common.limit is not None:
             xs, ys = zip(*self.batches())
-            what = f"the first {self.common.limit} images of the {self.common.split} split"
         else:
-            xs, ys = zip(*self.sample("train", n, self.common.seed + seed_offset))
-            what = f"{n} training images drawn with seed {self.common.seed + seed_offset} (no augmentation)"
+            xs, ys = zip(*self.sample("train", n, seed))
         x, y = torch.cat(xs), torch.cat(ys)
-        return x, y, what.replace(f"{n} training", f"{len(y)} training")
+        if self.common.limit is not None:
+            return x, y, f"the first {len(y)} images of the {self.common.split} split"
+        return x, y, f"{len(y)} training images drawn with seed {seed} (no augmentation)"
 
     # -- evaluation -----------------------------------------------------------------------
     def loss(self, logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:

@@ -210,24 +210,23 @@ class Hessian(Study):
 
     def run(self, ctx) -> None:
         o = ctx.options
-        groups = {"all": None}
+        groups = {"all": [n for n, _ in ctx.model.named_parameters()]}
         if o.hessian_per_stage == "on":
             groups.update(param_groups(ctx.model))
         state: dict[str, Any] = {}
 
-        def setup():
+        def hvp_of(names: list[str]):
             if not state:  # once, and only if a unit is left
                 x, y, what = ctx.images(o.hessian_images)
                 # NCHW: double backward through channels-last convolutions is 1.37x slower on CPU
                 # (BENCHMARKS.md); the copy is private, the shared model keeps its format.
                 model = ctx.scratch().to(memory_format=torch.contiguous_format)
                 state.update(model=model, data=[(x.contiguous(), y)], what=what, n=len(y))
-            return state
+            return make_hvp(state["model"], ctx.loss, state["data"], names), state
 
         for group, names in groups.items():
             for rows in ctx.unit(f"{group} eigenvalues"):
-                s = setup()
-                hvp = make_hvp(s["model"], ctx.loss, s["data"], names or [n for n, _ in s["model"].named_parameters()])
+                hvp, s = hvp_of(names)
                 start = torch.randn(
                     hvp.dim, generator=torch.Generator().manual_seed(ctx.common.seed), dtype=torch.float64
                 )
@@ -237,8 +236,7 @@ class Hessian(Study):
                                         residual=r, converged=r <= o.hessian_tol * abs(v), hvps=lz.hvps,
                                         weights=hvp.dim, images=s["n"], sample=s["what"]))  # fmt: skip
             for rows in ctx.unit(f"{group} trace"):
-                s = setup()
-                hvp = make_hvp(s["model"], ctx.loss, s["data"], names or [n for n, _ in s["model"].named_parameters()])
+                hvp, s = hvp_of(names)
                 tr = hutchinson(hvp, hvp.dim, o.hessian_tol, o.hessian_max_iter,
                                 torch.Generator().manual_seed(ctx.common.seed + 1))  # fmt: skip
                 rows.append(ctx.row(key=f"{group} trace", group=group, quantity="trace", value=tr.mean, ci_lo=tr.lo,
@@ -246,8 +244,7 @@ class Hessian(Study):
                                     weights=hvp.dim, images=s["n"], sample=s["what"]))  # fmt: skip
             if o.hessian_slq and group == "all":
                 for rows in ctx.unit("all density"):
-                    s = setup()
-                    hvp = make_hvp(s["model"], ctx.loss, s["data"], [n for n, _ in s["model"].named_parameters()])
+                    hvp, s = hvp_of(names)
                     gen = torch.Generator().manual_seed(ctx.common.seed + 2)
                     runs = []
                     for _ in range(o.hessian_slq):
