@@ -39,7 +39,7 @@ def model_rows(filter_: str = "") -> tuple[tuple[str, ...], list[tuple[str, ...]
                 f"{s.input_size}px",
                 str(len(m.block_names)),
                 s.block,
-                "none (plain)" if s.plain else s.shortcut,
+                "none (plain)" if s.plain else getattr(s, "shortcut", "identity"),
                 str(s.num_classes),
                 paper,
             )

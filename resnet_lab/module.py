@@ -18,14 +18,22 @@ from torch import Tensor
 from torchmetrics import MeanMetric, Metric
 
 from .errors import DivergenceError, UserError
-from .models import ResNet, ResNetSpec, resolve_spec
+from .models import ConvNeXtSpec, ResNetSpec, Spec, ViTSpec, build, resolve_spec, spec_from_dict
 from .schedules import PaperLR
 
 STAGES = ("train", "val", "test")
-# The ResNetSpec fields that are model.* options (the registry name fixes the family, and
-# in_chans is the data's). ResNetClassifier's signature lists them for the CLI; the test
-# suite checks that the two agree, so a new spec field cannot be forgotten here.
-SPEC_OPTIONS = tuple(f.name for f in dataclasses.fields(ResNetSpec) if f.name not in ("family", "in_chans"))
+# The spec fields of every family that are model.* options (the registry name fixes the
+# family, and in_chans is the data's). ResNetClassifier's signature lists them for the CLI;
+# the test suite checks that the two agree, so a new spec field cannot be forgotten here.
+# A field of another family than the name's is refused by name (SpecBase.replace).
+SPEC_OPTIONS = tuple(
+    dict.fromkeys(
+        f.name
+        for cls in (ResNetSpec, ViTSpec, ConvNeXtSpec)
+        for f in dataclasses.fields(cls)
+        if f.name not in ("family", "in_chans")
+    )
+)
 
 
 class TopKHits(Metric):
@@ -69,6 +77,9 @@ class ResNetClassifier(pl.LightningModule):
         preact, block_type, stochastic_depth, survival_last, active_blocks:
             `ResNetSpec` fields; None keeps the registry default. num_classes is
             linked from the DataModule by the CLI.
+        image_size, patch_size, width, heads, mlp_dim: `ViTSpec` fields (depth, plain
+            and num_classes are shared).
+        stage_depths, widths, stem, layer_scale, drop_path: `ConvNeXtSpec` fields.
         spec: a full spec dict, as stored in checkpoints; wins over all of the above.
         label_smoothing: of the training loss (Szegedy et al. 2016), in [0, 1); the
             val/test loss stays plain cross-entropy. `ablate`'s studies read it as the
@@ -98,6 +109,16 @@ class ResNetClassifier(pl.LightningModule):
         stochastic_depth: str | None = None,
         survival_last: float | None = None,
         active_blocks: int | None = None,
+        image_size: int | None = None,
+        patch_size: int | None = None,
+        width: int | None = None,
+        heads: int | None = None,
+        mlp_dim: int | None = None,
+        stage_depths: list[int] | None = None,
+        widths: list[int] | None = None,
+        stem: str | None = None,
+        layer_scale: float | None = None,
+        drop_path: float | None = None,
         spec: dict[str, Any] | None = None,
         label_smoothing: float = 0.0,
         channels_last: bool = True,
@@ -109,13 +130,13 @@ class ResNetClassifier(pl.LightningModule):
         if not (isinstance(label_smoothing, int | float) and 0 <= label_smoothing < 1):
             raise UserError(f"model.label_smoothing={label_smoothing!r} must be a number in [0, 1), e.g. 0.1")
         if spec is not None:
-            self.spec = ResNetSpec.from_dict(spec)
+            self.spec = spec_from_dict(spec)
         else:
             self.spec = resolve_spec(arch, **{k: given[k] for k in SPEC_OPTIONS})
         self.save_hyperparameters()
         self.hparams["spec"] = self.spec.to_dict()  # what a checkpoint rebuilds from
         self.test_label = "test"  # "best_test" while the CLI tests the best-by-val checkpoint
-        self.net = ResNet(self.spec)
+        self.net = build(self.spec)
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         if compile:
@@ -236,12 +257,17 @@ def read_checkpoint(path: str | Path, weights_only: bool = False) -> Any:
         ) from e
 
 
-def check_spec_matches(saved: dict[str, Any] | None, want: ResNetSpec, source: str, ignore: tuple = ()) -> None:
+def check_spec_matches(saved: dict[str, Any] | None, want: Spec, source: str, ignore: tuple = ()) -> None:
     """Raise CheckpointMismatchError unless `saved` (a checkpoint's spec dict) is `want`,
     naming each differing field; fields in `ignore` are not compared."""
     if saved is None:
         raise CheckpointMismatchError(f"{source} has no resnet-lab spec; it was not written by `resnet-lab fit`")
-    have = ResNetSpec.from_dict(saved)
+    have = spec_from_dict(saved)
+    if type(have) is not type(want):
+        raise CheckpointMismatchError(
+            f"{source} holds a {have.name} (family {have.family}) but the config builds a {want.name} "
+            f"(family {want.family}). Set model.arch to the checkpoint's, or drop --ckpt_path to start fresh."
+        )
     diff = [
         f"{k}: checkpoint {getattr(have, k)!r} vs config {getattr(want, k)!r}"
         for k in have.to_dict()

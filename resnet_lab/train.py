@@ -40,7 +40,7 @@ from torch.optim.lr_scheduler import OneCycleLR
 from . import slurm
 from .callbacks import AtomicCheckpointIO, BestCheckpoint, HistoryCSVLogger, LastCheckpoint, ValidateFinalStep
 from .errors import UserError, load_yaml, user_error
-from .models import ResNetSpec, named_fields, resolve_spec
+from .models import Spec, named_fields, resolve_spec, spec_from_dict
 from .module import SPEC_OPTIONS, CheckpointMismatchError, ResNetClassifier, check_spec_matches, read_checkpoint
 from .schedules import PaperLR
 from .trainer_checks import check_trainer_counts, say_if_no_validation
@@ -468,10 +468,10 @@ def _spec_fields(model_cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: model_cfg.get(k) for k in SPEC_OPTIONS}
 
 
-def spec_of(model_cfg: dict[str, Any]) -> ResNetSpec:
+def spec_of(model_cfg: dict[str, Any]) -> Spec:
     """The architecture a resolved `model:` config section builds (what ResNetClassifier does)."""
     if model_cfg.get("spec"):
-        return ResNetSpec.from_dict(model_cfg["spec"])
+        return spec_from_dict(model_cfg["spec"])
     return resolve_spec(model_cfg.get("arch") or "resnet20", **_spec_fields(model_cfg))
 
 

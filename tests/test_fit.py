@@ -267,7 +267,7 @@ def test_checkpoint_of_other_architecture_is_refused(tmp_path):
 
 
 def test_unknown_config_key(tmp_path, capsys):
-    with pytest.raises(OptionError, match="unknown option --model.widht: did you mean --model.base_width"):
+    with pytest.raises(OptionError, match="unknown option --model.widht: did you mean --model.width"):
         cli_main(["fit", "--config", DEPTH, "--model.widht", "3"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  arch: resnet20\n  shortcutt: B\n")

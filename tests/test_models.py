@@ -7,6 +7,7 @@ import torchvision
 from resnet_lab.models import (
     ResNetSpec,
     SpecError,
+    build,
     count_macs,
     count_params,
     create_model,
@@ -14,6 +15,7 @@ from resnet_lab.models import (
     load_torchvision_weights,
     model_meta,
     paper_error,
+    resolve_spec,
 )
 
 # The exact counts live once, in the registry's metadata (`model_meta`); each is checked
@@ -23,16 +25,21 @@ EXPECTED = {n: model_meta(n).params for n in list_models() if model_meta(n)}
 # Big nets run forward/backward at a reduced size/width to keep the suite fast;
 # their exact counts are still checked at full size above.
 SLOW = {"resnet1202", "resnet101", "resnet152", "preact_resnet1001", "preact_resnet101", "preact_resnet152",
-        "preact_resnet200"}  # fmt: skip
+        "preact_resnet200", "vit_b_16", "vit_b_32", "vit_l_16", "convnext_small", "convnext_base",
+        "convnext_large"}  # fmt: skip
+# What shrinks each family's big nets for a forward pass (every block still runs).
+SMALL = {"vit": dict(image_size=32, width=64, heads=4, mlp_dim=128), "convnext": dict(widths=(8, 16, 32, 64))}
 
 
 def small_input(model, batch=2):
-    size = 32 if model.spec.family == "cifar" else 64
+    spec = model.spec
+    size = spec.image_size if spec.family == "vit" else 32 if spec.input_size == 32 else 64
     return torch.randn(batch, 3, size, size)
 
 
 def test_every_specific_name_has_its_facts():
-    generic = {"cifar_resnet", "imagenet_resnet", "cifar_preact_resnet", "imagenet_preact_resnet"}
+    generic = {"cifar_resnet", "imagenet_resnet", "cifar_preact_resnet", "imagenet_preact_resnet", "cifar_vit",
+               "cifar_convnext"}  # fmt: skip
     assert set(EXPECTED) == set(list_models()) - generic
     # Independent anchors: He et al. Table 6 rounds the CIFAR nets to 0.27M .. 19.4M; torchvision's own nets.
     paper_m = {"resnet20": 0.27, "resnet32": 0.46, "resnet44": 0.66, "resnet56": 0.85, "resnet110": 1.7,
@@ -85,7 +92,9 @@ def test_forward_backward(name):
 @pytest.mark.parametrize("name", sorted(SLOW))
 def test_forward_big_nets(name):
     # Full depth, small width: every block still runs.
-    model = create_model(name, base_width=4 if "1202" in name else 8, num_classes=3)
+    spec = resolve_spec(name)
+    small = SMALL.get(spec.family, {"base_width": 4 if "1202" in name else 8})
+    model = build(spec.replace(num_classes=3, **small))
     with torch.no_grad():
         assert model(small_input(model, 1)).shape == (1, 3)
 
@@ -172,7 +181,7 @@ def test_zero_init_residual():
         (dict(name="imagenet_resnet", depth=40), r"ImageNet depth must be one of \[10, 18"),
         (dict(name="resnet20", shortcut="D"), "unknown shortcut option 'D'.*'A'"),
         (dict(name="resnet50", stride_on="5x5"), "stride_on"),
-        (dict(name="resnet20", widht=3), "unknown spec field.*widht.*valid"),
+        (dict(name="resnet20", widht=3), "has no option.*widht.*its options"),
     ],
 )
 def test_bad_input(kwargs, match):

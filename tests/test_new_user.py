@@ -87,8 +87,13 @@ def test_checkpoints_of_settings_that_did_nothing_load_as_what_they_were():
 
 
 def test_spec_fields_are_derived_once():
-    """A new ResNetSpec field must reach the module's CLI options and the resume check."""
-    fields = {f.name for f in dataclasses.fields(ResNetSpec)} - {"family", "in_chans"}
+    """A new spec field of any family must reach the module's CLI options and the resume check."""
+    from resnet_lab.models import ConvNeXtSpec, ViTSpec
+
+    fields = {f.name for c in (ResNetSpec, ViTSpec, ConvNeXtSpec) for f in dataclasses.fields(c)} - {
+        "family",
+        "in_chans",
+    }
     assert set(SPEC_OPTIONS) == fields
     assert fields <= set(inspect.signature(ResNetClassifier).parameters)
     assert set(_spec_fields({})) == fields

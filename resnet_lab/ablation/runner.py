@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import yaml
 
-from ..models import ResNet, ResNetSpec
+from ..models import Network, Spec, build, spec_from_dict
 from . import pretrained
 from .stats import arch_label
 from .study import AblationError
@@ -40,8 +40,8 @@ class Loaded:
 
     path: str
     label: str
-    model: ResNet
-    spec: ResNetSpec
+    model: Network
+    spec: Spec
     data: dict[str, Any]  # {"class_path": ..., "init_args": {...}}
     train_metrics: dict[str, float]
     run_dir: str | None
@@ -80,8 +80,8 @@ def load_init(ref: str, seed: int) -> Loaded:
     except SpecError as e:
         raise AblationError(f"{ref}: {e} (see `resnet-lab models`)") from None
     torch.manual_seed(seed)
-    model = ResNet(spec).eval().to(memory_format=torch.channels_last)
-    data = {"class_path": CIFAR if spec.family == "cifar" else pretrained.DATA, "init_args": {}}
+    model = build(spec).eval().to(memory_format=torch.channels_last)
+    data = {"class_path": CIFAR if spec.input_size == 32 else pretrained.DATA, "init_args": {}}
     return Loaded(f"{INIT}{name}@{seed}", f"{spec.name} (init, seed {seed})", model, spec, data, {}, None, init=True)
 
 
@@ -121,8 +121,8 @@ def load_checkpoint(path: str | os.PathLike, seed: int = 0) -> Loaded:
             f"{p} is not a resnet-lab checkpoint (no spec in its hyperparameters); "
             "pass a checkpoints/*.ckpt written by `resnet-lab fit`"
         )
-    spec = ResNetSpec.from_dict(hp["spec"])
-    model = ResNet(spec)
+    spec = spec_from_dict(hp["spec"])
+    model = build(spec)
     sd = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     model.load_state_dict(sd)
     model.eval().to(memory_format=torch.channels_last)  # as trained; x1.15 on CPU
@@ -141,7 +141,7 @@ def load_checkpoint(path: str | os.PathLike, seed: int = 0) -> Loaded:
     return Loaded(str(p), label, model, spec, data, metrics, run, label_smoothing=smoothing)
 
 
-def _pretrained(path: str, label: str, model: ResNet, data: dict[str, Any]) -> Loaded:
+def _pretrained(path: str, label: str, model: Network, data: dict[str, Any]) -> Loaded:
     return Loaded(path, label, model, model.spec, data, {}, None, pretrained=True)
 
 
@@ -285,7 +285,7 @@ def manifest_for(ckpts: list[Loaded], opts: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def check_blocks(model: ResNet, blocks: list[str] | None) -> list[str]:
+def check_blocks(model: Network, blocks: list[str] | None) -> list[str]:
     """The removable blocks: all, or the named ones (which must exist)."""
     if not blocks:
         return model.block_names

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..models import ResNetSpec
+from ..models import Spec, spec_from_dict
 
 Z95 = 1.959963984540054
 
@@ -39,8 +39,8 @@ def wilson(wrong: int, n: int, z: float = Z95) -> tuple[float, float]:
 def arch_label(spec: dict[str, Any]) -> str:
     """What checkpoints must share to be pooled: the spec's name (depth, plain,
     pre-activation, block type, stochastic depth), shortcut option, width."""
-    parts = [ResNetSpec.from_dict(spec).name]
-    if not spec["plain"]:
+    parts = [spec_from_dict(spec).name]
+    if not spec["plain"] and "shortcut" in spec:
         parts.append(f"shortcut {spec['shortcut']}")
     if spec.get("base_width"):
         parts.append(f"width {spec['base_width']}")
@@ -51,8 +51,11 @@ def arch_label(spec: dict[str, Any]) -> str:
 
 def depth_family(spec: dict[str, Any]) -> str:
     """What two nets must share to be compared by depth: their spec without the depth
-    (the block type, plain or residual, pre-activation, shortcut, width, drops)."""
-    return json.dumps({k: v for k, v in ResNetSpec.from_dict(spec).to_dict().items() if k != "depth"}, sort_keys=True)
+    (the block type, plain or residual, pre-activation, shortcut, width, drops; a
+    ConvNeXt's blocks per stage are its depth)."""
+    return json.dumps(
+        {k: v for k, v in spec_from_dict(spec).to_dict().items() if k not in ("depth", "stage_depths")}, sort_keys=True
+    )
 
 
 def across_checkpoints(rows: list[dict], pooled: Callable[[dict], list[tuple[str, float]]]) -> list[dict[str, Any]]:
@@ -177,10 +180,10 @@ def net_differences(values: dict[str, float], checkpoints: list[dict[str, Any]])
     plain − residual at the same depth (otherwise the same spec). `checkpoints` are the report's
     meta entries ({"label", "spec", "init"}); untrained (init:) nets compare only with untrained ones."""
     groups: dict[str, list[float]] = defaultdict(list)
-    specs: dict[str, ResNetSpec] = {}
+    specs: dict[str, Spec] = {}
     for c in checkpoints:
         if c["label"] in values:
-            spec = ResNetSpec.from_dict(c["spec"])
+            spec = spec_from_dict(c["spec"])
             key = json.dumps({**spec.to_dict(), "init": bool(c.get("init"))}, sort_keys=True)
             groups[key].append(values[c["label"]])
             specs[key] = spec

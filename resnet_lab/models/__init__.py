@@ -1,8 +1,14 @@
-"""Residual and plain networks of He et al. 2015 (see resnet.py) and their registry."""
+"""The zoo: residual and plain ResNets of He et al. 2015/2016 (resnet.py), Vision
+Transformers (vit.py) and ConvNeXts (convnext.py), their shared surgery (surgery.py)
+and their registry."""
 
+from .convnext import ConvNeXt, ConvNeXtSpec
 from .registry import (
     ModelMeta,
+    Network,
     PaperError,
+    Spec,
+    build,
     count_macs,
     count_params,
     create_model,
@@ -13,12 +19,25 @@ from .registry import (
     paper_error,
     register_model,
     resolve_spec,
+    spec_from_dict,
 )
 from .resnet import BasicBlock, Bottleneck, ResidualBlock, ResNet, ShortcutA
 from .spec import ResNetSpec, SpecError
+from .surgery import StreamUpdate, UnitNet
+from .vit import VisionTransformer, ViTSpec
 
 __all__ = [
     "BasicBlock",
+    "ConvNeXt",
+    "ConvNeXtSpec",
+    "Network",
+    "Spec",
+    "StreamUpdate",
+    "UnitNet",
+    "ViTSpec",
+    "VisionTransformer",
+    "build",
+    "spec_from_dict",
     "ModelMeta",
     "PaperError",
     "Bottleneck",

@@ -25,10 +25,36 @@ from typing import Any
 import torch
 from torch import nn
 
+from .convnext import CONVNEXT_PRESETS, ConvNeXt, ConvNeXtSpec, parse_convnext_name
 from .resnet import ResNet
-from .spec import CIFAR_BOTTLENECK_NAMES, IMAGENET_LAYOUTS, ResNetSpec, SpecError
+from .spec import ALL_FAMILIES, CIFAR_BOTTLENECK_NAMES, IMAGENET_LAYOUTS, ResNetSpec, SpecError
+from .vit import VisionTransformer, ViTSpec, parse_vit_name
 
-_REGISTRY: dict[str, Callable[[], ResNetSpec]] = {}
+Spec = ResNetSpec | ViTSpec | ConvNeXtSpec
+Network = ResNet | VisionTransformer | ConvNeXt
+# The non-ResNet families: `family` value -> (spec class, network class, its generic builder).
+_FAMILIES: dict[str, tuple[type, type, str]] = {
+    "vit": (ViTSpec, VisionTransformer, "cifar_vit"),
+    "convnext": (ConvNeXtSpec, ConvNeXt, "cifar_convnext"),
+}
+
+
+def spec_from_dict(d: dict[str, Any]) -> Spec:
+    """The spec a checkpoint stores, read back by the class of its family."""
+    fam = d.get("family", "cifar")
+    if fam in _FAMILIES:
+        return _FAMILIES[fam][0].from_dict(d)
+    if fam not in ("cifar", "imagenet"):
+        raise SpecError(f"unknown family {fam!r}; valid: {ALL_FAMILIES}")
+    return ResNetSpec.from_dict(d)
+
+
+def build(spec: Spec) -> Network:
+    """The network of a spec, of any family."""
+    return _FAMILIES[spec.family][1](spec) if spec.family in _FAMILIES else ResNet(spec)
+
+
+_REGISTRY: dict[str, Callable[[], Spec]] = {}
 _FIXED: dict[str, dict[str, Any]] = {}  # name -> the spec fields the name itself states
 
 
@@ -61,6 +87,8 @@ _T6, _T4 = "He et al. 2015, Table 6 (CIFAR-10 test)", "He et al. 2016, Table 4 (
 _T2 = "He et al. 2015, Table 2 (ImageNet val, 10-crop"
 _T3 = "He et al. 2015, Table 3 (ImageNet val, 10-crop"
 _V1 = "; the paper's stride on the 1x1, this net's on the 3x3)"
+_L1 = "Liu et al. 2022, Table 1 (ImageNet-1k val, 224 px, single crop)"
+_CONVNEXT = "300 epochs, batch 4096, AdamW"
 # name: (params, MACs/image, paper error or None). Tests check every count against the
 # built network; `resnet-lab models`, the README table and sweep summaries read them here.
 _FACTS: dict[str, tuple[int, int, PaperError | None]] = {
@@ -104,6 +132,20 @@ _FACTS: dict[str, tuple[int, int, PaperError | None]] = {
         15_007_481_856,
         PaperError(20.7, "He et al. 2016, Table 5 (ImageNet val, single 320px crop)", "the paper's ImageNet schedule"),
     ),
+    # Dosovitskiy et al. 2021 report ImageNet-1k-only ViTs fine-tuned at 384 px, not these 224 px nets: no number.
+    "cifar_vit6": (2_693_578, 182_849_664, None),
+    "cifar_vit12": (5_362_762, 365_107_584, None),
+    "cifar_plain_vit6": (2_693_578, 182_849_664, None),
+    "cifar_plain_vit12": (5_362_762, 365_107_584, None),
+    "vit_b_16": (86_567_656, 17_563_828_224, None),
+    "vit_b_32": (88_224_232, 4_409_186_304, None),
+    "vit_l_16": (304_326_632, 61_554_712_576, None),
+    "cifar_convnext_atto": (3_376_290, 44_288_640, None),
+    "plain_cifar_convnext_atto": (3_376_290, 44_288_640, None),
+    "convnext_tiny": (28_589_128, 4_455_531_264, PaperError(17.9, _L1, _CONVNEXT)),
+    "convnext_small": (50_223_688, 8_683_712_256, PaperError(16.9, _L1, _CONVNEXT)),
+    "convnext_base": (88_591_464, 15_354_729_472, PaperError(16.2, _L1, _CONVNEXT)),
+    "convnext_large": (197_767_336, 34_361_433_600, PaperError(15.7, _L1, _CONVNEXT)),
 }
 
 # The architecture a specific name states; generic builders state only their family.
@@ -112,13 +154,23 @@ NAMED_FIELDS = ("family", "depth", "plain", "preact", "block_type")
 
 def register_model(name: str, generic: bool = False, **fields: Any) -> None:
     """Register `name` as a default spec; the spec is validated now, not at use.
-    A `generic` builder fixes only its family (and pre-activation): depth is free."""
+    A `generic` builder fixes only its family (and pre-activation): depth is free.
+    A ViT or ConvNeXt name states what its name parser reads from it."""
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered; choose another name")
-    spec = ResNetSpec(**fields)
-    _REGISTRY[name] = lambda: ResNetSpec(**fields)
+    fam = fields.get("family", "cifar")
+    spec_cls = _FAMILIES[fam][0] if fam in _FAMILIES else ResNetSpec
+    spec = spec_cls(**fields)
+    _REGISTRY[name] = lambda: spec_cls(**fields)
+    if fam in _FAMILIES:
+        _FIXED[name] = {"family": fam} if generic else _parsed(name)[1]
+        return
     named = ("family", "preact") if generic else NAMED_FIELDS
     _FIXED[name] = {k: (spec.block if k == "block_type" else getattr(spec, k)) for k in named}
+
+
+def _parsed(name: str) -> tuple[Spec, dict[str, Any]] | None:
+    return parse_vit_name(name) or parse_convnext_name(name)
 
 
 # CIFAR-10 (He et al. Sec. 4.2): depth 6n+2, option A, 10 classes.
@@ -148,6 +200,20 @@ register_model(
     "imagenet_preact_resnet", generic=True, family="imagenet", depth=18, preact=True, shortcut="B", num_classes=1000
 )
 
+# Vision Transformers (Dosovitskiy et al. 2021): the CIFAR preset (patch 4 at 32 px, width
+# 192, 3 heads, MLP 768) at depth 6 and 12, residual and plain; torchvision's ImageNet nets.
+for _d in (6, 12):
+    register_model(f"cifar_vit{_d}", family="vit", depth=_d)
+    register_model(f"cifar_plain_vit{_d}", family="vit", depth=_d, plain=True)
+for _n in ("vit_b_16", "vit_b_32", "vit_l_16"):
+    register_model(_n, **parse_vit_name(_n)[0].to_dict())
+# ConvNeXts (Liu et al. 2022): the CIFAR preset, residual and plain; torchvision's ImageNet nets.
+for _n in CONVNEXT_PRESETS:
+    register_model(_n, **parse_convnext_name(_n)[0].to_dict())
+register_model("plain_cifar_convnext_atto", **parse_convnext_name("plain_cifar_convnext_atto")[0].to_dict())
+register_model("cifar_vit", generic=True, family="vit", depth=6)
+register_model("cifar_convnext", generic=True, family="convnext")
+
 # The names ResNetSpec.name writes: [cifar_][preact_](resnet|plain)DEPTH[_basic|_bottleneck]
 # [_sdP[s]][_activeK].
 _NAME = re.compile(
@@ -173,9 +239,10 @@ def list_models() -> list[str]:
     """Registered names, CIFAR family first, each by depth."""
 
     def key(n: str) -> tuple:
-        generic = not n[-1].isdigit()
         spec = _REGISTRY[n]()
-        return (generic, spec.family != "cifar", spec.preact, n.rstrip("0123456789"), _depth(n))
+        generic = _FIXED[n] == {"family": spec.family} or not (n[-1].isdigit() or spec.family in _FAMILIES)
+        rank = ("cifar", "imagenet", "vit", "convnext").index(spec.family)
+        return (generic, rank, getattr(spec, "preact", False), n.rstrip("0123456789"), _depth(n))
 
     return sorted(_REGISTRY, key=key)
 
@@ -190,6 +257,8 @@ def _named_spec(name: str) -> tuple[ResNetSpec, dict[str, Any]] | None:
     ResNetSpec.name writes; None for anything else."""
     if name in _REGISTRY:
         return _REGISTRY[name](), dict(_FIXED[name])
+    if (found := _parsed(name)) is not None:
+        return found
     m = _NAME.fullmatch(name)
     if m is None:
         return None
@@ -244,12 +313,14 @@ def resolve_spec(name: str, **overrides: Any) -> ResNetSpec:
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise SpecError(f"unknown model {name!r}.{hint} Valid: {', '.join(list_models())}")
     spec, fixed = found
-    given = {k: v for k, v in overrides.items() if v is not None}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
     clash = [f"{k}={given[k]!r}" for k, v in fixed.items() if k in given and given[k] != v]
     if clash:
         states = ", ".join(f"{k}={fixed[k]!r}" for k in fixed if k in {c.split("=")[0] for c in clash})
-        preact = given.get("preact", spec.preact)
-        generic = f"{spec.family}_{'preact_' if preact else ''}resnet"
+        if spec.family in _FAMILIES:
+            generic = _FAMILIES[spec.family][2]
+        else:
+            generic = f"{spec.family}_{'preact_' if given.get('preact', spec.preact) else ''}resnet"
         raise SpecError(
             f"model {name!r} is {states}, but {', '.join(clash)} was given. A name defines its architecture: "
             f"pick the name you mean (e.g. {_suggest(spec, given)!r}), or the generic {generic!r} with these options"
@@ -264,28 +335,33 @@ def _close(name: str) -> list[str]:
 def _suggest(spec: ResNetSpec, given: dict[str, Any]) -> str:
     """The registry-style name of `spec` with the clashing overrides applied, when valid."""
     try:
-        return spec.replace(**{k: v for k, v in given.items() if k in NAMED_FIELDS}).name
+        return spec.replace(**{k: v for k, v in given.items() if k in NAMED_FIELDS or k in _parsed_fields(spec)}).name
     except SpecError:
         return spec.name
 
 
-def create_model(name: str, **overrides: Any) -> ResNet:
+def _parsed_fields(spec: Spec) -> set[str]:
+    found = _parsed(spec.name) if spec.family in _FAMILIES else None
+    return set(found[1]) if found else set()
+
+
+def create_model(name: str, **overrides: Any) -> Network:
     """Build a registered network; `None` overrides keep the registry default."""
-    return ResNet(resolve_spec(name, **overrides))
+    return build(resolve_spec(name, **overrides))
 
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: ResNet, size: int | None = None) -> int:
+def count_macs(model: Network, size: int | None = None) -> int:
     """Multiply-accumulates of one forward pass of one image at `size` (default:
     the family's native resolution). Counted by torch's FlopCounterMode on the
     meta device, so it costs no real compute."""
     from torch.utils.flop_counter import FlopCounterMode
 
     size = size or model.spec.input_size
-    meta = ResNet(model.spec).to("meta").eval()
+    meta = build(model.spec).to("meta").eval()
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         meta(torch.empty(1, model.spec.in_chans, size, size, device="meta"))
     return fc.get_total_flops() // 2  # FlopCounter counts a MAC as 2 FLOPs

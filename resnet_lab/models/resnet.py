@@ -10,7 +10,7 @@ blocks with nothing after the addition, no BN-ReLU in the stem, and one BN-ReLU
 Module names match torchvision (`conv1`, `bn1`, `layer1.0.conv1`, `layer1.0.downsample.0`,
 `fc`), so a torchvision state dict loads into the option-B v1.5 model as is.
 
-Surgery (Veit et al. 2016) is a method of the model, never a patch from outside:
+Surgery (Veit et al. 2016) is a method of the model (`surgery.UnitNet`, shared by every family):
   - `block_names`: "layer1.0", "layer1.1", ... in forward order;
   - `with model.remove_blocks(names):` drops those blocks' residual branches;
   - `with model.reorder_blocks(names):` runs blocks in another shape-compatible order;
@@ -20,14 +20,12 @@ Surgery (Veit et al. 2016) is a method of the model, never a patch from outside:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator, Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .spec import ResNetSpec, SpecError
+from .surgery import UnitNet
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -309,7 +307,7 @@ BLOCKS: dict[tuple[str, bool], type[ResidualBlock]] = {
 }
 
 
-class ResNet(nn.Module):
+class ResNet(UnitNet):
     """A network built from a `ResNetSpec`. `model.spec` is kept for checkpoints."""
 
     def __init__(self, spec: ResNetSpec) -> None:
@@ -347,11 +345,7 @@ class ResNet(nn.Module):
         for blk, p in zip(blocks, spec.survival_probs()):
             blk.survival, blk.drop_mode = p, spec.stochastic_depth
 
-        # A plain tuple, not a ModuleList: the blocks are already registered under
-        # layerK, and a second registration would duplicate state-dict keys.
-        self._blocks: tuple[ResidualBlock, ...] = tuple(blocks)
-        self._names: tuple[str, ...] = tuple(names)
-        self._order: tuple[int, ...] = tuple(range(len(blocks)))
+        self._set_units(blocks, names, {})
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -365,34 +359,6 @@ class ResNet(nn.Module):
         if self.spec.zero_init_residual:
             for blk in self._blocks:
                 nn.init.zeros_(blk.branch_output_layer.weight)
-
-    # -- blocks and names ---------------------------------------------------
-    @property
-    def block_names(self) -> list[str]:
-        """Stable names of the residual blocks, in the original forward order."""
-        return list(self._names)
-
-    @property
-    def downsample_blocks(self) -> list[str]:
-        """Blocks whose output shape differs from their input shape."""
-        return [n for n, b in zip(self._names, self._blocks) if b.signature[0] != b.signature[1] or b.stride != 1]
-
-    def get_block(self, name: str) -> ResidualBlock:
-        return self._blocks[self._index(name)]
-
-    def _index(self, name: str) -> int:
-        try:
-            return self._names.index(name)
-        except ValueError:
-            raise KeyError(
-                f"unknown block name {name!r}; this {self.spec.name} has blocks "
-                f"{self._names[0]} ... {self._names[-1]} (see model.block_names)"
-            ) from None
-
-    @property
-    def blocks(self) -> list[ResidualBlock]:
-        """Blocks in the current (possibly reordered) forward order."""
-        return [self._blocks[i] for i in self._order]
 
     # -- forward pieces -------------------------------------------------------
     def forward_stem(self, x: Tensor) -> Tensor:
@@ -408,87 +374,17 @@ class ResNet(nn.Module):
             h = torch.relu(self.final_bn(h))  # not inplace: h may be a removed block's input
         return self.fc(torch.flatten(self.avgpool(h), 1))
 
-    def forward_blocks(self, h: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
-        """Run block positions [start, stop) of the current order on h."""
-        active = self._sample_active() if self.training and self.spec.active_blocks else None
-        for i in self._order[start:stop]:
-            blk = self._blocks[i]
-            h = blk(h) if active is None or i in active or blk.removed else blk.lesioned(h)
-        return h
-
-    def _sample_active(self) -> set[int]:
+    def _active_units(self) -> set[int] | None:
         """Veit et al.'s short-path training: the blocks whose branch runs in this batch."""
+        if not (self.training and self.spec.active_blocks):
+            return None
         return set(torch.randperm(len(self._blocks))[: self.spec.active_blocks].tolist())
 
-    def forward_until(self, x: Tensor, position: int) -> Tensor:
-        """The input of the block at `position` (0 = right after the stem)."""
-        return self.forward_blocks(self.forward_stem(x), 0, position)
-
-    def forward_from(self, h: Tensor, position: int) -> Tensor:
-        """Logits, given `h` = the input of the block at `position`."""
-        return self.forward_head(self.forward_blocks(h, position))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_blocks(self.forward_stem(x)))
-
-    # -- surgery --------------------------------------------------------------
-    @contextlib.contextmanager
-    def remove_blocks(self, names: Iterable[str]) -> Iterator[ResNet]:
-        """Within the context, the named blocks skip their residual branch.
-
-        y = relu(shortcut(x)): identity for same-shape blocks; a downsampling block
-        keeps its shortcut mapping (option A subsample+pad, or B/C projection).
-        Plain nets: identity where shapes allow, else option-A subsample+pad.
-        The previous state is restored on exit, also after an exception.
-        """
-        idx = [self._index(n) for n in names]
-        saved = [b.removed for b in self._blocks]
-        try:
-            for i in idx:
-                self._blocks[i].removed = True
-            yield self
-        finally:
-            for b, r in zip(self._blocks, saved):
-                b.removed = r
-
-    @contextlib.contextmanager
-    def reorder_blocks(self, order: Sequence[str]) -> Iterator[ResNet]:
-        """Within the context, run the blocks in `order` (a permutation of
-        `block_names`). Position p may hold only a block with the same
-        (in, out, stride) signature as the original block at p."""
-        order = list(order)
-        if sorted(order) != sorted(self._names):
-            raise ValueError(
-                f"order must be a permutation of model.block_names ({len(self._names)} blocks); "
-                f"got {len(order)} names, unknown: {sorted(set(order) - set(self._names))}"
-            )
-        new = tuple(self._index(n) for n in order)
-        for pos, i in enumerate(new):
-            if self._blocks[i].signature != self._blocks[pos].signature:
-                raise ValueError(
-                    f"block {self._names[i]} (in, out, stride)={self._blocks[i].signature} cannot run at "
-                    f"position {pos}, which needs {self._blocks[pos].signature}; see model.swappable_groups()"
-                )
-        saved = self._order
-        try:
-            self._order = new
-            yield self
-        finally:
-            self._order = saved
-
-    def batchnorms_after(self, position: int) -> list[nn.BatchNorm2d]:
+    def batchnorms_after(self, position: int) -> list[nn.Module]:
         """The BNs whose inputs change when the block at `position` (current order)
         changes: those of that block and every later one, and a pre-activation net's
         final BN."""
-        bns = [m for blk in self.blocks[position:] for m in blk.modules() if isinstance(m, nn.BatchNorm2d)]
-        return bns + ([self.final_bn] if self.final_bn is not None else [])
-
-    def swappable_groups(self) -> list[list[str]]:
-        """Groups of block names that may be permuted among themselves."""
-        groups: dict[tuple[int, int, int], list[str]] = {}
-        for n, b in zip(self._names, self._blocks):
-            groups.setdefault(b.signature, []).append(n)
-        return [g for g in groups.values() if len(g) > 1]
+        return super().batchnorms_after(position) + ([self.final_bn] if self.final_bn is not None else [])
 
     def response_layers(self) -> list[tuple[str, nn.Module]]:
         """The BN after every 3x3 conv, in forward order (He et al. Fig. 7 plots

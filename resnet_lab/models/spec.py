@@ -49,8 +49,36 @@ class SpecError(UserError, ValueError):
     """An impossible architecture; the message names the valid choices."""
 
 
+# Every family's `family` values: a checkpoint's spec dict is read back by the class of its family.
+ALL_FAMILIES = "cifar, imagenet (ResNets), vit, convnext"
+
+
+def check_positive(**values: Any) -> None:
+    """Refuse a count or size that is not a positive int, naming the field."""
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise SpecError(f"{name}={v!r} must be a positive integer")
+
+
+class SpecBase:
+    """What every family's spec offers: overrides, and the dict a checkpoint stores."""
+
+    def replace(self, **overrides: Any) -> Any:
+        """A copy with `overrides` applied; `None` values are ignored, so CLI defaults
+        never clobber registry defaults. A field of another family is refused by name."""
+        kw = {k: v for k, v in overrides.items() if v is not None}
+        unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            valid = ", ".join(f.name for f in dataclasses.fields(self) if f.name != "family")
+            raise SpecError(f"{self.name} has no option(s) {', '.join(sorted(unknown))}; its options: {valid}")
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass(frozen=True)
-class ResNetSpec:
+class ResNetSpec(SpecBase):
     """Everything needed to build one network of He et al. 2015.
 
     family: "cifar" (depth 6n+2, widths 16/32/64, 3x3 stem) or "imagenet"
@@ -102,7 +130,7 @@ class ResNetSpec:
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
-            raise SpecError(f"unknown family {self.family!r}; valid: {', '.join(FAMILIES)}")
+            raise SpecError(f"unknown family {self.family!r}; valid: {ALL_FAMILIES}")
         if self.shortcut not in SHORTCUTS:
             raise SpecError(
                 f"unknown shortcut option {self.shortcut!r}; valid: 'A' (zero-pad), "
@@ -231,19 +259,6 @@ class ResNetSpec:
     def input_size(self) -> int:
         """Native input resolution (pixels)."""
         return 32 if self.family == "cifar" else 224
-
-    def replace(self, **overrides: Any) -> ResNetSpec:
-        """A copy with `overrides` applied; `None` values are ignored, so CLI defaults
-        never clobber registry defaults."""
-        kw = {k: v for k, v in overrides.items() if v is not None}
-        unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            valid = ", ".join(f.name for f in dataclasses.fields(self))
-            raise SpecError(f"unknown spec field(s) {sorted(unknown)}; valid: {valid}")
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ResNetSpec:

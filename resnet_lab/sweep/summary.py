@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 
 from ..ablation.stats import Difference, depth_family, mean_spread, welch
 from ..callbacks import read_history
-from ..models import ResNetSpec, paper_error
+from ..models import paper_error, spec_from_dict
 from .space import SEED_KEY
 
 STATS = ("test/error", "train/error_end", "best_test/error", "val/error")
@@ -37,16 +37,17 @@ def trial_rows(study: optuna.Study) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         spec = t.user_attrs.get("spec") or {}
+        net = spec_from_dict(spec) if spec else None
         rows.append(
             {
                 "number": t.number,
                 "state": t.state.name,
                 "value": t.value,
                 **t.params,
-                "depth": spec.get("depth"),
-                "plain": spec.get("plain"),
+                "depth": net and net.depth,
+                "plain": net and net.plain,
                 "shortcut": spec.get("shortcut"),
-                "net": ResNetSpec.from_dict(spec).name if spec else None,
+                "net": net and net.name,
                 "family": depth_family(spec) if spec else None,
                 "run_dir": t.user_attrs.get("run_dir"),
                 **{k: v for k, v in t.user_attrs.items() if "/" in k and isinstance(v, int | float)},
@@ -56,7 +57,7 @@ def trial_rows(study: optuna.Study) -> list[dict]:
         if end is not None:
             rows[-1]["train/error_end"] = end
         rows[-1]["budget"] = training_budget(rows[-1]["run_dir"])
-        paper = paper_error(ResNetSpec.from_dict(spec)) if spec else None
+        paper = paper_error(net) if net else None
         rows[-1]["paper"] = paper.label() if paper else None
     return rows
 

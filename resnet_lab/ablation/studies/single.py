@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...models import ResNetSpec
+from ...models import spec_from_dict
 from .. import engine
 from ..stats import depth_family, welch
 from ..study import Section, Study, chance_error, option, plot_along_depth, save_figure
@@ -89,7 +89,7 @@ def robustness(rows: list[dict], meta: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         fam, depth = depth_family(spec[ck]), spec[ck]["depth"]
         groups[fam][depth].append((intact[ck], statistics.fmean(r["error"] for r in drops)))
-        names[(fam, depth)] = ResNetSpec.from_dict(spec[ck]).name
+        names[(fam, depth)] = spec_from_dict(spec[ck]).name
 
     def increases(side):
         return [after - before for before, after in side]
