@@ -99,12 +99,14 @@ def _routed(model: ResNet, x: Tensor, y: Tensor, routes: Tensor, emit) -> Tensor
     with torch.enable_grad():
         h = model.forward_stem(x).detach()
         vjps = []
-        for blk in blocks:
+        for pos, blk in enumerate(blocks):
             h_in = h.detach().requires_grad_()
             b = blk.branch(h_in)
             s = h_in if blk.downsample is None else blk.shortcut(h_in)
             b_leaf, s_leaf = b.detach().requires_grad_(), s.detach().requires_grad_()
-            h = blk.merge(b_leaf, s_leaf)
+            # A transition after the block (a ConvNeXt's downsampling layer) acts on the sum
+            # of both paths: it is part of the merge's VJP, common to every routing.
+            h = model.after(pos, blk.merge(b_leaf, s_leaf))
             vjps.append(_BlockVJP(_vjp(h, (b_leaf, s_leaf)), _vjp(b, (h_in,)), None if s is h_in else _vjp(s, (h_in,))))
         h_top = h.detach().requires_grad_()
         logits = model.forward_head(h_top)

@@ -120,6 +120,11 @@ class UnitNet(nn.Module):
     def forward_head(self, h: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def pool(self, h: Tensor) -> Tensor:
+        """A representation between units as one vector per image: (B, C, H, W) -> (B, C),
+        the global average (what the head pools)."""
+        return h.mean((2, 3))
+
     def _active_units(self) -> set[int] | None:
         """Units whose branch runs in this training batch (None: all)."""
         return None
@@ -132,10 +137,14 @@ class UnitNet(nn.Module):
         for pos in range(start, stop):
             i = self._order[pos]
             blk = self._blocks[i]
-            h = blk(h) if active is None or i in active or blk.removed else blk.lesioned(h)
-            if pos in self._transitions:
-                h = self._transitions[pos](h)
+            h = self.after(pos, blk(h) if active is None or i in active or blk.removed else blk.lesioned(h))
         return h
+
+    def after(self, position: int, h: Tensor) -> Tensor:
+        """h after the transition that follows unit position `position` (h itself if none):
+        what a study walking the units one by one applies between them."""
+        t = self._transitions.get(position)
+        return h if t is None else t(h)
 
     def forward_until(self, x: Tensor, position: int) -> Tensor:
         """The input of the unit at `position` (0 = right after the stem)."""
@@ -200,6 +209,17 @@ class UnitNet(nn.Module):
         return [m for blk in after for m in blk.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     @torch.no_grad()
+    def unit_io(self, x: Tensor) -> Iterator[tuple[str, Tensor, Tensor]]:
+        """(name, skip, output) of each unit in forward order, from one forward pass: skip is
+        what the unit's shortcut carries of its input (the input itself, or a ResNet's
+        reshaped input where the shape changes), output what the unit passes on."""
+        h = self.forward_stem(x)
+        for pos, (name, blk) in enumerate(zip(self._names, self._blocks)):
+            out = blk(h)
+            yield name, blk.shortcut(h), out
+            h = self.after(pos, out)
+
+    @torch.no_grad()
     def response_stds(self, x: Tensor) -> dict[str, float]:
         """Std over all elements of each unit's residual branch f(x) on the batch x: what
         each update adds to the stream (He et al. Fig. 7's question for any family)."""
@@ -207,7 +227,5 @@ class UnitNet(nn.Module):
         for pos, (name, blk) in enumerate(zip(self._names, self._blocks)):
             b = blk.branch(h)
             stds[name] = b.float().std().item()
-            h = blk.merge(b, None if blk.plain else blk.shortcut(h))
-            if pos in self._transitions:
-                h = self._transitions[pos](h)
+            h = self.after(pos, blk.merge(b, None if blk.plain else blk.shortcut(h)))
         return stds

@@ -229,6 +229,11 @@ class VisionTransformer(UnitNet):
         h = torch.cat([self.class_token.expand(len(x), -1, -1), h], dim=1)
         return h + self.encoder.pos_embedding
 
+    def pool(self, h: Tensor) -> Tensor:
+        """(B, T, width) -> (B, width): the mean over all tokens, the class token's too (the
+        class token alone carries little before the late layers have attended to it)."""
+        return h.mean(1)
+
     def forward_head(self, h: Tensor) -> Tensor:
         """(B, T, width) -> (B, num_classes), from the class token after the final LayerNorm."""
         return self.heads(self.encoder.ln(h)[:, 0])

@@ -12,7 +12,21 @@ from dataclasses import MISSING, asdict, field, fields, make_dataclass
 from typing import Any
 
 from ..study import AblationError, Common, Study, check_fields, common_of, option
-from . import adjacent, cka, hessian, iterative, k, landscape, paths, probes, reorder, responses, shattered, single
+from . import (
+    adjacent,
+    cka,
+    hessian,
+    influence,
+    iterative,
+    k,
+    landscape,
+    paths,
+    probes,
+    reorder,
+    responses,
+    shattered,
+    single,
+)
 
 
 class Registry:
@@ -47,6 +61,7 @@ REGISTRY = Registry(
         adjacent.Adjacent(),
         reorder.Reorder(),
         responses.Responses(),
+        influence.Influence(),
         paths.Paths(),
         iterative.Iterative(),
         probes.Probes(),

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..stats import differences_table, net_differences
 from ..study import AblationError, Measure, Section, Study, option, save_figure
@@ -72,7 +73,8 @@ def make_hvp(model, loss: Callable, data: list[tuple[Tensor, Tensor]], names: li
         vs = list(torch.split(v.to(ps[0].dtype), [p.numel() for p in ps]))
         vs = [u.view_as(p) for u, p in zip(vs, ps)]
         out = torch.zeros(v.shape, dtype=torch.float64)
-        with torch.enable_grad():
+        # Attention (ViT) through the math kernel: the fused ones have no double backward.
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             for x, y in data:
                 for i in range(0, len(y), CHUNK):
                     value = loss(model(x[i : i + CHUNK]), y[i : i + CHUNK], reduction="sum") / n_images

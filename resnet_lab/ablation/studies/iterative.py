@@ -45,7 +45,7 @@ def block_steps(model, x: Tensor, y: Tensor) -> list[dict[str, Any]]:
     with torch.enable_grad():
         h = model.forward_stem(x).detach().requires_grad_()
         taken = []  # (step f or None, reference point r, gradient point)
-        for blk in model.blocks:
+        for pos, blk in enumerate(model.blocks):
             b = blk.branch(h)
             if blk.plain:
                 out = blk.merge(b, None)
@@ -55,7 +55,7 @@ def block_steps(model, x: Tensor, y: Tensor) -> list[dict[str, Any]]:
                 s = blk.shortcut(h)
                 out = blk.merge(b, s)
                 taken.append((b, s, s, "branch at the input" if s is h else "branch at the shortcut output"))
-            h = out
+            h = model.after(pos, out)  # a transition between stages (ConvNeXt) comes before the next input
         # The loss in float64: 1 - p of a confident image underflows in float32, leaving its
         # gradient mostly rounding error; in float64 its direction survives the float32 backward.
         loss = F.cross_entropy(model.forward_head(h).double(), y, reduction="sum")

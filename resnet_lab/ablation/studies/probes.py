@@ -1,9 +1,10 @@
 """`probes`: linear probes after the stem and every block (Alain & Bengio 2016).
 
-A multinomial logistic regression on the globally average-pooled output of the stem and
-of every block (the points `forward_blocks` passes between blocks, all from one forward
-pass per image), fitted on `probe_images` training images drawn from --seed and scored on
-the evaluation split. Features are standardised with the training images' mean and std.
+A multinomial logistic regression on the pooled output (`model.pool`: global average;
+for a ViT the mean token) of the stem and of every block (the points `forward_blocks`
+passes between blocks, all from one forward pass per image), fitted on `probe_images`
+training images drawn from --seed and scored on the evaluation split. Features are
+standardised with the training images' mean and std.
 The L2 strength is chosen on a held-out fifth of those training images (never on the
 evaluation split) from L2_GRID, then the probe is refitted on all of them.
 
@@ -41,12 +42,13 @@ class Options:
 
 @torch.no_grad()
 def pooled_features(model, batches) -> tuple[dict[str, Tensor], Tensor]:
-    """{"stem" / block name: (N, C) globally average-pooled outputs (float64)}, labels (N,)."""
+    """{"stem" / block name: (N, C) pooled outputs (float64; `model.pool`: the global average,
+    a ViT's mean token)}, labels (N,)."""
     feats: dict[str, list[Tensor]] = {}
     ys = []
     for x, y in batches:
         for name, h in engine.representations(model, x):
-            feats.setdefault(name, []).append(h.mean((2, 3)).double())
+            feats.setdefault(name, []).append(model.pool(h).double())
         ys.append(y)
     return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(ys)
 
@@ -183,8 +185,9 @@ class Probes(Study):
             body.append([str(p), name, *cells])
         r0 = mine[0]
         note = (
-            f"A multinomial logistic regression on the globally average-pooled output of the stem (position -1) "
-            f"and of each block, fitted on {r0['train_images']} training images drawn from the seed, its L2 "
+            "A multinomial logistic regression on the pooled output (global average; a ViT's mean token) "
+            f"of the stem (position -1) and of each block, fitted on {r0['train_images']} training images drawn "
+            "from the seed, its L2 "
             f"chosen from {', '.join(f'{v:g}' for v in L2_GRID)} on a held-out fifth of them; top-1 error (%) on "
             f"the {r0['n']} evaluation images with its 95% Wilson interval (Alain & Bengio 2016)."
         )

@@ -1,6 +1,8 @@
 """`responses`: the std of each 3x3 layer's response after BN (He et al. 2015, Fig. 7).
 
 Rows: one per 3x3 layer, in forward order, averaged over the first batches of the split.
+ViTs and ConvNeXts have no BN after their layers: there a row is one unit, the std of its
+residual branch f(x) (what the update adds to the stream; `model.response_stds`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Responses(Study):
         for ck, rs in by.items():
             rs = sorted(rs, key=lambda r: r["layer_index"])
             ax.plot([r["layer_index"] for r in rs], [r["std"] for r in rs], "o-", ms=3, color=colour[ck], label=ck)
-        ax.set(xlabel="3x3 layer index", ylabel="std of response", title="Layer responses (after BN, He et al. Fig. 7)")
+        ax.set(xlabel="3x3 layer index (ViT, ConvNeXt: unit index)", ylabel="std of response",
+               title="Layer responses (after BN, He et al. Fig. 7; ViT, ConvNeXt: each unit's branch)")  # fmt: skip
         ax.legend(fontsize=7)
         return save_figure(fig, out / "responses.png")

@@ -87,9 +87,10 @@ def robustness(rows: list[dict], meta: dict[str, Any]) -> list[dict[str, Any]]:
     for (ck, cond), drops in by_net(rows).items():
         if cond != "eval-bn" or ck not in intact:
             continue
-        fam, depth = depth_family(spec[ck]), spec[ck]["depth"]
+        net = spec_from_dict(spec[ck])
+        fam, depth = depth_family(spec[ck]), net.depth
         groups[fam][depth].append((intact[ck], statistics.fmean(r["error"] for r in drops)))
-        names[(fam, depth)] = spec_from_dict(spec[ck]).name
+        names[(fam, depth)] = net.name
 
     def increases(side):
         return [after - before for before, after in side]
@@ -158,13 +159,19 @@ ROBUSTNESS_NOTE = (
 )
 
 
+def _removed_as(spec: dict) -> str:
+    if spec.get("family", "cifar") not in ("cifar", "imagenet"):
+        return "x (ViT and ConvNeXt units)"
+    return (
+        "shortcut(x) (pre-activation ResNets)" if spec.get("preact") else "relu(shortcut(x)) (post-activation ResNets)"
+    )
+
+
 def removal_note(rows: list[dict], meta: dict[str, Any]) -> str:
     num_classes = meta["num_classes"]
     kept = sorted({r["removed_as"] for r in rows if r.get("removed_as") not in (None, "-", "identity")})
-    preact = {c["spec"].get("preact", False) for c in meta["checkpoints"]}
-    merge = {frozenset([False]): "relu(shortcut(x))", frozenset([True]): "shortcut(x)"}.get(
-        frozenset(preact), "relu(shortcut(x)) (post-activation) or shortcut(x) (pre-activation)"
-    )
+    used = sorted({_removed_as(c["spec"]) for c in meta["checkpoints"]})
+    merge = " or ".join(used) if len(used) > 1 else used[0].split(" (")[0]
     shortcut = "."
     if kept:
         shortcut = f"; where it is not, its shortcut is kept ({', '.join(kept)}), so that removal is not y = x."

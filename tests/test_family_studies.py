@@ -1,0 +1,171 @@
+"""Every study on ViTs and ConvNeXts, against naive references (the lesion engine itself is
+checked against torchvision's nets in test_families.py)."""
+
+import csv
+import itertools
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from resnet_lab.ablation import paths
+from resnet_lab.ablation.cli import main as ablate_main
+from resnet_lab.ablation.studies.influence import per_image
+from resnet_lab.ablation.studies.iterative import block_steps
+from resnet_lab.ablation.studies.probes import pooled_features
+from resnet_lab.models import build, resolve_spec
+
+from .conftest import trained_like
+from .test_representations import naive_steps
+
+TINY = {
+    "vit": dict(depth=2, image_size=16, patch_size=4, width=16, heads=2, mlp_dim=32),
+    "convnext": dict(stage_depths=(1, 2, 2, 1), widths=(4, 8, 8, 12), layer_scale=0.5),
+}
+
+
+def tiny(family, **kw):
+    torch.manual_seed(0)
+    m = build(resolve_spec(f"cifar_{family}").replace(**{**TINY[family], **kw}))
+    with torch.no_grad():  # weights of order 1, so every unit moves the stream
+        for p in m.parameters():
+            p.mul_(4) if p.ndim > 1 else p.add_(0.1 * torch.randn_like(p))
+    return m.eval()
+
+
+def data(b=3, size=16, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(b, 3, size, size, generator=g, dtype=dtype), torch.tensor([1, 4, 7][:b])
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext"])
+def test_sum_over_all_routings_is_the_input_gradient_and_each_routing_a_separate_backward(family):
+    m = tiny(family).double()
+    x, y = data(dtype=torch.double)
+    n = len(m.block_names)
+    routes = torch.tensor(list(itertools.product([False, True], repeat=n)))
+    _, grads = paths.routed_input_grads(m, x, y, routes)
+    h0 = m.forward_stem(x).detach().requires_grad_()
+    F.cross_entropy(m.forward_from(h0, 0), y, reduction="sum").backward()
+    torch.testing.assert_close(grads.sum(0), h0.grad, rtol=1e-9, atol=1e-12)
+    assert h0.grad.abs().max() > 1e-4
+    for r in random.Random(0).sample(range(len(routes)), 4):  # naive: the unrouted path detached
+        h = g0 = m.forward_stem(x).detach().requires_grad_()
+        for pos, (blk, through) in enumerate(zip(m.blocks, routes[r].tolist())):
+            b, s = blk.branch(h), blk.shortcut(h)
+            h = m.after(pos, blk.merge(b, s.detach()) if through else blk.merge(b.detach(), s))
+        F.cross_entropy(m.forward_head(h), y, reduction="sum").backward()
+        torch.testing.assert_close(grads[r], g0.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("family, kw", [("vit", {}), ("vit", {"plain": True}), ("convnext", {}),
+                                        ("convnext", {"plain": True, "layer_scale": 1.0})])  # fmt: skip
+def test_iterative_equals_one_forward_and_backward_per_unit(family, kw):
+    m = tiny(family, **kw)
+    x, y = data()
+    steps = block_steps(m, x, y)
+    for i, s in enumerate(steps):
+        cos, ratio = naive_steps(m, x, y, i)
+        torch.testing.assert_close(s["cos"], cos, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(s["ratio"], ratio, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext"])
+def test_probe_features_are_each_units_pooled_output(family):
+    m = tiny(family)
+    x, y = data(5)
+    feats, _ = pooled_features(m, [(x[:2], y[:2]), (x[2:], y[2:])])
+    with torch.no_grad():
+        for i, b in enumerate(m.block_names):
+            h = m.forward_until(x, i + 1)  # its output (after a stage's downsampling layer)
+            want = h.mean(1) if family == "vit" else h.mean((2, 3))
+            torch.testing.assert_close(feats[b], want.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_block_influence_equals_hooks_on_each_unit():
+    """ResNet blocks (a downsampling one compared through its shortcut) by forward hooks; ViT
+    updates by the stream before and after each of them."""
+    res = trained_like("resnet14")
+    x, _ = data(4, 32)
+    got = {n: (1 - F.cosine_similarity(s.double(), o.double(), dim=1)).flatten(1).mean(1) for n, s, o in res.unit_io(x)}
+    seen = {}
+    hooks = [
+        res.get_block(n).register_forward_hook(lambda mod, i, o, n=n: seen.__setitem__(n, (mod.shortcut(i[0]), o)))
+        for n in res.block_names
+    ]
+    with torch.no_grad():
+        res(x)
+    for h in hooks:
+        h.remove()
+    for n, (s, o) in seen.items():
+        cos = torch.stack([F.cosine_similarity(s[:, :, i, j].double(), o[:, :, i, j].double(), dim=1)
+                           for i in range(s.shape[2]) for j in range(s.shape[3])], 1)  # fmt: skip
+        torch.testing.assert_close(got[n], (1 - cos).mean(1))
+    vit = tiny("vit")
+    xv, _ = data(4)
+    with torch.no_grad():
+        h = vit.forward_stem(xv)
+        for blk in vit.blocks:
+            out = h + blk.residual(h)
+            want = torch.stack([1 - F.cosine_similarity(h[:, t].double(), out[:, t].double(), dim=1)
+                                for t in range(h.shape[1])], 1).mean(1)  # fmt: skip
+            torch.testing.assert_close(per_image(h, out), want)
+            h = out
+    # A removed unit does not turn the stream at all.
+    with vit.remove_blocks(["layer1"]):
+        io = {n: per_image(s, o) for n, s, o in vit.unit_io(xv)}
+    assert float(io["layer1.attn"].abs().max()) < 1e-12 and float(io["layer0.mlp"].min()) > 1e-3
+
+
+def write(tmp_path, family, plain=False):
+    m = tiny(family, image_size=32) if family == "vit" else tiny(family)
+    if plain:
+        m = tiny(family, plain=True, **({"image_size": 32} if family == "vit" else {"layer_scale": 1.0}))
+    data_hp = {"source": "synthetic", "val_size": 200, "eval_subset": None, "batch_size": 32}
+    path = tmp_path / f"{family}{'_plain' if plain else ''}.ckpt"
+    state = {f"net.{k}": v for k, v in m.state_dict().items()}
+    torch.save({"hyper_parameters": {"spec": m.spec.to_dict()}, "state_dict": state,
+                "datamodule_hyper_parameters": data_hp, "global_step": 0}, path)  # fmt: skip
+    return str(path), m
+
+
+def test_every_study_runs_on_both_families_and_agrees_with_a_plain_evaluation(tmp_path):
+    (vit, vm), (cnx, cm), (plain, pm) = (
+        write(tmp_path, "vit"),
+        write(tmp_path, "convnext"),
+        write(tmp_path, "vit", True),
+    )
+    out = tmp_path / "rep"
+    args = ["--studies", "single", "k", "adjacent", "reorder", "responses", "influence", "paths", "iterative",
+            "probes", "cka", "landscape", "hessian", "shattered", "--limit", "48", "--samples", "2", "--k-max", "2",
+            "--paths-images", "4", "--probe-images", "100", "--landscape-grid", "3", "--landscape-directions", "1",
+            "--landscape-images", "16", "--hessian-images", "16", "--hessian-top-k", "1", "--hessian-max-iter", "10",
+            "--hessian-tol", "0.5", "--shattered-lines", "1", "--shattered-points", "8", "--no-progress"]  # fmt: skip
+    assert ablate_main([vit, cnx, plain, "--out", str(out), *args]) == 0
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    studies = {(r["checkpoint"].split(" ")[0], r["study"]) for r in rows}
+    for name in (vm.spec.name, cm.spec.name):
+        assert {s for n, s in studies if n == name} >= {"single", "k", "adjacent", "reorder", "responses",
+                                                         "influence", "paths", "iterative", "probes", "cka",
+                                                         "landscape", "hessian", "shattered"}  # fmt: skip
+    plain_paths = [r for r in rows if r["study"] == "paths" and r["checkpoint"].startswith(pm.spec.name)]
+    assert [r["applicable"] for r in plain_paths] == ["False"]  # a plain net has one path
+    # The intact error is the checkpoint's own error on the same 48 test images.
+    from resnet_lab.data.cifar import CIFAR10DataModule
+
+    dm = CIFAR10DataModule(source="synthetic", val_size=200, batch_size=48)
+    dm.setup("test")
+    x, y = next(iter(dm.test_dataloader()))
+    x = dm.normalize(x)
+    for name, m in ((vm.spec.name, vm), (cm.spec.name, cm)):
+        intact = next(
+            r for r in rows if r["study"] == "single" and r["key"] == "intact" and r["checkpoint"].startswith(name)
+        )
+        with torch.no_grad():
+            want = 100 * float((m(x[:48]).argmax(1) != y[:48]).double().mean())
+        assert float(intact["error"]) == pytest.approx(want)
+    md = (out / "report.md").read_text()
+    assert "y = x (ViT and ConvNeXt units)" in md or "y = x:" in md
+    assert "Block influence" in md
