@@ -401,7 +401,11 @@ class ResNetLabCLI(LightningCLI):
         callbacks: list[Callback] = [
             ValidateFinalStep(),
             LastCheckpoint(
-                dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=cfg.run.checkpoint_every_n_steps
+                dirpath=ckpt_dir,
+                save_last=True,
+                save_top_k=0,
+                every_n_train_steps=cfg.run.checkpoint_every_n_steps,
+                enable_version_counter=False,  # a resumed run overwrites last.ckpt, never writes last-v1.ckpt
             ),
             BestCheckpoint(
                 dirpath=ckpt_dir,

@@ -316,3 +316,14 @@ def test_response_std_logging(tmp_path):
     # conv1 + two 3x3 layers per basic block, after BN: positive, O(1).
     assert len(stds) == 1 + 2 * 3 and "responses/layer2.0.bn2" in stds
     assert all(0 < v < 10 for v in stds.values())
+
+
+def test_a_resumed_fit_keeps_writing_last_ckpt(tmp_path):
+    """Lightning's version counter saved a resumed run's checkpoints as last-v1.ckpt, leaving
+    last.ckpt at the step resumed from: a second resume, or `ablate` on last.ckpt, silently
+    lost the steps after it."""
+    cli_main(fit_args(tmp_path, "--model.depth", "8", "--run.checkpoint_every_n_steps", "3", steps=6))
+    last = only_run_dir(tmp_path) / "checkpoints" / "last.ckpt"
+    cli_main(fit_args(tmp_path, "--model.depth", "8", "--ckpt_path", str(last), steps=9))
+    assert torch.load(last, weights_only=False)["global_step"] == 9
+    assert sorted(p.name for p in last.parent.glob("last*")) == ["last.ckpt"]
