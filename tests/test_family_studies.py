@@ -169,3 +169,12 @@ def test_every_study_runs_on_both_families_and_agrees_with_a_plain_evaluation(tm
     md = (out / "report.md").read_text()
     assert "y = x (ViT and ConvNeXt units)" in md or "y = x:" in md
     assert "Block influence" in md
+
+
+def test_removing_a_layer_that_is_not_a_unit_is_one_line(tmp_path, capsys):
+    cnx, _ = write(tmp_path, "convnext")
+    out = tmp_path / "rep"
+    assert ablate_main([cnx, "--blocks", "features.2", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown block name(s) ['features.2']" in err and "downsampling layers between stages" in err
+    assert err.count("\n") == 1 and not out.exists()

@@ -103,3 +103,33 @@ def test_bad_weights_give_one_clear_error(weights, tmp_path, cache_dir):
         assert msg in r.stderr, (args, r.stderr)
         assert r.stderr.count("error:") == 1
     assert not (tmp_path / "rep").exists()  # nothing written before the inputs are known good
+
+
+@pytest.mark.slow
+def test_torchvision_vit_and_convnext_read_the_hub_cache(val_folder, tmp_path, monkeypatch, cache_dir):
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    r = _ablate("torchvision:vit_b_16", "--data-folder", need(TINY_IMAGENET), "--out", tmp_path / "none")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("error:") == 1
+    assert "no cached torchvision weights for vit_b_16" in r.stderr and "never downloads" in r.stderr
+    torch.manual_seed(0)
+    tv = torchvision.models.convnext_tiny(num_classes=10).eval()
+    torch.save(tv.state_dict(), hub / "convnext_tiny-983f1562.pth")
+    torch.save({"classifier.2.weight": torch.zeros(10, 768)}, tmp_path / "half.pth")
+    r = _ablate(f"torchvision:convnext_tiny={tmp_path / 'half.pth'}", "--data-folder", need(TINY_IMAGENET),
+                "--out", tmp_path / "none")  # fmt: skip
+    assert r.returncode == 2 and "does not fit convnext_tiny" in r.stderr and "Traceback" not in r.stderr
+    out = tmp_path / "rep"
+    r = _ablate("torchvision:convnext_tiny", "--data-folder", val_folder, "--out", out, "--studies", "single",
+                "--blocks", "stage4.1", "stage4.2", "--limit", "8", "--batch-size", "8", "--no-progress")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((out / "results.json").read_text())
+    intact = next(r for r in rows if r["key"] == "intact")
+    assert len(rows) == 3 and intact["n"] == 8
+    dm = ImageNetDataModule(path=str(val_folder), eval_batch_size=8, num_workers=0)
+    dm.setup("test")
+    x, y = next(iter(dm.test_dataloader()))
+    with torch.no_grad():
+        assert intact["wrong"] == int((tv(x).argmax(1) != y).sum())
+    assert "convnext_tiny (torchvision: convnext_tiny-983f1562.pth)" in (out / "report.md").read_text()

@@ -1,7 +1,8 @@
-"""Pretrained torchvision ResNets as ablation inputs (Veit et al. also lesioned an
-ImageNet ResNet-200): no training needed, and nothing is ever downloaded.
+"""Pretrained torchvision ResNets, ViTs and ConvNeXts as ablation inputs (Veit et al. also
+lesioned an ImageNet ResNet-200): no training needed, and nothing is ever downloaded.
 
     resnet-lab ablate torchvision:resnet50 --data-folder /data/imagenet/val ...
+    resnet-lab ablate torchvision:vit_b_16 torchvision:convnext_tiny --data-folder ...
     resnet-lab ablate torchvision:resnet50=/path/resnet50.pth ...   # a given file, checked against the name
     resnet-lab ablate /path/resnet18.pth ...                         # a bare state dict: depth read from its keys
 
@@ -74,13 +75,48 @@ def layout_of(sd: dict[str, torch.Tensor]) -> tuple[int, int]:
 TORCHVISION_DEPTHS = (18, 34, 50, 101, 152)  # the ResNets torchvision.models ships weights for
 
 
+# torchvision's ViTs and ConvNeXts, and the key of their classifier's weight (its classes).
+OTHER_FAMILIES = {
+    **{n: "heads.head.weight" for n in ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32")},
+    **{f"convnext_{s}": "classifier.2.weight" for s in ("tiny", "small", "base", "large")},
+}
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"{path} is not a readable PyTorch state dict ({type(e).__name__}: {e})") from e
+
+
+def other_family(name: str, path: Path) -> tuple[str, str, Any, dict[str, Any]]:
+    """A torchvision ViT or ConvNeXt state dict in the resnet-lab net of the same name."""
+    sd = read_state_dict(path)
+    head = sd.get(OTHER_FAMILIES[name]) if isinstance(sd, dict) else None
+    if head is None:
+        raise WeightsError(f"{path} is not a torchvision {name} state dict (no {OTHER_FAMILIES[name]})")
+    model = create_model(name, num_classes=int(head.shape[0]))
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WeightsError(f"{path} does not fit {name}: {first} (is it the weights of another net?)") from None
+    model.eval().to(memory_format=torch.channels_last)
+    data = {"class_path": DATA, "init_args": {"path": None, "num_workers": 2}}
+    return str(path), f"{name} (torchvision: {path.name})", model, data
+
+
 def load_pretrained(arg: str) -> tuple[str, str, Any, dict[str, Any]]:
     """(path, label, model, data config) for `torchvision:NAME[=PATH]` or a state-dict file."""
     if is_torchvision_ref(arg):
         name, _, file = arg[len(PREFIX) :].partition("=")
+        if name in OTHER_FAMILIES:
+            return other_family(name, Path(file) if file else hub_file(name))
         m = re.fullmatch(r"resnet(\d+)", name)
         if not m or int(m[1]) not in IMAGENET_LAYOUTS:
-            valid = ", ".join(f"resnet{d}" for d in IMAGENET_LAYOUTS)
+            valid = ", ".join([*(f"resnet{d}" for d in IMAGENET_LAYOUTS), *OTHER_FAMILIES])
             raise WeightsError(f"unknown torchvision model {name!r} in {arg!r}; valid: {valid}")
         if not file and int(m[1]) not in TORCHVISION_DEPTHS:
             raise WeightsError(
@@ -91,13 +127,7 @@ def load_pretrained(arg: str) -> tuple[str, str, Any, dict[str, Any]]:
         want: int | None = int(m[1])
     else:
         path, want = Path(arg), None
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"{path} is not a readable PyTorch state dict ({type(e).__name__}: {e})") from e
-    return from_state_dict(str(path), sd, want)
+    return from_state_dict(str(path), read_state_dict(path), want)
 
 
 def from_state_dict(path: str, sd: dict[str, torch.Tensor], want: int | None = None):

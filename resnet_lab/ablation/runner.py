@@ -292,7 +292,8 @@ def check_blocks(model: Network, blocks: list[str] | None) -> list[str]:
     unknown = [b for b in blocks if b not in model.block_names]
     if unknown:
         raise AblationError(
-            f"unknown block name(s) {unknown} for {model.spec.name}; valid: {', '.join(model.block_names)}"
+            f"unknown block name(s) {unknown} for {model.spec.name}; valid: {', '.join(model.block_names)} "
+            f"({model.not_removable})"
         )
     return list(dict.fromkeys(blocks))
 

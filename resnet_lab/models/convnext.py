@@ -201,6 +201,11 @@ class LayerNorm2d(nn.LayerNorm):
 class ConvNeXt(UnitNet):
     """A ConvNeXt built from a `ConvNeXtSpec`; `model.spec` is kept for checkpoints."""
 
+    not_removable = (
+        "the stem, the downsampling layers between stages (features.2, .4, .6: the only path, like a ResNet's "
+        "projection) and the head are not residual and cannot be removed"
+    )
+
     def __init__(self, spec: ConvNeXtSpec) -> None:
         super().__init__()
         self.spec = spec

@@ -72,6 +72,8 @@ class UnitNet(nn.Module):
     their modules, then call `_set_units`, and define `forward_stem` / `forward_head`."""
 
     spec: object
+    # What a user might try to remove that is not a unit (said with an unknown name).
+    not_removable = "the stem and the head are not residual and cannot be removed"
 
     def _set_units(self, units: Sequence[nn.Module], names: Sequence[str], transitions: dict[int, nn.Module]) -> None:
         # Plain tuples, not ModuleLists: the units are already registered under their

@@ -193,6 +193,11 @@ class Encoder(nn.Module):
 class VisionTransformer(UnitNet):
     """A ViT built from a `ViTSpec`; `model.spec` is kept for checkpoints."""
 
+    not_removable = (
+        "the patch embedding and the head are not residual and cannot be removed; a whole layer is its two units "
+        "(layerI.attn layerI.mlp)"
+    )
+
     def __init__(self, spec: ViTSpec) -> None:
         super().__init__()
         self.spec = spec
