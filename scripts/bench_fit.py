@@ -1,16 +1,20 @@
 """Images/s of `resnet-lab fit` vs a plain PyTorch loop.
 
-Both train the same ResNet-20 on the CIFAR-10 archive, batch 128, SGD. Rounds are
+Both train the same net (`--arch`, default ResNet-20) on the CIFAR-10 archive, batch 128,
+with its family's optimiser (SGD for ResNets; AdamW and label smoothing 0.1 for ViTs and
+ConvNeXts, sweeps/vit.yaml and convnext.yaml). Rounds are
 interleaved (ours, baseline, ours, ...) so drift on the machine hits both; each round
 times `--steps` steps after `--warmup` untimed ones, and the medians are compared.
   - CPU: the baseline is torchvision's PIL DataLoader with the paper's augmentation
-    (pad 4 + random crop + flip), fp32;
+    (pad 4 + random crop + flip), fp32; with `--baseline bare`, a bare loop of the same
+    model on pre-made tensors (no data pipeline at all: the most a loop can do);
   - CUDA (`--device cuda`): fit runs with its GPU defaults (bf16 autocast, the dataset
     kept on the GPU, augmented there); the baseline is a bare CUDA loop on pre-made GPU
     tensors (no augmentation, bf16 autocast, channels_last): the most a loop can do.
 
     GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000 \\
     python scripts/bench_fit.py --rounds 3 --steps 60 [--compile] [--device cuda]
+    python scripts/bench_fit.py --arch cifar_vit6 --baseline bare --rounds 3 --steps 20
 """
 
 from __future__ import annotations
@@ -49,8 +53,18 @@ class _Timer(pl.Callback):
             self.n += len(batch[1])
 
 
-def bench_ours(dm: CIFAR10DataModule, steps: int, warmup: int, compile: bool, device: str = "cpu") -> float:
-    model = ResNetClassifier("resnet20", compile=compile)
+def recipe(arch: str, params) -> tuple[torch.optim.Optimizer, float]:
+    """(optimiser, label smoothing) of the family's recipe."""
+    if create_model(arch).spec.family in ("cifar", "imagenet"):
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4), 0.0
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05), 0.1
+
+
+def bench_ours(
+    dm: CIFAR10DataModule, steps: int, warmup: int, compile: bool, device: str = "cpu", arch: str = "resnet20"
+) -> float:
+    model = ResNetClassifier(arch, compile=compile, label_smoothing=recipe(arch, [torch.zeros(1)])[1])
+    model.configure_optimizers = lambda: recipe(arch, model.parameters())[0]  # the family's, as its sweeps/ YAML
     timer = _Timer(warmup)
     trainer = pl.Trainer(
         max_steps=warmup + steps,
@@ -70,32 +84,38 @@ def bench_ours(dm: CIFAR10DataModule, steps: int, warmup: int, compile: bool, de
     return timer.n / (time.perf_counter() - timer.t0)
 
 
-def bench_bare_cuda(root: Path, steps: int, warmup: int) -> float:
-    """A bare CUDA training loop on pre-made GPU tensors (the first 128 * 32 images)."""
+def bench_bare(root: Path, steps: int, warmup: int, arch: str = "resnet20", device: str = "cuda") -> float:
+    """A bare training loop on pre-made tensors on `device` (the first 128 * 32 images):
+    bf16 autocast on CUDA, fp32 on CPU, channels_last."""
     data = ImageFolder(
         str(root / "train"), T.Compose([T.ToTensor(), T.Normalize((0.491, 0.482, 0.447), (0.247, 0.243, 0.262))])
     )
     n = min(len(data), 128 * 32)
-    x = torch.stack([data[i][0] for i in range(n)]).cuda().contiguous(memory_format=torch.channels_last)
-    y = torch.tensor([data[i][1] for i in range(n)]).cuda()
-    model = create_model("resnet20").cuda().to(memory_format=torch.channels_last).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    x = torch.stack([data[i][0] for i in range(n)]).to(device).contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([data[i][1] for i in range(n)]).to(device)
+    model = create_model(arch).to(device).to(memory_format=torch.channels_last).train()
+    opt, smoothing = recipe(arch, model.parameters())
     t0 = None
     for i in range(warmup + steps):
         if i == warmup:
-            torch.cuda.synchronize()
+            sync(device)
             t0 = time.perf_counter()
         j = (i * 128) % (n - 127)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(x[j : j + 128]), y[j : j + 128])
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = F.cross_entropy(model(x[j : j + 128]), y[j : j + 128], label_smoothing=smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    torch.cuda.synchronize()
+    sync(device)
     return steps * 128 / (time.perf_counter() - t0)
 
 
-def bench_baseline(root: Path, steps: int, warmup: int, workers: int) -> float:
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_baseline(root: Path, steps: int, warmup: int, workers: int, arch: str = "resnet20") -> float:
     tf = T.Compose(
         [
             T.RandomCrop(32, padding=4),
@@ -112,13 +132,13 @@ def bench_baseline(root: Path, steps: int, warmup: int, workers: int) -> float:
         num_workers=workers,
         persistent_workers=workers > 0,
     )
-    model = create_model("resnet20").train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    model = create_model(arch).train()
+    opt, smoothing = recipe(arch, model.parameters())
     n, t0 = 0, None
     for i, (x, y) in enumerate(loader):
         if i == warmup:
             t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model(x), y, label_smoothing=smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -138,6 +158,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="baseline DataLoader workers")
     p.add_argument("--compile", action="store_true", help="also time fit with model.compile=true")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--arch", default="resnet20", help="a registered CIFAR net (resnet-lab models)")
+    p.add_argument("--baseline", default="loader", choices=("loader", "bare"),
+                   help="CPU baseline: a PIL DataLoader loop, or a bare loop on pre-made tensors (CUDA: always bare)")  # fmt: skip
     args = p.parse_args()
     torch.manual_seed(0)
     root = find_split_root(extract_archive(args.archive), ("train", "test"))
@@ -147,11 +170,12 @@ def main() -> None:
     for r in range(args.rounds):
         for name, comp in variants.items():
             # compile's one-off cost is excluded by the warm-up steps (and its cache after round 1)
-            res[name].append(bench_ours(dm, args.steps, args.warmup + (30 if comp else 0), comp, args.device))
-        if args.device == "cuda":
-            res["baseline"].append(bench_bare_cuda(root, args.steps, args.warmup))
+            warmup = args.warmup + (30 if comp else 0)
+            res[name].append(bench_ours(dm, args.steps, warmup, comp, args.device, args.arch))
+        if args.device == "cuda" or args.baseline == "bare":
+            res["baseline"].append(bench_bare(root, args.steps, args.warmup, args.arch, args.device))
         else:
-            res["baseline"].append(bench_baseline(root, args.steps, args.warmup, args.workers))
+            res["baseline"].append(bench_baseline(root, args.steps, args.warmup, args.workers, args.arch))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} img/s" for k, v in res.items()), flush=True)
     med = {k: statistics.median(v) for k, v in res.items()}
     print(
@@ -159,6 +183,8 @@ def main() -> None:
             {
                 "median_img_per_s": {k: round(v, 1) for k, v in med.items()},
                 "ratio_vs_baseline": {k: round(med[k] / med["baseline"], 3) for k in variants},
+                "arch": args.arch,
+                "baseline": "bare" if args.device == "cuda" else args.baseline,
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
                 "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",

@@ -12,7 +12,7 @@ from resnet_lab.module import ResNetClassifier
 from resnet_lab.sweep.cli import main as sweep_main
 from resnet_lab.train import cli_main
 
-from .conftest import REPO, TINY, load
+from .conftest import REPO, TINY, load, one_message
 from .test_fit import ddp_probe, only_run_dir
 
 VIT = str(REPO / "sweeps" / "vit.yaml")
@@ -107,3 +107,23 @@ def test_convnext_depth_sweep_runs_each_net_and_compares_depths(tmp_path):
         "| plain_cifar_convnext_atto − plain_convnext_cifar_d1-1-3-1_w40-80-160-320",
     ]
     assert all(" 2/2 " in r for r in rows)
+
+
+@pytest.mark.parametrize(
+    "config, extra, words",
+    [
+        (VIT, ["--model.arch", "swin_t"], ["unknown model 'swin_t'"]),
+        (VIT, ["--model.patch_size", "5"], ["patch_size=5 does not divide image_size=32"]),
+        (VIT, ["--model.heads", "5"], ["heads=5 does not divide width=192"]),
+        (VIT, ["--model.depth", "0"], ["depth=0 must be a positive integer"]),
+        (VIT, ["--model.shortcut", "B"], ["has no option(s) shortcut"]),
+        (CONVNEXT, ["--model.arch", "cifar_convnext", "--model.stage_depths", "[2, 0, 2, 2]"], ["stage_depths[1]=0"]),
+        (CONVNEXT, ["--model.arch", "plain_cifar_convnext_atto"], ["drop_path drops residual branches"]),
+    ],
+)
+def test_bad_family_options_are_one_line(tmp_path, capsys, config, extra, words):
+    from resnet_lab.cli import main
+
+    assert main(args_for(tmp_path, config, *extra)) == 2
+    one_message(capsys, *words)
+    assert not (tmp_path / "runs").exists()
