@@ -159,8 +159,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time fit with model.compile=true")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--arch", default="resnet20", help="a registered CIFAR net (resnet-lab models)")
-    p.add_argument("--baseline", default="loader", choices=("loader", "bare"),
-                   help="CPU baseline: a PIL DataLoader loop, or a bare loop on pre-made tensors (CUDA: always bare)")  # fmt: skip
+    bare = "CPU baseline: a PIL DataLoader loop, or a bare loop on pre-made tensors (CUDA: always bare)"
+    p.add_argument("--baseline", default="loader", choices=("loader", "bare"), help=bare)
     args = p.parse_args()
     torch.manual_seed(0)
     root = find_split_root(extract_archive(args.archive), ("train", "test"))

@@ -178,3 +178,47 @@ def test_removing_a_layer_that_is_not_a_unit_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown block name(s) ['features.2']" in err and "downsampling layers between stages" in err
     assert err.count("\n") == 1 and not out.exists()
+
+
+def test_the_single_table_lists_the_blocks_of_every_checkpoint():
+    """The table took its rows from the first checkpoint: beside a ResNet, a ViT's units (or a
+    deeper ResNet's extra blocks) were silently left out."""
+    from resnet_lab.ablation.studies.single import table
+
+    def row(ck, block, pos, err):
+        return {"study": "single", "checkpoint": ck, "condition": "eval-bn", "key": f"drop:{block}", "block": block,
+                "position": pos, "downsample": False, "removed_as": "identity", "error": err}  # fmt: skip
+
+    rows = [row("a", "layer1.0", 0, 10.0), row("b", "layer0.attn", 0, 20.0), row("b", "layer0.mlp", 1, 30.0)]
+    rows += [{"study": "single", "checkpoint": c, "condition": "eval-bn", "key": "intact", "error": 5.0} for c in "ab"]
+    head, body = table(rows)
+    assert head == ["condition", "a", "b"]
+    assert [b[0] for b in body] == ["intact (baseline)", "drop layer1.0", "drop layer0.attn", "drop layer0.mlp"]
+    assert body[3] == ["drop layer0.mlp", "-", "30.00"]
+
+
+def test_the_iterative_table_names_each_positions_blocks_of_every_checkpoint():
+    """The block column showed the last checkpoint's name at each position: beside a ConvNeXt,
+    a ResNet's layer1.0 was labelled stage1.0."""
+    from resnet_lab.ablation.studies.iterative import Iterative
+
+    def row(ck, block, pos):
+        return {"study": "iterative", "checkpoint": ck, "block": block, "position": pos, "applicable": True,
+                "downsample": False, "cos_mean": -0.1, "cos_std": 0.0, "ratio_mean": 1.0, "ratio_std": 0.0}  # fmt: skip
+
+    rows = [row("a", "layer1.0", 0), row("b", "stage1.0", 0), row("a", "layer1.1", 1), row("b", "layer1.1", 1)]
+    (sec,) = Iterative().sections(rows, {})
+    assert [r[1] for r in sec.table[1]] == ["layer1.0 / stage1.0", "layer1.1"]
+
+
+def test_the_probe_table_names_each_positions_blocks_of_every_checkpoint():
+    from resnet_lab.ablation.studies.probes import Probes
+
+    def row(ck, block, pos):
+        return {"study": "probes", "checkpoint": ck, "block": block, "position": pos, "downsample": False,
+                "error": 50.0, "error_ci_lo": 40.0, "error_ci_hi": 60.0, "l2": 0.01, "train_images": 100,
+                "n": 10}  # fmt: skip
+
+    rows = [row("a", "stem", -1), row("b", "stem", -1), row("a", "layer1.0", 0), row("b", "layer0.attn", 0)]
+    (sec,) = Probes().sections(rows, {})
+    assert [r[1] for r in sec.table[1]] == ["stem", "layer1.0 / layer0.attn"]

@@ -152,17 +152,17 @@ class Iterative(Study):
         depth = max(r["position"] for r in mine) + 1
         body = []
         for p in range(depth):
-            cells, name = [], "-"
+            cells, names = [], {}  # every checkpoint's block at this position (nets of other families differ)
             for ck in cks:
                 r = by.get((ck, p))
                 if r is None or not r["applicable"]:
                     cells.append("-" if r is None else "not applicable")
                     continue
-                name = r["block"] + (" (downsample)" if r["downsample"] else "")
+                names[r["block"] + (" (downsample)" if r["downsample"] else "")] = None
                 cells.append(
                     f"{r['cos_mean']:+.3f} ± {r['cos_std']:.3f} | {r['ratio_mean']:.3f} ± {r['ratio_std']:.3f}"
                 )
-            body.append([str(p), name, *cells])
+            body.append([str(p), " / ".join(names) or "-", *cells])
         note = (
             "Per block, mean ± std over the evaluation images (images whose softmax saturated, with a zero "
             "gradient, are left out of the cosine: `cos_n` in results.csv): cos(f, dL/dh) (negative: the block "

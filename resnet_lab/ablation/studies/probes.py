@@ -174,15 +174,15 @@ class Probes(Study):
         by = {(r["checkpoint"], r["position"]): r for r in mine}
         body = []
         for p in range(-1, max(r["position"] for r in mine) + 1):
-            cells, name = [], "-"
+            cells, names = [], {}  # every checkpoint's block at this position (nets of other families differ)
             for ck in cks:
                 r = by.get((ck, p))
                 if r is None:
                     cells.append("-")
                     continue
-                name = r["block"] + (" (downsample)" if r["downsample"] else "")
+                names[r["block"] + (" (downsample)" if r["downsample"] else "")] = None
                 cells.append(f"{r['error']:.2f} [{r['error_ci_lo']:.1f}, {r['error_ci_hi']:.1f}] (l2 {r['l2']:g})")
-            body.append([str(p), name, *cells])
+            body.append([str(p), " / ".join(names) or "-", *cells])
         r0 = mine[0]
         note = (
             "A multinomial logistic regression on the pooled output (global average; a ViT's mean token) "

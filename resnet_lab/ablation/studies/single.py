@@ -55,11 +55,14 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     if not cols:
         return [], []
     per = {ck: {r["block"]: r for r in nets[(ck, "eval-bn")]} for ck in cols}
-    names = [r["block"] for r in sorted(nets[(cols[0], "eval-bn")], key=lambda r: r["position"])]
+    # Every checkpoint's blocks, each in its forward order (nets of other depths or families differ).
+    names = list(
+        dict.fromkeys(r["block"] for ck in cols for r in sorted(per[ck].values(), key=lambda r: r["position"]))
+    )
     intact = {r["checkpoint"]: r for r in rows if r["study"] == NAME and r["key"] == "intact"}
     body = [["intact (baseline)", *[_err(intact.get(ck)) for ck in cols]]]
     for n in names:
-        r0 = per[cols[0]][n]
+        r0 = next(per[ck][n] for ck in cols if n in per[ck])
         mark = " (downsample)" if r0["downsample"] else ""
         if r0.get("removed_as", "identity") != "identity":
             mark += f" → {r0['removed_as']}"
