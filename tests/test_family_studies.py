@@ -222,3 +222,15 @@ def test_the_probe_table_names_each_positions_blocks_of_every_checkpoint():
     rows = [row("a", "stem", -1), row("b", "stem", -1), row("a", "layer1.0", 0), row("b", "layer0.attn", 0)]
     (sec,) = Probes().sections(rows, {})
     assert [r[1] for r in sec.table[1]] == ["stem", "layer1.0 / layer0.attn"]
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext"])
+def test_responses_are_each_units_branch_std_at_its_input(family):
+    m = tiny(family)
+    x, _ = data(4)
+    stds = m.response_stds(x)
+    assert list(stds) == m.block_names
+    with torch.no_grad():
+        for i, b in enumerate(m.block_names):  # naive: a forward to the unit's input, then its branch alone
+            want = m.get_block(b).residual(m.forward_until(x, i)).std().item()
+            assert stds[b] == pytest.approx(want, rel=1e-5)
