@@ -234,3 +234,23 @@ def test_responses_are_each_units_branch_std_at_its_input(family):
         for i, b in enumerate(m.block_names):  # naive: a forward to the unit's input, then its branch alone
             want = m.get_block(b).residual(m.forward_until(x, i)).std().item()
             assert stds[b] == pytest.approx(want, rel=1e-5)
+
+
+def test_convnext_differences_compare_depths_and_the_plain_twin():
+    """net_differences grouped depth families on the spec without `depth` (a ConvNeXt's is
+    `stage_depths`) and twins on the spec without `plain` (a plain ConvNeXt must also change its
+    layer scale and drop path): no ConvNeXt comparison was ever made."""
+    from resnet_lab.ablation.stats import net_differences
+
+    def spec(**kw):
+        return resolve_spec("cifar_convnext").replace(drop_path=0.1, **kw).to_dict()
+
+    plain = resolve_spec("plain_cifar_convnext_atto").to_dict()
+    nets = {"deep": spec(), "shallow": spec(stage_depths=(1, 1, 3, 1)), "plain": plain}
+    checkpoints = [{"label": f"{n}{s}", "spec": sp} for n, sp in nets.items() for s in "ab"]
+    values = {"deepa": 1.0, "deepb": 2.0, "shallowa": 3.0, "shallowb": 5.0, "plaina": 8.0, "plainb": 9.0}
+    diffs = dict(net_differences(values, checkpoints))
+    deep = diffs["cifar_convnext_atto_dp0.1 − convnext_cifar_d1-1-3-1_w40-80-160-320_dp0.1"]
+    assert deep.mean == pytest.approx(1.5 - 4.0)
+    twin = diffs["plain_cifar_convnext_atto − cifar_convnext_atto_dp0.1"]
+    assert twin.mean == pytest.approx(8.5 - 1.5)

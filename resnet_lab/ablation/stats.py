@@ -51,11 +51,10 @@ def arch_label(spec: dict[str, Any]) -> str:
 
 def depth_family(spec: dict[str, Any]) -> str:
     """What two nets must share to be compared by depth: their spec without the depth
-    (the block type, plain or residual, pre-activation, shortcut, width, drops; a
-    ConvNeXt's blocks per stage are its depth)."""
-    return json.dumps(
-        {k: v for k, v in spec_from_dict(spec).to_dict().items() if k not in ("depth", "stage_depths")}, sort_keys=True
-    )
+    (the block type, plain or residual, pre-activation, shortcut, width, drops; the spec's
+    DEPTH_FIELDS: a ConvNeXt's blocks per stage are its depth)."""
+    net = spec_from_dict(spec)
+    return json.dumps({k: v for k, v in net.to_dict().items() if k not in net.DEPTH_FIELDS}, sort_keys=True)
 
 
 def across_checkpoints(rows: list[dict], pooled: Callable[[dict], list[tuple[str, float]]]) -> list[dict[str, Any]]:
@@ -177,8 +176,9 @@ def mean_spread(mean: float, std: float | None, n: int, extra: str = "") -> str:
 def net_differences(values: dict[str, float], checkpoints: list[dict[str, Any]]) -> list[tuple[str, Difference]]:
     """Per-checkpoint scalars (e.g. a top Hessian eigenvalue) compared across seeds, with Welch
     intervals: deep − shallow within a depth family (each depth against the shallowest), and
-    plain − residual at the same depth (otherwise the same spec). `checkpoints` are the report's
-    meta entries ({"label", "spec", "init"}); untrained (init:) nets compare only with untrained ones."""
+    plain − residual at the same depth (otherwise the same spec but for its PLAIN_FIELDS).
+    `checkpoints` are the report's meta entries ({"label", "spec", "init"}); untrained (init:)
+    nets compare only with untrained ones."""
     groups: dict[str, list[float]] = defaultdict(list)
     specs: dict[str, Spec] = {}
     for c in checkpoints:
@@ -195,13 +195,13 @@ def net_differences(values: dict[str, float], checkpoints: list[dict[str, Any]])
     out = []
     families: dict[str, list[str]] = defaultdict(list)
     for k in groups:
-        families[without(k, "depth")].append(k)
+        families[without(k, *specs[k].DEPTH_FIELDS)].append(k)
     for ks in families.values():
         ks.sort(key=lambda k: specs[k].depth)
         out += [(f"{name[k]} − {name[ks[0]]}", welch(groups[ks[0]], groups[k])) for k in ks[1:]]
     twins: dict[str, dict[bool, str]] = defaultdict(dict)
-    for k in groups:
-        twins[without(k, "plain")][specs[k].plain] = k  # plain nets keep the default shortcut A
+    for k in groups:  # plain ResNets keep the default shortcut A; a plain ConvNeXt changes more (PLAIN_FIELDS)
+        twins[without(k, *specs[k].PLAIN_FIELDS)][specs[k].plain] = k
     for pair in twins.values():
         if len(pair) == 2:
             out.append((f"{name[pair[True]]} − {name[pair[False]]}", welch(groups[pair[False]], groups[pair[True]])))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +60,10 @@ class ConvNeXtSpec(SpecBase):
         drops with drop_path * i / (N - 1) (torchvision's rule). 0 = off.
     plain: no residual additions.
     """
+
+    DEPTH_FIELDS: ClassVar[tuple[str, ...]] = ("stage_depths",)
+    # A plain ConvNeXt must have layer scale 1 and no drop path: its twin differs there too.
+    PLAIN_FIELDS: ClassVar[tuple[str, ...]] = ("plain", "layer_scale", "drop_path")
 
     family: Literal["convnext"] = "convnext"
     stage_depths: tuple[int, ...] = CONVNEXT_PRESETS["cifar_convnext_atto"][1]

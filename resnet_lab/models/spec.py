@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from ..errors import UserError
 
@@ -62,6 +62,11 @@ def check_positive(**values: Any) -> None:
 
 class SpecBase:
     """What every family's spec offers: overrides, and the dict a checkpoint stores."""
+
+    # The fields that make a net deeper, and those its plain twin changes (comparisons of
+    # deep - shallow and plain - residual hold every other field equal).
+    DEPTH_FIELDS: ClassVar[tuple[str, ...]] = ("depth",)
+    PLAIN_FIELDS: ClassVar[tuple[str, ...]] = ("plain",)
 
     def replace(self, **overrides: Any) -> Any:
         """A copy with `overrides` applied; `None` values are ignored, so CLI defaults
