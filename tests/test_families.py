@@ -194,6 +194,7 @@ def test_names_resolve_back_to_their_nets():
         resolve_spec("cifar_convnext", stage_depths=[1, 1, 3, 1]),
         resolve_spec("convnext_tiny").replace(drop_path=0.3, layer_scale=1e-5),
         resolve_spec("plain_cifar_convnext_atto"),
+        resolve_spec("convnext_tiny").replace(plain=True, layer_scale=1.0, drop_path=0.0),
     ]
     for s in specs:
         back = resolve_spec(s.name).replace(num_classes=s.num_classes)
@@ -201,6 +202,7 @@ def test_names_resolve_back_to_their_nets():
         assert spec_from_dict(s.to_dict()) == s
     assert [s.name for s in specs[:2]] == ["cifar_vit3", "vit8_i32_p4_w128_h4_m512"]
     assert specs[3].name == "convnext_cifar_d1-1-3-1_w40-80-160-320" and specs[3].depth == 6
+    assert specs[-1].name == "plain_convnext_tiny"  # a plain net's default drop path is 0, not the preset's
 
 
 @pytest.mark.parametrize(

@@ -122,9 +122,10 @@ class ConvNeXtSpec(SpecBase):
 
     @property
     def name(self) -> str:
-        """`cifar_convnext_atto`, `convnext_tiny`, `plain_cifar_convnext_atto_ls1`, or for
-        other layouts `convnext_cifar_d1-1-3-1_w40-80-160-320`; `_lsX` / `_dpX` when the
-        layer scale or the drop-path rate differ from the preset's (each resolves back)."""
+        """`cifar_convnext_atto`, `convnext_tiny`, `plain_cifar_convnext_atto`, or for other
+        layouts `convnext_cifar_d1-1-3-1_w40-80-160-320`; `_lsX` / `_dpX` when the layer
+        scale or the drop-path rate differ from the default (1e-6, 1 for a plain net; the
+        preset's rate, 0 elsewhere and for a plain net). Each resolves back."""
         plain = "plain_" if self.plain else ""
         for preset, (stem, depths, widths, dp) in CONVNEXT_PRESETS.items():
             if (stem, depths, widths) == (self.stem, self.stage_depths, self.widths):
@@ -134,6 +135,7 @@ class ConvNeXtSpec(SpecBase):
 
     def _tail(self, default_dp: float) -> str:
         ls = "" if self.layer_scale == (1.0 if self.plain else DEFAULT_LAYER_SCALE) else f"_ls{self.layer_scale:g}"
+        default_dp = 0.0 if self.plain else default_dp  # a plain net has no drop path
         return ls + ("" if self.drop_path == default_dp else f"_dp{self.drop_path:g}")
 
     def to_dict(self) -> dict[str, Any]:
