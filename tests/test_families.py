@@ -40,20 +40,22 @@ def randomised(tv):
     return tv.eval()
 
 
-@pytest.fixture(scope="module")
-def pair_vit():
-    tv = randomised(tv_vit(**TINY_VIT))
-    ours = build(resolve_spec("cifar_vit").replace(**TINY_VIT)).eval()
+def pair(tv, generic: str, kw: dict):
+    """torchvision's net, randomised, and ours with its state dict (strict)."""
+    tv = randomised(tv)
+    ours = build(resolve_spec(generic).replace(**kw)).eval()
     ours.load_state_dict(tv.state_dict(), strict=True)
     return tv, ours
+
+
+@pytest.fixture(scope="module")
+def pair_vit():
+    return pair(tv_vit(**TINY_VIT), "cifar_vit", TINY_VIT)
 
 
 @pytest.fixture(scope="module")
 def pair_convnext():
-    tv = randomised(tv_convnext(**TINY_CNX))
-    ours = build(resolve_spec("cifar_convnext").replace(**TINY_CNX)).eval()
-    ours.load_state_dict(tv.state_dict(), strict=True)
-    return tv, ours
+    return pair(tv_convnext(**TINY_CNX), "cifar_convnext", TINY_CNX)
 
 
 def x_of(n=6, size=32):

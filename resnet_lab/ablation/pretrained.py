@@ -20,7 +20,9 @@ import torch
 
 from ..errors import UserError
 from ..models import create_model, load_torchvision_weights
+from ..models.convnext import CONVNEXT_PRESETS
 from ..models.spec import IMAGENET_LAYOUTS
+from ..models.vit import TORCHVISION_VITS
 
 PREFIX = "torchvision:"
 DATA = "resnet_lab.data.imagenet.ImageNetDataModule"
@@ -75,10 +77,11 @@ def layout_of(sd: dict[str, torch.Tensor]) -> tuple[int, int]:
 TORCHVISION_DEPTHS = (18, 34, 50, 101, 152)  # the ResNets torchvision.models ships weights for
 
 
-# torchvision's ViTs and ConvNeXts, and the key of their classifier's weight (its classes).
+# torchvision's ViTs and ConvNeXts (the zoo's names for them), and the key of their
+# classifier's weight (its classes).
 OTHER_FAMILIES = {
-    **{n: "heads.head.weight" for n in ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32")},
-    **{f"convnext_{s}": "classifier.2.weight" for s in ("tiny", "small", "base", "large")},
+    **{n: "heads.head.weight" for n in TORCHVISION_VITS},
+    **{n: "classifier.2.weight" for n, (stem, *_) in CONVNEXT_PRESETS.items() if stem == "imagenet"},
 }
 
 

@@ -56,6 +56,7 @@ def build(spec: Spec) -> Network:
 
 _REGISTRY: dict[str, Callable[[], Spec]] = {}
 _FIXED: dict[str, dict[str, Any]] = {}  # name -> the spec fields the name itself states
+_GENERIC: set[str] = set()  # the builders that fix only their family
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,8 @@ def register_model(name: str, generic: bool = False, **fields: Any) -> None:
     spec_cls = _FAMILIES[fam][0] if fam in _FAMILIES else ResNetSpec
     spec = spec_cls(**fields)
     _REGISTRY[name] = lambda: spec_cls(**fields)
+    if generic:
+        _GENERIC.add(name)
     if fam in _FAMILIES:
         _FIXED[name] = {"family": fam} if generic else _parsed(name)[1]
         return
@@ -240,9 +243,8 @@ def list_models() -> list[str]:
 
     def key(n: str) -> tuple:
         spec = _REGISTRY[n]()
-        generic = _FIXED[n] == {"family": spec.family} or not (n[-1].isdigit() or spec.family in _FAMILIES)
         rank = ("cifar", "imagenet", "vit", "convnext").index(spec.family)
-        return (generic, rank, getattr(spec, "preact", False), n.rstrip("0123456789"), _depth(n))
+        return (n in _GENERIC, rank, getattr(spec, "preact", False), n.rstrip("0123456789"), _depth(n))
 
     return sorted(_REGISTRY, key=key)
 
