@@ -161,11 +161,13 @@ class ResNetClassifier(pl.LightningModule):
         logits = self.net(x)
         return logits.view(-1, crops, logits.shape[-1]).mean(1) if crops else logits
 
-    def _step(self, stage: str, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        x, y = batch
+    def _step(self, stage: str, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        # (images, labels), or with Mixup/CutMix (images, label of larger weight, soft targets):
+        # the loss is taken against the soft targets, the error counts the label.
+        x, y, *soft = batch
         logits = self(x)
         smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
-        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        loss = F.cross_entropy(logits, soft[0] if soft else y, label_smoothing=smoothing)
         metrics = self.metrics[f"{stage}_"]
         metrics["hits"].update(logits.detach(), y)
         if stage == "train":

@@ -14,7 +14,10 @@ times `--steps` steps after `--warmup` untimed ones, and the medians are compare
 
     GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000 \\
     python scripts/bench_fit.py --rounds 3 --steps 60 [--compile] [--device cuda]
-    python scripts/bench_fit.py --arch cifar_vit6 --baseline bare --rounds 3 --steps 20
+    python scripts/bench_fit.py --arch cifar_vit6 --baseline bare --rounds 3 --steps 20 [--augment]
+
+`--augment` also times fit with the ViT/ConvNeXt recipes' augmentation (RandAugment 2 ops at
+magnitude 9, Mixup 0.8 / CutMix 1.0, random erasing 0.25; sweeps/vit.yaml): its cost.
 """
 
 from __future__ import annotations
@@ -157,6 +160,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--workers", type=int, default=2, help="baseline DataLoader workers")
     p.add_argument("--compile", action="store_true", help="also time fit with model.compile=true")
+    p.add_argument("--augment", action="store_true", help="also time fit with the ViT/ConvNeXt recipes' augmentation")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--arch", default="resnet20", help="a registered CIFAR net (resnet-lab models)")
     bare = "CPU baseline: a PIL DataLoader loop, or a bare loop on pre-made tensors (CUDA: always bare)"
@@ -165,13 +169,16 @@ def main() -> None:
     torch.manual_seed(0)
     root = find_split_root(extract_archive(args.archive), ("train", "test"))
     dm = CIFAR10DataModule(folder=args.archive, download=False)
-    variants = {"fit": False, **({"fit+compile": True} if args.compile else {})}
+    variants = {"fit": (False, dm), **({"fit+compile": (True, dm)} if args.compile else {})}
+    if args.augment:
+        recipe_aug = dict(randaugment=2, randaugment_magnitude=9, mixup=0.8, cutmix=1.0, erasing=0.25)
+        variants["fit+augment"] = (False, CIFAR10DataModule(folder=args.archive, download=False, **recipe_aug))
     res: dict[str, list[float]] = {k: [] for k in [*variants, "baseline"]}
     for r in range(args.rounds):
-        for name, comp in variants.items():
+        for name, (comp, data) in variants.items():
             # compile's one-off cost is excluded by the warm-up steps (and its cache after round 1)
             warmup = args.warmup + (30 if comp else 0)
-            res[name].append(bench_ours(dm, args.steps, warmup, comp, args.device, args.arch))
+            res[name].append(bench_ours(data, args.steps, warmup, comp, args.device, args.arch))
         if args.device == "cuda" or args.baseline == "bare":
             res["baseline"].append(bench_bare(root, args.steps, args.warmup, args.arch, args.device))
         else:

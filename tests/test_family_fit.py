@@ -38,6 +38,18 @@ def test_the_recipes_are_the_familys_own():
         sched = cfg["lr_scheduler"]["init_args"]
         assert sched["anneal_strategy"] == "cos" and sched["pct_start"] == 0.05 and not sched["cycle_momentum"]
         assert sched["total_steps"] == cfg["trainer"]["max_steps"] and cfg["model"]["label_smoothing"] == 0.1
+        data = cfg["data"]["init_args"]  # DeiT's / Liu et al.'s augmentation
+        assert (data["randaugment"], data["randaugment_magnitude"], data["erasing"]) == (2, 9, 0.25)
+        assert (data["mixup"], data["cutmix"]) == (0.8, 1.0)
+
+
+def test_the_families_cpu_preset_trains_with_crop_and_flip_alone(tmp_path, capsys):
+    preset = str(REPO / "sweeps" / "presets" / "families-cpu.yaml")
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", VIT, "--config", preset, "--print_config"])
+    data = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]
+    assert (data["randaugment"], data["mixup"], data["cutmix"], data["erasing"]) == (0, 0.0, 0.0, 0.0)
+    assert data["folder"].endswith("cifar10-jpeg.tar.gz") and data["batch_size"] == 128
 
 
 @pytest.mark.slow

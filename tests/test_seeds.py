@@ -19,7 +19,7 @@ class Batches(Callback):
         self.seen: dict[int, tuple[list[int], float]] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        x, y = batch
+        x, y = batch[:2]  # (images, labels[, Mixup/CutMix soft targets])
         self.seen[trainer.global_step] = (y.tolist(), float(x.double().sum()))
 
 
