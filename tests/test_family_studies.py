@@ -141,7 +141,8 @@ def test_every_study_runs_on_both_families_and_agrees_with_a_plain_evaluation(tm
             "probes", "cka", "landscape", "hessian", "shattered", "--limit", "48", "--samples", "2", "--k-max", "2",
             "--paths-images", "4", "--probe-images", "100", "--landscape-grid", "3", "--landscape-directions", "1",
             "--landscape-images", "16", "--hessian-images", "16", "--hessian-top-k", "1", "--hessian-max-iter", "10",
-            "--hessian-tol", "0.5", "--shattered-lines", "1", "--shattered-points", "8", "--no-progress"]  # fmt: skip
+            "--hessian-tol", "0.5", "--hessian-per-stage", "on", "--shattered-lines", "1", "--shattered-points", "8",
+            "--no-progress"]  # fmt: skip
     assert ablate_main([vit, cnx, plain, "--out", str(out), *args]) == 0
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -150,6 +151,9 @@ def test_every_study_runs_on_both_families_and_agrees_with_a_plain_evaluation(tm
         assert {s for n, s in studies if n == name} >= {"single", "k", "adjacent", "reorder", "responses",
                                                          "influence", "paths", "iterative", "probes", "cka",
                                                          "landscape", "hessian", "shattered"}  # fmt: skip
+    for name, groups in ((vm.spec.name, {"layer0", "layer1"}), (cm.spec.name, {f"stage{s}" for s in range(1, 5)})):
+        traces = {r["key"] for r in rows if r["study"] == "hessian" and r["checkpoint"].startswith(name)}
+        assert {f"{g} trace" for g in [*groups, "all", "other"]} <= traces  # per stage (ConvNeXt) or layer (ViT)
     plain_paths = [r for r in rows if r["study"] == "paths" and r["checkpoint"].startswith(pm.spec.name)]
     assert [r["applicable"] for r in plain_paths] == ["False"]  # a plain net has one path
     # The intact error is the checkpoint's own error on the same 48 test images.

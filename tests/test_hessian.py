@@ -6,7 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnet_lab.ablation.studies.hessian import density, hutchinson, lanczos, make_hvp, param_groups
+from resnet_lab.ablation.studies.hessian import density, hutchinson, lanczos, make_hvp
+from resnet_lab.models import build
+from resnet_lab.models.convnext import ConvNeXtSpec
+from resnet_lab.models.vit import ViTSpec
 
 from .conftest import trained_like
 from .test_landscape import assert_refused
@@ -43,7 +46,7 @@ def test_hvp_equals_the_explicit_hessian_times_v_whole_and_per_stage(tiny):
     for n, p in model.named_parameters():
         offsets[n] = range(i, i + p.numel())
         i += p.numel()
-    for group, gnames in param_groups(model).items():
+    for group, gnames in model.parameter_groups().items():
         idx = torch.tensor([j for n in gnames for j in offsets[n]])
         sub = make_hvp(model, F.cross_entropy, data, gnames)
         u = torch.randn(len(idx), dtype=torch.float64)
@@ -98,14 +101,14 @@ def test_per_stage_traces_sum_to_the_full_trace_within_their_intervals(tiny):
         offsets[n] = range(i, i + p.numel())
         i += p.numel()
     parts = []
-    for gnames in param_groups(model).values():
+    for gnames in model.parameter_groups().values():
         idx = torch.tensor([j for n in gnames for j in offsets[n]])
         B = H[idx][:, idx]
         parts.append(hutchinson(lambda v, B=B: B @ v, len(idx), 0.02, 400, torch.Generator().manual_seed(2)))
     total = sum(p.mean for p in parts)
     slack = sum((p.hi - p.lo) / 2 for p in parts) + (full.hi - full.lo) / 2
     assert abs(total - full.mean) <= slack
-    assert set(param_groups(model)) == {"layer1", "layer2", "layer3", "other"}
+    assert set(model.parameter_groups()) == {"layer1", "layer2", "layer3", "other"}
 
 
 def test_slq_density_integrates_to_one(tiny):
@@ -169,7 +172,27 @@ def test_per_stage_on_a_net_without_stages_is_refused():
     from resnet_lab.ablation.study import AblationError, common_of
 
     opts = StudyOptions(studies=("hessian",), hessian_per_stage="on")
-    flat = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    one_layer = build(ViTSpec(depth=1, image_size=32, patch_size=8, width=16, heads=2, mlp_dim=32))
     with pytest.raises(AblationError, match="no stages"):
-        Hessian().check_model(flat, Hessian().options(opts), common_of(opts))
+        Hessian().check_model(one_layer, Hessian().options(opts), common_of(opts))
     Hessian().check_model(trained_like("resnet8"), Hessian().options(opts), common_of(opts))  # three stages
+
+
+def test_parameter_groups_of_every_family_partition_its_weights_by_stage_or_layer():
+    vit = build(ViTSpec(depth=3, image_size=32, patch_size=8, width=16, heads=2, mlp_dim=32))
+    cnx = build(ConvNeXtSpec(stage_depths=(1, 2, 1, 1), widths=(4, 8, 8, 12)))
+    res = trained_like("resnet8")
+    for model, stages in ((vit, ["layer0", "layer1", "layer2"]), (cnx, ["stage1", "stage2", "stage3", "stage4"]),
+                          (res, ["layer1", "layer2", "layer3"])):  # fmt: skip
+        groups = model.parameter_groups()
+        assert sorted(groups) == sorted([*stages, "other"])
+        names = [n for g in groups.values() for n in g]
+        assert sorted(names) == sorted(n for n, _ in model.named_parameters())  # each weight once
+        for stage in stages:  # a group is exactly the parameters of its units
+            units = [b for b in model.block_names if b.rsplit(".", 1)[0] == stage]
+            want = {id(p) for u in units for p in model.get_block(u).parameters()}
+            params = dict(model.named_parameters())
+            assert {id(params[n]) for n in groups[stage]} == want
+    assert any(n.startswith("encoder.layers.encoder_layer_1.") for n in vit.parameter_groups()["layer1"])
+    assert "class_token" in vit.parameter_groups()["other"]
+    assert any(n.startswith("features.2.") for n in cnx.parameter_groups()["other"])  # downsampling: not a stage

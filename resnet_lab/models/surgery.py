@@ -198,6 +198,19 @@ class UnitNet(nn.Module):
         finally:
             self._order = saved
 
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """Parameter names by the group of units that owns them (the unit name before its last
+        dot: a ResNet's or ConvNeXt's stage, a ViT's layer), and "other": the stem, the
+        transitions between stages (ConvNeXt's downsampling layers) and the head."""
+        owner: dict[int, str] = {}
+        for name, blk in zip(self._names, self._blocks):
+            for p in blk.parameters():
+                owner.setdefault(id(p), name.rsplit(".", 1)[0])
+        groups: dict[str, list[str]] = {}
+        for n, p in self.named_parameters():
+            groups.setdefault(owner.get(id(p), "other"), []).append(n)
+        return groups
+
     def swappable_groups(self) -> list[list[str]]:
         """Groups of unit names that may be permuted among themselves."""
         groups: dict[tuple, list[str]] = {}

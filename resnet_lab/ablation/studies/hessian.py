@@ -15,7 +15,9 @@ network. From them:
     N Lanczos runs from Rademacher starts; nodes are the Ritz values, weights the squared
     first components of their eigenvectors (each run's weights sum to 1).
 With --hessian-per-stage on, the same for each stage's parameters alone (the diagonal
-block of H; "other": the stem, the head and any final BN), whose traces sum to the trace.
+block of H; the model's `parameter_groups`: a ResNet's or ConvNeXt's stages, a ViT's layers,
+and "other": the stem, ConvNeXt's downsampling layers, the head and any final BN), whose
+traces sum to the trace.
 """
 
 from __future__ import annotations
@@ -54,15 +56,6 @@ class Options:
 
 
 # -- Hessian-vector products ----------------------------------------------------------------
-def param_groups(model) -> dict[str, list[str]]:
-    """Parameter names by stage ("layer1", ...), and "other" (stem, head, final BN)."""
-    groups: dict[str, list[str]] = {}
-    for name, _ in model.named_parameters():
-        head = name.split(".")[0]
-        groups.setdefault(head if head.startswith("layer") else "other", []).append(name)
-    return groups
-
-
 def make_hvp(model, loss: Callable, data: list[tuple[Tensor, Tensor]], names: list[str]) -> Callable[[Tensor], Tensor]:
     """v (flat, over `names`) -> H v of the mean loss over `data`, H restricted to `names`."""
     params = dict(model.named_parameters())
@@ -205,16 +198,16 @@ class Hessian(Study):
         if options.hessian_top_k > n:
             raise AblationError(f"--hessian-top-k {options.hessian_top_k} exceeds the {n} weights of "
                                 f"{_name(model)}: lower it")  # fmt: skip
-        stages = [g for g in param_groups(model) if g != "other"]
+        stages = [g for g in model.parameter_groups() if g != "other"]
         if options.hessian_per_stage == "on" and len(stages) < 2:
             raise AblationError(f"--hessian-per-stage on: {_name(model)} has no stages to separate "
-                                "(its parameters are not grouped as layer1, layer2, ...); use off")  # fmt: skip
+                                f"(its units form one group, {stages}); use off")  # fmt: skip
 
     def run(self, ctx) -> None:
         o = ctx.options
         groups = {"all": [n for n, _ in ctx.model.named_parameters()]}
         if o.hessian_per_stage == "on":
-            groups.update(param_groups(ctx.model))
+            groups.update(ctx.model.parameter_groups())
         state: dict[str, Any] = {}
 
         def hvp_of(names: list[str]):
