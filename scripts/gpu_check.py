@@ -1,4 +1,4 @@
-"""The GPU check: one command for a GPU node, under 8 minutes on one H100/H200. Steps run in
+"""The GPU check: one command for a GPU node, under 9 minutes on one H100/H200. Steps run in
 order of value, each in its own process under its own time limit, so a slow step cannot starve
 the rest; a failed step is recorded with the end of its output and the others still run.
 
@@ -6,7 +6,10 @@ the rest; a failed step is recorded with the end of its output and the others st
      GPU defaults (bf16 autocast, the dataset kept on the GPU): test error, wall time;
   2. bench_fit on the GPU: img/s of fit vs a bare CUDA loop on pre-made tensors, and the ratio;
   3. bench_lesion and bench_paths on the GPU: shared vs naive, medians;
-  4. with 2 or more GPUs: a 2-process NCCL DDP fit whose final validation must equal a
+  4. the ViT and ConvNeXt figures (issue 25 §5): bench_fit of cifar_vit6 (with and without the
+     recipe's RandAugment/Mixup/CutMix/erasing) and cifar_convnext_atto against a bare loop,
+     and bench_lesion of both;
+  5. with 2 or more GPUs: a 2-process NCCL DDP fit whose final validation must equal a
      single-process `validate` of its checkpoint.
 A step whose packages the node lacks (an offline node without the wheelhouse) is refused in
 one line and the others run; the exit code is then 2. Everything lands in OUT/gpu_check.json
@@ -45,12 +48,16 @@ TINY = ["--data.init_args.source", "synthetic", "--data.init_args.val_size", "20
         "100", "--data.init_args.batch_size", "32", "--trainer.max_steps", "4", "--trainer.check_val_every_n_epoch",
         "1", "--trainer.accelerator", "cpu"]  # fmt: skip
 # Seconds each step may take on the GPU (the sum for one GPU is 7.5 minutes) and what it imports.
-BUDGET = {"main_job": 180, "bench_fit": 150, "bench_lesion": 60, "bench_paths": 60, "ddp": 150}
+BUDGET = {"main_job": 180, "bench_fit": 150, "bench_lesion": 60, "bench_paths": 60, "bench_fit_vit": 45,
+          "bench_fit_convnext": 45, "bench_lesion_families": 45, "ddp": 150}  # fmt: skip
 NEEDS = {
     "main_job": ("pytorch_lightning", "torchvision", "jsonargparse", "typeshed_client", "docstring_parser"),
     "bench_fit": ("pytorch_lightning", "torchvision"),
     "bench_lesion": ("torchvision",),
     "bench_paths": ("torchvision",),
+    "bench_fit_vit": ("pytorch_lightning", "torchvision"),
+    "bench_fit_convnext": ("pytorch_lightning", "torchvision"),
+    "bench_lesion_families": ("torchvision",),
     "ddp": ("pytorch_lightning", "torchvision", "jsonargparse", "typeshed_client", "docstring_parser"),
 }
 
@@ -153,16 +160,27 @@ def benchmarks(out: Path, smoke: bool, device: str, data: Path | None, limit, re
         "bench_paths": ["--models", "preact_resnet8", "--images", "8", "--samples", "1", "--rounds", "1"]
         if smoke else ["--models", "preact_resnet56", "preact_resnet110", "--images", "256", "--samples", "2"],
     }  # fmt: skip
-    if data:
-        size["bench_fit"] += ["--archive", str(data)]
+    family_fit = ["--rounds", "1", "--steps", "1", "--warmup", "1", "--workers", "0"] if smoke else \
+        ["--rounds", "3", "--steps", "100", "--warmup", "20"]  # fmt: skip
+    size["bench_fit_vit"] = ["--arch", "cifar_vit6", "--baseline", "bare", "--augment", *family_fit]
+    size["bench_fit_convnext"] = ["--arch", "cifar_convnext_atto", "--baseline", "bare", *family_fit]
+    size["bench_lesion_families"] = [
+        "--models",
+        "cifar_vit6",
+        "cifar_convnext_atto",
+        *(["--images", "16", "--chunk", "16", "--rounds", "1"] if smoke else ["--images", "10000", "--chunk", "1000"]),
+    ]
     for name, args in size.items():
+        script = name.removesuffix("_vit").removesuffix("_convnext").removesuffix("_families")
         if refuse(name, missing(name), results):
             continue
-        if name == "bench_fit" and not (data or ARCHIVE).exists():
+        if script == "bench_fit" and not (data or ARCHIVE).exists():
             results[name] = {"refused": f"needs the CIFAR-10 archive ({ARCHIVE} is missing): pass --data"}
-            print(f"gpu_check: bench_fit refused: {results[name]['refused']}", file=sys.stderr, flush=True)
+            print(f"gpu_check: {name} refused: {results[name]['refused']}", file=sys.stderr, flush=True)
             continue
-        step = run(name, [sys.executable, str(SCRIPTS / f"{name}.py"), "--device", device, *args], limit(name), out)
+        if script == "bench_fit" and data:
+            args = [*args, "--archive", str(data)]
+        step = run(name, [sys.executable, str(SCRIPTS / f"{script}.py"), "--device", device, *args], limit(name), out)
         step["result"] = last_json(out / f"{name}.log")
         results[name] = step
         save(out, results)
@@ -296,7 +314,7 @@ def main() -> int:
     p.add_argument("--out", default="runs/gpu-check", help="folder for gpu_check.json, gpu_check.md and the logs")
     p.add_argument("--runs", help="folder for the fits' run directories (default OUT/runs)")
     p.add_argument("--data", help=f"the CIFAR-10 archive or folder (default {ARCHIVE} when present)")
-    p.add_argument("--budget", type=float, default=450.0, help="seconds for all steps together (default 450)")
+    p.add_argument("--budget", type=float, default=540.0, help="seconds for all steps together (default 540)")
     p.add_argument("--smoke", action="store_true", help="the same steps, tiny, on CPU")
     p.add_argument("--paper", action="store_true", help="the optional 64k-iteration ResNet-20 run (after the check)")
     args = p.parse_args()

@@ -23,7 +23,12 @@ def test_gpu_check_smoke_runs_every_step_then_the_paper_run(tmp_path):
     r = gpu_check("--smoke", "--out", str(out), "--runs", str(tmp_path / "runs"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((out / "gpu_check.json").read_text())
-    assert {"main_job", "bench_fit", "bench_lesion", "bench_paths", "ddp"} <= set(res)
+    assert {"main_job", "bench_fit", "bench_lesion", "bench_paths", "bench_fit_vit", "bench_fit_convnext",
+            "bench_lesion_families", "ddp"} <= set(res)  # fmt: skip
+    vit = res["bench_fit_vit"]["result"]
+    assert vit["arch"] == "cifar_vit6" and set(vit["ratio_vs_baseline"]) == {"fit", "fit+augment"}
+    assert res["bench_fit_convnext"]["result"]["arch"] == "cifar_convnext_atto"
+    assert set(res["bench_lesion_families"]["result"]["median"]) == {"cifar_vit6", "cifar_convnext_atto"}
     main = res["main_job"]
     assert main["rc"] == 0 and 0 <= main["test_error"] <= 100 and main["budget_s"] > 0
     assert main["run_dir"].startswith(str(tmp_path / "runs"))  # --runs: the fits' directories, apart from OUT
