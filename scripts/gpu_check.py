@@ -47,7 +47,8 @@ PAPER_STEPS = 64000
 TINY = ["--data.init_args.source", "synthetic", "--data.init_args.val_size", "200", "--data.init_args.eval_subset",
         "100", "--data.init_args.batch_size", "32", "--trainer.max_steps", "4", "--trainer.check_val_every_n_epoch",
         "1", "--trainer.accelerator", "cpu"]  # fmt: skip
-# Seconds each step may take on the GPU (the sum for one GPU is 7.5 minutes) and what it imports.
+SMOKE_FAMILIES = ("vit1_i32_p8_w32_h2_m64", "convnext_cifar_d1-1-1-1_w8-8-16-16")
+# Seconds each step may take on the GPU (the sum for one GPU is 8.75 minutes) and what it imports.
 BUDGET = {"main_job": 180, "bench_fit": 150, "bench_lesion": 60, "bench_paths": 60, "bench_fit_vit": 45,
           "bench_fit_convnext": 45, "bench_lesion_families": 45, "ddp": 150}  # fmt: skip
 NEEDS = {
@@ -160,16 +161,15 @@ def benchmarks(out: Path, smoke: bool, device: str, data: Path | None, limit, re
         "bench_paths": ["--models", "preact_resnet8", "--images", "8", "--samples", "1", "--rounds", "1"]
         if smoke else ["--models", "preact_resnet56", "preact_resnet110", "--images", "256", "--samples", "2"],
     }  # fmt: skip
+    # --smoke: the same steps on nets small enough for CI (a 1-layer ViT, a 4-block ConvNeXt).
+    vit, cnx = SMOKE_FAMILIES if smoke else ("cifar_vit6", "cifar_convnext_atto")
     family_fit = ["--rounds", "1", "--steps", "1", "--warmup", "1", "--workers", "0"] if smoke else \
         ["--rounds", "3", "--steps", "100", "--warmup", "20"]  # fmt: skip
-    size["bench_fit_vit"] = ["--arch", "cifar_vit6", "--baseline", "bare", "--augment", *family_fit]
-    size["bench_fit_convnext"] = ["--arch", "cifar_convnext_atto", "--baseline", "bare", *family_fit]
-    size["bench_lesion_families"] = [
-        "--models",
-        "cifar_vit6",
-        "cifar_convnext_atto",
-        *(["--images", "16", "--chunk", "16", "--rounds", "1"] if smoke else ["--images", "10000", "--chunk", "1000"]),
-    ]
+    size["bench_fit_vit"] = ["--arch", vit, "--baseline", "bare", "--augment", *family_fit]
+    size["bench_fit_convnext"] = ["--arch", cnx, "--baseline", "bare", *family_fit]
+    lesion_images = ["--images", "16", "--chunk", "16", "--rounds", "1"] if smoke else \
+        ["--images", "10000", "--chunk", "1000"]  # fmt: skip
+    size["bench_lesion_families"] = ["--models", vit, cnx, *lesion_images]
     for name, args in size.items():
         script = name.removesuffix("_vit").removesuffix("_convnext").removesuffix("_families")
         if refuse(name, missing(name), results):

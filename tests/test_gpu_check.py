@@ -26,9 +26,10 @@ def test_gpu_check_smoke_runs_every_step_then_the_paper_run(tmp_path):
     assert {"main_job", "bench_fit", "bench_lesion", "bench_paths", "bench_fit_vit", "bench_fit_convnext",
             "bench_lesion_families", "ddp"} <= set(res)  # fmt: skip
     vit = res["bench_fit_vit"]["result"]
-    assert vit["arch"] == "cifar_vit6" and set(vit["ratio_vs_baseline"]) == {"fit", "fit+augment"}
-    assert res["bench_fit_convnext"]["result"]["arch"] == "cifar_convnext_atto"
-    assert set(res["bench_lesion_families"]["result"]["median"]) == {"cifar_vit6", "cifar_convnext_atto"}
+    assert vit["arch"] == "vit1_i32_p8_w32_h2_m64" and set(vit["ratio_vs_baseline"]) == {"fit", "fit+augment"}
+    assert res["bench_fit_convnext"]["result"]["arch"] == "convnext_cifar_d1-1-1-1_w8-8-16-16"
+    assert set(res["bench_lesion_families"]["result"]["median"]) == {"vit1_i32_p8_w32_h2_m64",
+                                                                     "convnext_cifar_d1-1-1-1_w8-8-16-16"}  # fmt: skip
     main = res["main_job"]
     assert main["rc"] == 0 and 0 <= main["test_error"] <= 100 and main["budget_s"] > 0
     assert main["run_dir"].startswith(str(tmp_path / "runs"))  # --runs: the fits' directories, apart from OUT
