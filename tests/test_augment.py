@@ -158,6 +158,7 @@ RECIPE = [
 ]
 
 
+@pytest.mark.slow
 def test_a_fit_with_the_recipe_augments_and_a_resume_repeats_it(tmp_path):
     def run(root, steps, *extra):
         rec = Batches()
