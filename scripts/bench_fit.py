@@ -31,6 +31,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+import yaml
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
@@ -40,7 +41,8 @@ from resnet_lab.data.common import extract_archive, find_split_root
 from resnet_lab.models import create_model
 from resnet_lab.module import ResNetClassifier
 
-ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+REPO = Path(__file__).resolve().parents[1]
+ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
 class _Timer(pl.Callback):
@@ -171,7 +173,9 @@ def main() -> None:
     dm = CIFAR10DataModule(folder=args.archive, download=False)
     variants = {"fit": (False, dm), **({"fit+compile": (True, dm)} if args.compile else {})}
     if args.augment:
-        recipe_aug = dict(randaugment=2, randaugment_magnitude=9, mixup=0.8, cutmix=1.0, erasing=0.25)
+        # The recipe's own values, read from sweeps/vit.yaml (the one place they are set).
+        data_args = yaml.safe_load((REPO / "sweeps" / "vit.yaml").read_text())["data"]["init_args"]
+        recipe_aug = {k: data_args[k] for k in ("randaugment", "randaugment_magnitude", "mixup", "cutmix", "erasing")}
         variants["fit+augment"] = (False, CIFAR10DataModule(folder=args.archive, download=False, **recipe_aug))
     res: dict[str, list[float]] = {k: [] for k in [*variants, "baseline"]}
     for r in range(args.rounds):

@@ -171,7 +171,7 @@ def benchmarks(out: Path, smoke: bool, device: str, data: Path | None, limit, re
         ["--images", "10000", "--chunk", "1000"]  # fmt: skip
     size["bench_lesion_families"] = ["--models", vit, cnx, *lesion_images]
     for name, args in size.items():
-        script = name.removesuffix("_vit").removesuffix("_convnext").removesuffix("_families")
+        script = "_".join(name.split("_")[:2])  # a step is bench_<script>[_<what it runs on>]
         if refuse(name, missing(name), results):
             continue
         if script == "bench_fit" and not (data or ARCHIVE).exists():
