@@ -90,12 +90,12 @@ def bench_ours(
 
 
 def bench_bare(root: Path, steps: int, warmup: int, arch: str = "resnet20", device: str = "cuda") -> float:
-    """A bare training loop on pre-made tensors on `device` (the first 128 * 32 images):
-    bf16 autocast on CUDA, fp32 on CPU, channels_last."""
+    """A bare training loop on pre-made tensors on `device` (the first 128 * 32 images, or one
+    batch per step when fewer steps are run): bf16 autocast on CUDA, fp32 on CPU, channels_last."""
     data = ImageFolder(
         str(root / "train"), T.Compose([T.ToTensor(), T.Normalize((0.491, 0.482, 0.447), (0.247, 0.243, 0.262))])
     )
-    n = min(len(data), 128 * 32)
+    n = min(len(data), 128 * max(2, min(32, warmup + steps)))
     x = torch.stack([data[i][0] for i in range(n)]).to(device).contiguous(memory_format=torch.channels_last)
     y = torch.tensor([data[i][1] for i in range(n)]).to(device)
     model = create_model(arch).to(device).to(memory_format=torch.channels_last).train()

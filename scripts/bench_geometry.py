@@ -13,13 +13,18 @@
              (the study's) against power iteration (PyHessian's method), both from the same
              start; accuracy against a reference from a long Lanczos run, and also each
              method's own stopping rule (Lanczos: residual <= 1e-3 |theta|; PyHessian: relative
-             change < 1e-3). And the seconds of one product against one forward+backward.
+             change < 1e-3). And the seconds of one product (Lanczos's), and of one product
+             in a block of 8 (Hutchinson's), against one forward+backward.
   rss:       peak RSS (ru_maxrss) of `resnet-lab ablate init:MODEL --studies S` for each
              geometry study, each in a fresh child process.
 
 Random weights with BN statistics set as after training (bench_lesion.trained_like), random
 inputs and labels: the costs depend on the net's shape; the eigenvalue counts on its
-spectrum, which these stand-ins only approximate (the figures say so).
+spectrum, which these stand-ins only approximate (the figures say so). So `hessian` also takes
+trained nets (--checkpoints, their training loss and the study's seeded sample of training
+images, read from --data):
+
+    python scripts/bench_geometry.py hessian --checkpoints runs/r20/*/checkpoints/last.ckpt --images 256
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import torch.nn.functional as F
 from bench_lesion import trained_like  # scripts/ is on sys.path when a script runs
 from torch.utils.data import DataLoader
 
-from resnet_lab.ablation.studies.hessian import lanczos, make_hvp
+from resnet_lab.ablation.studies.hessian import BLOCK, lanczos, make_hvp
 from resnet_lab.ablation.studies.landscape import directions, loss_error, set_point
 
 
@@ -152,36 +157,68 @@ def lanczos_to_accuracy(hvp, dim, start, tol, ref, max_iter):
     return None
 
 
+def hessian_nets(args):
+    """(name, model in NCHW as the study runs it, loss, x, y): the stand-ins on random inputs, or
+    with --checkpoints the trained nets, their training loss and the study's own sample of
+    --images training images (seed 0, no augmentation)."""
+    if not args.checkpoints:
+        for name in args.models:
+            x, y = data(args.images)
+            yield name, trained_like(name).to(memory_format=torch.contiguous_format), F.cross_entropy, x.contiguous(), y
+        return
+    from functools import partial
+
+    from resnet_lab.ablation.runner import batches, build_datamodule, load_checkpoint
+
+    for path in args.checkpoints:
+        ck = load_checkpoint(path)
+        dm = build_datamodule(ck.data, folder=args.data, augment=False, batch_size=500, eval_batch_size=500)
+        dm.setup("test")
+        xs, ys = zip(*batches(dm, "train", loader=dm.sample_dataloader("train", args.images, 0)))
+        loss = partial(F.cross_entropy, label_smoothing=ck.label_smoothing)
+        yield (
+            ck.label,
+            ck.model.to(memory_format=torch.contiguous_format),
+            loss,
+            torch.cat(xs).contiguous(),
+            torch.cat(ys),
+        )
+
+
 def bench_hessian(args) -> list[dict]:
     out = []
-    for name in args.models:
-        model = trained_like(name).to(memory_format=torch.contiguous_format)  # as the study runs it
-        x, y = data(args.images)
-        x = x.contiguous()
-        hvp = make_hvp(model, F.cross_entropy, [(x, y)], [n for n, _ in model.named_parameters()])
+    for name, model, loss, x, y in hessian_nets(args):
+        hvp = make_hvp(model, loss, [(x, y)], [n for n, _ in model.named_parameters()])
         start = torch.randn(hvp.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         ref = lanczos(hvp, hvp.dim, 1, args.max_iter, 1e-6, start).ritz[0]  # error <= residual^2 / gap
         own_lz = lanczos(hvp, hvp.dim, 1, args.max_iter, args.tol, start)
         lz_hit = lanczos_to_accuracy(hvp, hvp.dim, start, args.tol, ref, args.max_iter)
         own_pi, pi_hit, pi_ran = power_iteration(hvp, start, args.tol, args.max_iter, ref)
-        t_hvp, t_fb = [], []
-        for _ in range(args.rounds):
+        block = start[:, None].repeat(1, BLOCK) * torch.arange(1, BLOCK + 1, dtype=torch.float64)
+        t_hvp, t_block, t_fb = [], [], []
+        for _ in range(args.rounds):  # interleaved: one product, a block of BLOCK, one forward+backward
             t = time.perf_counter()
             hvp(start)
             t_hvp.append(time.perf_counter() - t)
             t = time.perf_counter()
+            hvp(block)
+            t_block.append((time.perf_counter() - t) / BLOCK)
+            t = time.perf_counter()
             with torch.enable_grad():
                 model.zero_grad()
-                F.cross_entropy(model(x), y).backward()
+                loss(model(x), y).backward()
             t_fb.append(time.perf_counter() - t)
+        fb = statistics.median(t_fb)
         out.append({
             "model": name, "images": args.images, "weights": hvp.dim, "top_eigenvalue": ref,
             "lanczos_products_to_tol": lz_hit, "power_products_to_tol": pi_hit, "power_ran": pi_ran,
             "lanczos_own_stop": own_lz.hvps, "power_own_stop": own_pi[0] if own_pi else None,
             "power_own_stop_error": abs(own_pi[1] - ref) / abs(ref) if own_pi else None,
             "ratio_to_tol": lz_hit / pi_hit if lz_hit and pi_hit else None,
-            "seconds_per_product": statistics.median(t_hvp), "seconds_forward_backward": statistics.median(t_fb),
-            "product_over_forward_backward": statistics.median(t_hvp) / statistics.median(t_fb),
+            "seconds_per_product": statistics.median(t_hvp), "seconds_forward_backward": fb,
+            "seconds_per_product_in_a_block": statistics.median(t_block),
+            "block_product_over_forward_backward": statistics.median(t_block) / fb,
+            "product_over_forward_backward": statistics.median(t_hvp) / fb,
         })  # fmt: skip
         print(json.dumps(out[-1]), flush=True)
     return out
@@ -189,7 +226,8 @@ def bench_hessian(args) -> list[dict]:
 
 STUDY_FLAGS = {
     "landscape": ["--landscape-grid", "3", "--landscape-directions", "2"],
-    "hessian": ["--hessian-max-iter", "2", "--hessian-tol", "0.5"],  # memory is per product, not per count
+    # memory is per product, not per count; 8 Hutchinson samples fill one block of products
+    "hessian": ["--hessian-max-iter", "8", "--hessian-tol", "0.5"],
     "shattered": ["--shattered-lines", "8", "--shattered-points", "64"],
 }
 IMAGES_FLAG = {"landscape": "--landscape-images", "hessian": "--hessian-images", "shattered": None}
@@ -229,8 +267,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--max-iter", type=int, default=200)
+    p.add_argument("--checkpoints", nargs="+", help="hessian: trained checkpoints instead of the stand-ins")
     p.add_argument("--studies", nargs="+", default=list(STUDY_FLAGS), help="rss: the studies to measure")
-    p.add_argument("--data", default="../shared/data/cifar10-jpeg.tar.gz", help="rss: the data folder for init: nets")
+    p.add_argument(
+        "--data",
+        default="../shared/data/cifar10-jpeg.tar.gz",
+        help="rss: the data folder for init: nets; hessian: the checkpoints' data",
+    )
     args = p.parse_args()
     result = {"landscape": bench_landscape, "hessian": bench_hessian, "rss": bench_rss}[args.what](args)
     print(json.dumps(result, indent=1))

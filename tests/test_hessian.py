@@ -53,6 +53,32 @@ def test_hvp_equals_the_explicit_hessian_times_v_whole_and_per_stage(tiny):
         assert torch.allclose(sub(u), H[idx][:, idx] @ u, rtol=1e-4, atol=1e-6), group
 
 
+def test_a_block_of_products_equals_the_products_one_by_one_and_the_explicit_hessian(tiny):
+    model, data, H = tiny
+    hvp = make_hvp(model, F.cross_entropy, [*data, *data], [n for n, _ in model.named_parameters()])  # two chunks
+    V = torch.randn(H.shape[0], 5, dtype=torch.float64)
+    block = hvp(V)
+    assert block.shape == V.shape
+    for k in range(5):
+        assert torch.equal(block[:, k], hvp(V[:, k]))  # the kept graph gives each vector its own product
+    assert torch.allclose(block, H @ V, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [2, 7, 8])
+def test_hutchinson_in_blocks_draws_the_same_vectors_and_gives_the_same_trace(tiny, block):
+    _, _, H = tiny
+    seen = {1: [], block: []}
+
+    def matvec(b):
+        return lambda V: (seen[b].append(V.reshape(len(V), -1).T.clone()), H @ V)[1]
+
+    one = hutchinson(matvec(1), H.shape[0], 0.05, 45, torch.Generator().manual_seed(3))
+    many = hutchinson(matvec(block), H.shape[0], 0.05, 45, torch.Generator().manual_seed(3), block)
+    assert torch.equal(torch.cat(seen[1]), torch.cat(seen[block]))  # the same vectors in the same order
+    assert max(len(v) for v in seen[block]) == block and one.samples == many.samples
+    assert many.mean == pytest.approx(one.mean, rel=1e-12) and many.hi == pytest.approx(one.hi, rel=1e-12)
+
+
 def test_lanczos_top_k_equals_the_explicit_eigenvalues(tiny):
     model, data, H = tiny
     exact = torch.linalg.eigvalsh(H).flip(0)[:3]

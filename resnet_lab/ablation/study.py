@@ -152,6 +152,24 @@ def plot_along_depth(ax, agg: list[dict], colour: str, label: str, **labels: str
     return True
 
 
+def position_rows(rows: list[dict], positions: Sequence[int], cell) -> list[list[str]]:
+    """A per-block table's body: for each position, its number, every checkpoint's block there
+    (joined by " / ": nets of other families name it differently; a row not `applicable` names
+    none) and each checkpoint's `cell(row)`, "-" where that net has no such position."""
+    cks = list(dict.fromkeys(r["checkpoint"] for r in rows))
+    by = {(r["checkpoint"], r["position"]): r for r in rows}
+    body = []
+    for p in positions:
+        cells, names = [], {}
+        for ck in cks:
+            r = by.get((ck, p))
+            cells.append("-" if r is None else cell(r))
+            if r is not None and r.get("applicable", True):
+                names[r["block"] + (" (downsample)" if r["downsample"] else "")] = None
+        body.append([str(p), " / ".join(names) or "-", *cells])
+    return body
+
+
 def save_figure(fig, path: Path) -> str:
     import matplotlib.pyplot as plt
 

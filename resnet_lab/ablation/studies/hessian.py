@@ -10,7 +10,9 @@ network. From them:
     --hessian-tol x |theta| (an a-posteriori bound, not a change between iterations);
   - the trace by Hutchinson's estimator with Rademacher vectors: the mean of z^T H z and its
     95% t interval, with as many samples as a pilot of MIN_SAMPLES says a half-width of
-    --hessian-tol x |mean| needs (Stein's two stages; at most --hessian-max-iter);
+    --hessian-tol x |mean| needs (Stein's two stages; at most --hessian-max-iter); its
+    independent products are taken in blocks of up to 8 vectors that share each chunk's
+    forward pass and first backward;
   - on request (--hessian-slq N) the spectral density by stochastic Lanczos quadrature:
     N Lanczos runs from Rademacher starts; nodes are the Ritz values, weights the squared
     first components of their eigenvectors (each run's weights sum to 1).
@@ -43,6 +45,7 @@ RATIO = Measure("top eigenvalue / trace", 4)
 MIN_SAMPLES = 30  # Hutchinson pilot samples (the spread of a quadratic form is poorly seen in fewer)
 CHUNK = 64  # images per double backward: memory holds one chunk's graph (ResNet-110: 8.7 GB at 250, BENCHMARKS.md)
 DENSITY_POINTS = 200
+BLOCK, BLOCK_BYTES = 8, 2**28  # Hutchinson's products in blocks of <= 8 vectors, <= 256 MiB of them
 
 
 @dataclass(frozen=True)
@@ -57,27 +60,38 @@ class Options:
 
 # -- Hessian-vector products ----------------------------------------------------------------
 def make_hvp(model, loss: Callable, data: list[tuple[Tensor, Tensor]], names: list[str]) -> Callable[[Tensor], Tensor]:
-    """v (flat, over `names`) -> H v of the mean loss over `data`, H restricted to `names`."""
+    """V -> H V of the mean loss over `data`, H restricted to `names`; V is one flat vector over
+    `names` or a block of them as columns (dim x m). A block shares each chunk's forward pass
+    and first backward among its m vectors (the graph is kept for m double backwards), so a
+    product in a block costs the double backward alone, plus 1/m of the rest."""
     params = dict(model.named_parameters())
     ps = [params[n] for n in names]
+    sizes = [p.numel() for p in ps]
     n_images = sum(len(y) for _, y in data)
 
     def hvp(v: Tensor) -> Tensor:
-        vs = list(torch.split(v.to(ps[0].dtype), [p.numel() for p in ps]))
-        vs = [u.view_as(p) for u, p in zip(vs, ps)]
-        out = torch.zeros(v.shape, dtype=torch.float64)
+        block = v.reshape(len(v), -1)
+        vs = [[u.view_as(p) for u, p in zip(torch.split(col.to(ps[0].dtype), sizes), ps)] for col in block.T]
+        out = torch.zeros(block.shape, dtype=torch.float64)
         # Attention (ViT) through the math kernel: the fused ones have no double backward.
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             for x, y in data:
                 for i in range(0, len(y), CHUNK):
                     value = loss(model(x[i : i + CHUNK]), y[i : i + CHUNK], reduction="sum") / n_images
                     g = torch.autograd.grad(value, ps, create_graph=True)
-                    hv = torch.autograd.grad(g, ps, grad_outputs=vs)
-                    out += torch.cat([h.reshape(-1) for h in hv]).double()
-        return out
+                    for k, u in enumerate(vs):
+                        hv = torch.autograd.grad(g, ps, grad_outputs=u, retain_graph=k < len(vs) - 1)
+                        out[:, k] += torch.cat([h.reshape(-1) for h in hv]).double()
+        return out.reshape(v.shape)
 
-    hvp.dim = sum(p.numel() for p in ps)  # type: ignore[attr-defined]
+    hvp.dim = sum(sizes)  # type: ignore[attr-defined]
     return hvp
+
+
+def block_size(dim: int) -> int:
+    """Vectors per block of independent products (Hutchinson): up to BLOCK, and no more than
+    BLOCK_BYTES of float64 (a ViT-B's 86M weights: one at a time)."""
+    return max(1, min(BLOCK, BLOCK_BYTES // (8 * dim)))
 
 
 # -- estimators ----------------------------------------------------------------------------
@@ -135,7 +149,7 @@ class Trace:
 
 
 def hutchinson(matvec: Callable[[Tensor], Tensor], dim: int, tol: float, max_samples: int,
-               gen: torch.Generator) -> Trace:  # fmt: skip
+               gen: torch.Generator, block: int = 1) -> Trace:  # fmt: skip
     """Mean of z^T H z over Rademacher z, with its 95% t interval, aiming at half-width <= tol |mean|.
 
     Two stages (Stein 1945): MIN_SAMPLES pilot samples estimate the spread and so the number of
@@ -143,19 +157,24 @@ def hutchinson(matvec: Callable[[Tensor], Tensor], dim: int, tol: float, max_sam
     the mean of all of them +- t(pilot - 1) s_pilot / sqrt(n), whose coverage does not depend
     on how n was chosen (for normal samples: exact). One look at the data: stopping whenever the running interval first
     looks narrow enough would favour runs whose spread happens to be underestimated, and its
-    intervals would cover the trace less often than they claim."""
+    intervals would cover the trace less often than they claim. The products are taken `block`
+    vectors at a time (the same draws, in the same order, whatever the block)."""
     from scipy.stats import t
 
-    def draw() -> float:
-        z = torch.randint(0, 2, (dim,), generator=gen, dtype=torch.float64) * 2 - 1
-        return float(z @ matvec(z))
+    def draw(count: int) -> list[float]:
+        values = []
+        for start in range(0, count, block):
+            Z = torch.stack([torch.randint(0, 2, (dim,), generator=gen, dtype=torch.float64) * 2 - 1
+                             for _ in range(min(block, count - start))], 1)  # fmt: skip
+            values += (Z * matvec(Z)).sum(0).tolist()
+        return values
 
     pilot = min(MIN_SAMPLES, max(max_samples, 2))
-    values = [draw() for _ in range(pilot)]
+    values = draw(pilot)
     m0, s0 = statistics.fmean(values), statistics.stdev(values)
     want = (float(t.ppf(0.975, pilot - 1)) * s0 / (tol * abs(m0))) ** 2 if m0 else math.inf
     n = max(pilot, min(max_samples, math.ceil(want))) if math.isfinite(want) else max(pilot, max_samples)
-    values += [draw() for _ in range(n - pilot)]
+    values += draw(n - pilot)
     m = statistics.fmean(values)
     half = float(t.ppf(0.975, pilot - 1)) * s0 / math.sqrt(n)  # Stein: the pilot's spread, its t quantile
     return Trace(m, m - half, m + half, n, half <= tol * abs(m))
@@ -233,7 +252,7 @@ class Hessian(Study):
             for rows in ctx.unit(f"{group} trace"):
                 hvp, s = hvp_of(names)
                 tr = hutchinson(hvp, hvp.dim, o.hessian_tol, o.hessian_max_iter,
-                                torch.Generator().manual_seed(ctx.common.seed + 1))  # fmt: skip
+                                torch.Generator().manual_seed(ctx.common.seed + 1), block_size(hvp.dim))  # fmt: skip
                 rows.append(ctx.row(key=f"{group} trace", group=group, quantity="trace", value=tr.mean, ci_lo=tr.lo,
                                     ci_hi=tr.hi, samples=tr.samples, converged=tr.converged, hvps=tr.samples,
                                     weights=hvp.dim, images=s["n"], sample=s["what"]))  # fmt: skip

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..stats import Running
-from ..study import Measure, Section, Study, plot_along_depth, save_figure
+from ..study import Measure, Section, Study, plot_along_depth, position_rows, save_figure
 
 NAME = "iterative"
 COSINE = Measure("cos(f, dL/dh)", 4)  # values of order 1e-3: two decimals showed 0.00 ± 0.00
@@ -147,22 +147,14 @@ class Iterative(Study):
         mine = self.mine(rows)
         if not mine:
             return []
+
+        def cell(r: dict) -> str:
+            if not r["applicable"]:
+                return "not applicable"
+            return f"{r['cos_mean']:+.3f} ± {r['cos_std']:.3f} | {r['ratio_mean']:.3f} ± {r['ratio_std']:.3f}"
+
         cks = list(dict.fromkeys(r["checkpoint"] for r in mine))
-        by = {(r["checkpoint"], r["position"]): r for r in mine}
-        depth = max(r["position"] for r in mine) + 1
-        body = []
-        for p in range(depth):
-            cells, names = [], {}  # every checkpoint's block at this position (nets of other families differ)
-            for ck in cks:
-                r = by.get((ck, p))
-                if r is None or not r["applicable"]:
-                    cells.append("-" if r is None else "not applicable")
-                    continue
-                names[r["block"] + (" (downsample)" if r["downsample"] else "")] = None
-                cells.append(
-                    f"{r['cos_mean']:+.3f} ± {r['cos_std']:.3f} | {r['ratio_mean']:.3f} ± {r['ratio_std']:.3f}"
-                )
-            body.append([str(p), " / ".join(names) or "-", *cells])
+        body = position_rows(mine, range(max(r["position"] for r in mine) + 1), cell)
         note = (
             "Per block, mean ± std over the evaluation images (images whose softmax saturated, with a zero "
             "gradient, are left out of the cosine: `cos_n` in results.csv): cos(f, dL/dh) (negative: the block "

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import engine
 from ..stats import wilson
-from ..study import AblationError, Section, Study, option, plot_along_depth, save_figure
+from ..study import AblationError, Section, Study, option, plot_along_depth, position_rows, save_figure
 
 NAME = "probes"
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -171,18 +171,11 @@ class Probes(Study):
         if not mine:
             return []
         cks = list(dict.fromkeys(r["checkpoint"] for r in mine))
-        by = {(r["checkpoint"], r["position"]): r for r in mine}
-        body = []
-        for p in range(-1, max(r["position"] for r in mine) + 1):
-            cells, names = [], {}  # every checkpoint's block at this position (nets of other families differ)
-            for ck in cks:
-                r = by.get((ck, p))
-                if r is None:
-                    cells.append("-")
-                    continue
-                names[r["block"] + (" (downsample)" if r["downsample"] else "")] = None
-                cells.append(f"{r['error']:.2f} [{r['error_ci_lo']:.1f}, {r['error_ci_hi']:.1f}] (l2 {r['l2']:g})")
-            body.append([str(p), " / ".join(names) or "-", *cells])
+
+        def cell(r: dict) -> str:
+            return f"{r['error']:.2f} [{r['error_ci_lo']:.1f}, {r['error_ci_hi']:.1f}] (l2 {r['l2']:g})"
+
+        body = position_rows(mine, range(-1, max(r["position"] for r in mine) + 1), cell)
         r0 = mine[0]
         note = (
             "A multinomial logistic regression on the pooled output (global average; a ViT's mean token) "
