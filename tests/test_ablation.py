@@ -249,6 +249,37 @@ def test_recalibrate_bn_includes_a_preact_nets_final_bn():
     assert torch.equal(m.get_block("layer1.0").bn1.running_mean, early)
 
 
+def test_a_report_grows_by_added_checkpoints_and_keeps_what_it_has(two_checkpoints, tmp_path, capsys):
+    a, b = two_checkpoints
+    out, fresh = tmp_path / "grown", tmp_path / "fresh"
+    common = ["--studies", "single", "cka", "--limit", "40", "--no-progress"]
+    assert ablate_main([a, "--out", str(out), *common]) == 0
+    first = (out / "results.jsonl").read_text()
+    assert ablate_main([a, b, "--out", str(out), *common]) == 0
+    assert "1 checkpoint(s) added to the report" in capsys.readouterr().err
+    grown = (out / "results.jsonl").read_text()
+    assert grown.startswith(first)  # a's units kept, none recomputed
+    old_units = {json.loads(line)["unit"] for line in first.splitlines()}
+    new_units = [json.loads(line)["unit"] for line in grown[len(first) :].splitlines()]
+    assert new_units and not old_units & set(new_units)
+    assert sum("|vs " in u for u in new_units) == 1  # b against a, once
+    # The grown report is the report of the two from scratch.
+    assert ablate_main([a, b, "--out", str(fresh), *common]) == 0
+    rows = [sorted(json.dumps(r, sort_keys=True) for r in json.loads((d / "results.json").read_text()))
+            for d in (out, fresh)]  # fmt: skip
+    assert rows[0] == rows[1]
+    # Anything but a growth is another configuration: fewer, reordered, or other options.
+    for argv in ([a], [b, a], [a, b, "--seed", "1"]):
+        assert ablate_main([*argv, "--out", str(out), *common]) == 2
+        assert "different configuration" in capsys.readouterr().err
+    assert (out / "results.jsonl").read_text() == grown
+    # A twin of a's run elsewhere (same run name) relabels a, "<folder/file>": its rows' key changes.
+    twin = tmp_path / "elsewhere" / Path(a).parent.parent.name
+    shutil.copytree(Path(a).parent.parent, twin)
+    assert ablate_main([a, b, str(twin / "checkpoints" / Path(a).name), "--out", str(out), *common]) == 2
+    assert "different configuration" in capsys.readouterr().err
+
+
 def test_a_report_never_resumes_on_other_data(two_checkpoints, tmp_path, capsys):
     out = str(tmp_path / "rep")
     base = [two_checkpoints[0], "--out", out, "--studies", "single", "--limit", "20", "--no-progress"]

@@ -2,7 +2,8 @@
 
 Layout of `out/`:
     manifest.json   what was asked (checkpoints, data, studies, seeds); a different
-                    manifest in the same directory is refused unless --overwrite
+                    manifest in the same directory is refused unless --overwrite, except
+                    one that only adds checkpoints: their units are computed, the others kept
     results.jsonl   one line per finished evaluation unit, appended and fsynced as it
                     completes; a rerun skips units already there, so a kill loses at
                     most the unit in progress
@@ -20,6 +21,7 @@ import inspect
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,11 +230,16 @@ class Store:
         mpath = out / "manifest.json"
         if mpath.exists():
             old = json.loads(mpath.read_text())
-            if old.get("hash") != manifest["hash"]:
+            added = added_checkpoints(old, manifest)
+            if added:
+                print(f"note: {out}: {added} checkpoint(s) added to the report; the finished units of the "
+                      f"{len(old['checkpoints'])} already in it are kept", file=sys.stderr)  # fmt: skip
+            elif old.get("hash") != manifest["hash"]:
                 if not overwrite:
                     raise AblationError(
                         f"{out} holds a report of a different configuration; pass --overwrite to replace it, "
-                        "or choose another --out"
+                        "or choose another --out (a report can only grow: the same options and data, with "
+                        "its checkpoints first in their order and more after or between them)"
                     )
                 shutil.rmtree(out)
         elif out.exists() and not out.is_dir():
@@ -282,7 +289,27 @@ def manifest_for(ckpts: list[Loaded], opts: dict[str, Any]) -> dict[str, Any]:
         ids.append({"path": str(Path(c.path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     body = {"checkpoints": ids, "data": ckpts[0].data, **opts}
     body["hash"] = hashlib.sha1(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    body["labels"] = [c.label for c in ckpts]  # outside the hash, which reports of earlier versions keep
     return body
+
+
+def added_checkpoints(old: dict[str, Any], new: dict[str, Any]) -> int:
+    """How many checkpoints `new` adds to the report of `old` (0 if it is not such a growth):
+    the same options and data, and every checkpoint of `old` still there, under its label (the
+    key of its rows) and in its order (cka compares each checkpoint with those before it)."""
+
+    def rest(m: dict[str, Any]) -> str:
+        return json.dumps({k: v for k, v in m.items() if k not in ("hash", "checkpoints", "labels")},
+                          sort_keys=True, default=str)  # fmt: skip
+
+    def pairs(m: dict[str, Any]) -> list[tuple[str, str]]:
+        return [(json.dumps(c, sort_keys=True), label) for c, label in zip(m["checkpoints"], m["labels"])]
+
+    if "labels" not in old or rest(old) != rest(new):
+        return 0
+    remaining = iter(pairs(new))
+    kept = all(pair in remaining for pair in pairs(old))  # a subsequence: each found after the one before
+    return len(new["checkpoints"]) - len(old["checkpoints"]) if kept else 0
 
 
 def check_blocks(model: Network, blocks: list[str] | None) -> list[str]:
