@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from resnet_lab.ablation.cli import main as ablate_main
 from resnet_lab.ablation.runner import build_datamodule, load_checkpoint
-from resnet_lab.ablation.studies.landscape import basin_width, directions, walk_points
+from resnet_lab.ablation.studies.landscape import basin_width, directions, local_minima, walk_points
 from resnet_lab.models import create_model
 
 from .conftest import settle_bn_by_hand, trained_like
@@ -62,6 +62,12 @@ def test_every_point_equals_a_net_set_explicitly_to_theta_plus_a_d1_plus_b_d2(tw
     # The 1D walks hold +-r/2 and the centre; the centre is the unperturbed net.
     d1 = sorted(r["alpha"] for r in points if r["walk"] == "1d" and r["direction"] == 1)
     assert d1 == [-0.5, -0.25, 0.0, 0.25, 0.5]
+    # The grid's strict local minima, counted by hand from its 9 points.
+    grid = {(r["alpha"], r["beta"]): r["loss"] for r in points if r["walk"] == "2d"}
+    by_hand = sum(all(v < grid[(a + da, b + db)] for da, db in ((0.5, 0), (-0.5, 0), (0, 0.5), (0, -0.5))
+                      if (a + da, b + db) in grid) for (a, b), v in grid.items())  # fmt: skip
+    (minima,) = [r["value"] for r in rows if r["walk"] == "summary" and r["key"] == "local minima"]
+    assert minima == by_hand >= 1
 
 
 def test_recalibrated_bn_equals_bn_re_estimated_by_hand_on_the_perturbed_net(two_checkpoints, tmp_path):
@@ -126,6 +132,18 @@ def test_basin_width_by_hand():
     w, censored = basin_width(alphas, [1.9, 1.2, 1.0, 1.5, 3.0])
     assert w == pytest.approx((0.5 + 0.5 / 3 + 1.0) / 2) and censored
     assert basin_width(alphas, [4.0, 2.0, 1.0, 2.0, 4.0]) == (0.5, False)
+
+
+def test_strict_local_minima_of_a_grid_by_hand():
+    # b = -1: 5 4 6 / b = 0: 3 1 2 / b = 1: 0.5 7 8 (a = -1, 0, 1): the centre and a corner.
+    losses = [[5, 4, 6], [3, 1, 2], [0.5, 7, 8]]
+    grid = {(a, b): float(losses[j][i]) for i, a in enumerate((-1, 0, 1)) for j, b in enumerate((-1, 0, 1))}
+    assert local_minima(grid) == 2
+    assert local_minima(dict.fromkeys(grid, 1.0)) == 0  # ties are not strict minima
+    grid[(1, -1)] = 3.5  # below its neighbours 4 and 2? no (2 < 3.5): still 2
+    assert local_minima(grid) == 2
+    grid[(1, -1)] = 1.5  # below 4 and 2: a third
+    assert local_minima(grid) == 3
 
 
 def test_summaries_and_the_paired_report_of_a_residual_net_and_its_plain_twin(two_checkpoints, tmp_path):

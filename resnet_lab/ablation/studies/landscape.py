@@ -20,8 +20,10 @@ re-estimated at that point on a second, separately seeded sample (`recalibrated`
 Summaries per checkpoint: the centre loss; the mean loss rise at r/2 and r over directions
 and both signs (with its spread); the basin width, the distance from the centre at which the
 loss first reaches twice the centre loss (linear between points; r where it never does, and
-counted as censored). Pooled across checkpoints with Welch intervals on deep - shallow and
-plain - residual differences.
+counted as censored); with a grid, its strict local minima (points whose loss is below each
+of their grid neighbours': one for a convex bowl, more for Li et al.'s chaotic landscapes).
+Pooled across checkpoints with Welch intervals on deep - shallow and plain - residual
+differences.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from ..study import AblationError, Measure, Section, Study, option, save_figure
 NAME = "landscape"
 LOSS = Measure("training loss", 4)
 DISTANCE = Measure("distance along a filter-normalised direction", 3)
+MINIMA = Measure("strict local minima on the G x G grid", 1)
 CHUNK = 500  # images per forward pass
 
 
@@ -137,6 +140,19 @@ def basin_width(alphas: list[float], losses: list[float]) -> tuple[float, bool]:
     return statistics.fmean(widths), censored
 
 
+def local_minima(points: dict[tuple[float, float], float]) -> int:
+    """Strict local minima of a grid of losses {(a, b): loss}: the points whose loss is below
+    that of each of their 4 neighbours on the grid (2 or 3 at its edges and corners)."""
+    a, b = sorted({k[0] for k in points}), sorted({k[1] for k in points})
+    count = 0
+    for i, ai in enumerate(a):
+        for j, bj in enumerate(b):
+            around = [(i + di, j + dj) for di, dj in ((1, 0), (-1, 0), (0, 1), (0, -1))]
+            around = [points[(a[u], b[v])] for u, v in around if 0 <= u < len(a) and 0 <= v < len(b)]
+            count += all(points[(ai, bj)] < w for w in around)
+    return count
+
+
 class Landscape(Study):
     name = NAME
     Options = Options
@@ -185,14 +201,19 @@ class Landscape(Study):
 
     # -- summaries ---------------------------------------------------------------------
     def per_checkpoint(self, rows: list[dict]) -> dict[str, dict[str, Any]]:
-        """{checkpoint: {centre, rise_half, rise_r (lists over directions and signs), widths, censored}}."""
+        """{checkpoint: {centre, rise_half, rise_r (lists over directions and signs), widths, censored,
+        minima (strict local minima of the grid; None without one)}}."""
         walks: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+        grids: dict[str, dict[tuple[float, float], float]] = defaultdict(dict)
         for r in self.mine(rows):
             if r.get("walk") == "1d":
                 walks[r["checkpoint"]][r["direction"]].append(r)
+            elif r.get("walk") == "2d":
+                grids[r["checkpoint"]][(r["alpha"], r["beta"])] = r["loss"]
         out = {}
         for ck, by_dir in walks.items():
             s: dict[str, Any] = {"rise_half": [], "rise_r": [], "widths": [], "censored": 0}
+            s["minima"] = local_minima(grids[ck]) if ck in grids else None
             for rs in by_dir.values():
                 rs = sorted(rs, key=lambda r: r["alpha"])
                 alphas, losses = [r["alpha"] for r in rs], [r["loss"] for r in rs]
@@ -232,7 +253,7 @@ class Landscape(Study):
         return [(row["key"], row["value"])] if row.get("walk") == "summary" else []
 
     def measure(self, key: str) -> Measure:
-        return DISTANCE if key.startswith("basin") else LOSS
+        return DISTANCE if key.startswith("basin") else MINIMA if key == "local minima" else LOSS
 
     def sections(self, rows: list[dict], meta: dict[str, Any]) -> list[Section]:
         per = self.per_checkpoint(rows)
@@ -241,25 +262,28 @@ class Landscape(Study):
         mine = [r for r in self.mine(rows) if r.get("walk") != "summary"]
         first = mine[0]
         head = ["checkpoint", "centre loss", "rise at r/2 (mean ± std)", "rise at r (mean ± std)",
-                "basin width (mean ± std)", "censored sides"]  # fmt: skip
+                "basin width (mean ± std)", "censored sides", "strict local minima (grid)"]  # fmt: skip
         body = []
         for ck, s in per.items():
+            minima = "-" if s["minima"] is None else str(s["minima"])
             body.append([ck, f"{s['centre']:.4f}", _spread(s["rise_half"]), _spread(s["rise_r"]),
-                         _spread(s["widths"]), str(s["censored"])])  # fmt: skip
+                         _spread(s["widths"]), str(s["censored"]), minima])  # fmt: skip
         sigs = {r["checkpoint"]: r["signature"] for r in mine}
         paired = [ck for ck in sigs if sum(v == sigs[ck] for v in sigs.values()) > 1]
         notes = [
             f"Loss ({'re-estimated' if first['condition'] == 'recalibrated-bn' else 'checkpoint'} BN statistics) on "
             f"{first['sample']}, along filter-normalised random directions (Li et al. 2018), seed "
             f"{meta['options']['seed']}. Rise: loss − centre loss at ±r/2 and ±r, over directions and both signs. "
-            "Basin width: the distance at which the loss first doubles (censored: never within r).",
+            "Basin width: the distance at which the loss first doubles (censored: never within r). Strict local "
+            "minima: grid points whose loss is below each of their 4 neighbours' (2-3 at the grid's edges).",
             "Paired directions (identical parameter shapes, the same random draw): "
             + (", ".join(paired) or "none")
             + ".",
         ]
         secs = [Section("Loss landscape (Li et al. 2018)", notes, (head, body), images=["landscape.png"])]
-        diffs = [(q, net_differences({ck: summaries(s)[q] for ck, s in per.items()}, meta["checkpoints"]))
-                 for q in ("centre loss", "rise at r", "basin width")]  # fmt: skip
+        diffs = [(q, net_differences({ck: summaries(s)[q] for ck, s in per.items() if q in summaries(s)},
+                                     meta["checkpoints"]))
+                 for q in ("centre loss", "rise at r", "basin width", "local minima")]  # fmt: skip
         table = differences_table(diffs)
         if table[1]:
             secs.append(Section("Loss landscape: differences across seeds (Welch 95%)", table=table))
@@ -274,15 +298,20 @@ class Landscape(Study):
         cks = list(dict.fromkeys(r["checkpoint"] for r in mine))
         grids = {ck: [r for r in mine if r["checkpoint"] == ck and r["walk"] == "2d"] for ck in cks}
         with_grid = [ck for ck in cks if grids[ck]]
-        fig, axes = plt.subplots(1, 1 + len(with_grid), figsize=(5 * (1 + len(with_grid)), 4), squeeze=False)
-        ax = axes[0][0]
+        cols = min(4, 1 + len(with_grid))  # rows of at most 4 panels: 12 nets stay readable
+        nrows = math.ceil((1 + len(with_grid)) / cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 4 * nrows), squeeze=False)
+        axes = [ax for row in axes for ax in row]
+        for ax in axes[1 + len(with_grid) :]:
+            ax.set_visible(False)
+        ax = axes[0]
         for ck in cks:
             rs = sorted((r for r in mine if r["checkpoint"] == ck and r["walk"] == "1d" and r["direction"] == 1),
                         key=lambda r: r["alpha"])  # fmt: skip
             ax.semilogy([r["alpha"] for r in rs], [r["loss"] for r in rs], "o-", ms=3, color=colour[ck], label=ck)
         ax.set(xlabel="step along direction 1", ylabel="training loss (log)", title="1D walk (Li et al. Fig. 2)")
         ax.legend(fontsize=7)
-        for ax, ck in zip(axes[0][1:], with_grid):
+        for ax, ck in zip(axes[1:], with_grid):
             a = sorted({r["alpha"] for r in grids[ck]})
             b = sorted({r["beta"] for r in grids[ck]})
             z = torch.full((len(b), len(a)), float("nan"), dtype=torch.float64)
@@ -295,17 +324,21 @@ class Landscape(Study):
             cs = ax.contour(a, b, z.numpy(), levels=sorted(set(levels)) if len(set(levels)) > 1 else 5,
                             cmap="viridis")  # fmt: skip
             ax.clabel(cs, fontsize=6, fmt="%.2f")
-            ax.set(xlabel="direction 1", ylabel="direction 2", title=f"{ck}: log10 loss (Li et al. Fig. 5)")
+            ax.set(xlabel="direction 1", ylabel="direction 2")
+            ax.set_title(f"{ck}\nlog10 loss (Li et al. Fig. 5)", fontsize=9)
         return save_figure(fig, out / "landscape.png")
 
 
 def summaries(s: dict[str, Any]) -> dict[str, float]:
-    return {
+    out = {
         "centre loss": s["centre"],
         "rise at r/2": statistics.fmean(s["rise_half"]),
         "rise at r": statistics.fmean(s["rise_r"]),
         "basin width": statistics.fmean(s["widths"]),
     }
+    if s.get("minima") is not None:
+        out["local minima"] = float(s["minima"])
+    return out
 
 
 def _spread(values: list[float]) -> str:
