@@ -222,3 +222,25 @@ def test_parameter_groups_of_every_family_partition_its_weights_by_stage_or_laye
     assert any(n.startswith("encoder.layers.encoder_layer_1.") for n in vit.parameter_groups()["layer1"])
     assert "class_token" in vit.parameter_groups()["other"]
     assert any(n.startswith("features.2.") for n in cnx.parameter_groups()["other"])  # downsampling: not a stage
+
+
+@pytest.mark.slow
+def test_the_geometry_benchmark_counts_products_on_a_stand_in_and_on_a_checkpoint(two_checkpoints):
+    """scripts/bench_geometry.py hessian: both ways to a net run, and its figures hang together."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    def bench(*args):
+        argv = [sys.executable, "bench_geometry.py", "hessian", "--images", "16", "--rounds", "1", "--max-iter", "40"]
+        r = subprocess.run([*argv, *args], cwd=REPO / "scripts", capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+    (stand_in,) = bench("--models", "resnet8")
+    (trained,) = bench("--checkpoints", two_checkpoints[0])
+    for res in (stand_in, trained):
+        assert 1 <= res["lanczos_products_to_tol"] <= res["power_ran"] and res["weights"] > 1000
+        assert res["seconds_per_product_in_a_block"] > 0 and res["product_over_forward_backward"] > 1
+    assert trained["model"].startswith("resnet14 (")  # the checkpoint's own net and label
