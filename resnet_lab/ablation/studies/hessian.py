@@ -71,7 +71,8 @@ def make_hvp(model, loss: Callable, data: list[tuple[Tensor, Tensor]], names: li
 
     def hvp(v: Tensor) -> Tensor:
         block = v.reshape(len(v), -1)
-        vs = [[u.view_as(p) for u, p in zip(torch.split(col.to(ps[0].dtype), sizes), ps)] for col in block.T]
+        cols = [col.to(ps[0].dtype).contiguous() for col in block.T]
+        vs = [[u.view_as(p) for u, p in zip(torch.split(col, sizes), ps)] for col in cols]
         out = torch.zeros(block.shape, dtype=torch.float64)
         # Attention (ViT) through the math kernel: the fused ones have no double backward.
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
