@@ -144,6 +144,8 @@ def test_strict_local_minima_of_a_grid_by_hand():
     assert local_minima(grid) == 2
     grid[(1, -1)] = 1.5  # below 4 and 2: a third
     assert local_minima(grid) == 3
+    del grid[(0, 1)]  # a row cut short (an unfinished run): no count rather than a wrong one
+    assert local_minima(grid) is None and local_minima({}) is None  # no grid: no count
 
 
 def test_summaries_and_the_paired_report_of_a_residual_net_and_its_plain_twin(two_checkpoints, tmp_path):

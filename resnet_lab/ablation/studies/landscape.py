@@ -140,10 +140,13 @@ def basin_width(alphas: list[float], losses: list[float]) -> tuple[float, bool]:
     return statistics.fmean(widths), censored
 
 
-def local_minima(points: dict[tuple[float, float], float]) -> int:
+def local_minima(points: dict[tuple[float, float], float]) -> int | None:
     """Strict local minima of a grid of losses {(a, b): loss}: the points whose loss is below
-    that of each of their 4 neighbours on the grid (2 or 3 at its edges and corners)."""
+    that of each of their 4 neighbours on the grid (2 or 3 at its edges and corners); None for
+    no grid, or one with points missing (rows of an unfinished run), whose count would mislead."""
     a, b = sorted({k[0] for k in points}), sorted({k[1] for k in points})
+    if not points or len(points) != len(a) * len(b):
+        return None
     count = 0
     for i, ai in enumerate(a):
         for j, bj in enumerate(b):
@@ -213,7 +216,7 @@ class Landscape(Study):
         out = {}
         for ck, by_dir in walks.items():
             s: dict[str, Any] = {"rise_half": [], "rise_r": [], "widths": [], "censored": 0}
-            s["minima"] = local_minima(grids[ck]) if ck in grids else None
+            s["minima"] = local_minima(grids[ck])
             for rs in by_dir.values():
                 rs = sorted(rs, key=lambda r: r["alpha"])
                 alphas, losses = [r["alpha"] for r in rs], [r["loss"] for r in rs]
