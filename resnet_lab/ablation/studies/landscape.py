@@ -284,8 +284,8 @@ class Landscape(Study):
             + ".",
         ]
         secs = [Section("Loss landscape (Li et al. 2018)", notes, (head, body), images=["landscape.png"])]
-        diffs = [(q, net_differences({ck: summaries(s)[q] for ck, s in per.items() if q in summaries(s)},
-                                     meta["checkpoints"]))
+        summ = {ck: summaries(s) for ck, s in per.items()}
+        diffs = [(q, net_differences({ck: v[q] for ck, v in summ.items() if q in v}, meta["checkpoints"]))
                  for q in ("centre loss", "rise at r", "basin width", "local minima")]  # fmt: skip
         table = differences_table(diffs)
         if table[1]:
