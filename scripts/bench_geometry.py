@@ -14,7 +14,9 @@
              start; accuracy against a reference from a long Lanczos run, and also each
              method's own stopping rule (Lanczos: residual <= 1e-3 |theta|; PyHessian: relative
              change < 1e-3). And the seconds of one product (Lanczos's), and of one product
-             in a block of 8 (Hutchinson's), against one forward+backward.
+             in a block of 8 (Hutchinson's), against one forward+backward; and a product in a
+             block through the network's own BatchNorm (its double backward), the way the
+             study ran before `for_products` made its BNs affine.
   rss:       peak RSS (ru_maxrss) of `resnet-lab ablate init:MODEL --studies S` for each
              geometry study, each in a fresh child process.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -43,8 +46,9 @@ import torch.nn.functional as F
 from bench_lesion import trained_like  # scripts/ is on sys.path when a script runs
 from torch.utils.data import DataLoader
 
-from resnet_lab.ablation.studies.hessian import BLOCK, lanczos, make_hvp
+from resnet_lab.ablation.studies.hessian import BLOCK, for_products, lanczos, make_hvp
 from resnet_lab.ablation.studies.landscape import directions, loss_error, set_point
+from resnet_lab.cli import GLIBC_TUNABLES
 
 
 def data(n: int, seed: int = 0):
@@ -188,7 +192,7 @@ def hessian_nets(args):
 def bench_hessian(args) -> list[dict]:
     out = []
     for name, model, loss, x, y in hessian_nets(args):
-        hvp = make_hvp(model, loss, [(x, y)], [n for n, _ in model.named_parameters()])
+        hvp = make_hvp(for_products(copy.deepcopy(model)), loss, [(x, y)], [n for n, _ in model.named_parameters()])
         start = torch.randn(hvp.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         counts = {}
         if not args.seconds_only:
@@ -203,14 +207,18 @@ def bench_hessian(args) -> list[dict]:
                 "ratio_to_tol": lz_hit / pi_hit if lz_hit and pi_hit else None,
             }  # fmt: skip
         block = start[:, None].repeat(1, BLOCK) * torch.arange(1, BLOCK + 1, dtype=torch.float64)
-        t_hvp, t_block, t_fb = [], [], []
-        for _ in range(args.rounds):  # interleaved: one product, a block of BLOCK, one forward+backward
+        native = make_hvp(copy.deepcopy(model), loss, [(x, y)], [n for n, _ in model.named_parameters()])
+        t_hvp, t_block, t_native, t_fb = [], [], [], []
+        for _ in range(args.rounds):  # interleaved: one product, a block, the same with BN's own autograd, fwd+bwd
             t = time.perf_counter()
             hvp(start)
             t_hvp.append(time.perf_counter() - t)
             t = time.perf_counter()
             hvp(block)
             t_block.append((time.perf_counter() - t) / BLOCK)
+            t = time.perf_counter()
+            native(block)
+            t_native.append((time.perf_counter() - t) / BLOCK)
             t = time.perf_counter()
             with torch.enable_grad():
                 model.zero_grad()
@@ -221,7 +229,9 @@ def bench_hessian(args) -> list[dict]:
             "model": name, "images": args.images, "weights": hvp.dim, **counts,
             "seconds_per_product": statistics.median(t_hvp), "seconds_forward_backward": fb,
             "seconds_per_product_in_a_block": statistics.median(t_block),
+            "seconds_per_product_in_a_block_native_bn": statistics.median(t_native),
             "block_product_over_forward_backward": statistics.median(t_block) / fb,
+            "native_bn_block_product_over_forward_backward": statistics.median(t_native) / fb,
             "product_over_forward_backward": statistics.median(t_hvp) / fb,
         })  # fmt: skip
         print(json.dumps(out[-1]), flush=True)
@@ -251,8 +261,10 @@ def bench_rss(args) -> list[dict]:
             cmd = [sys.executable, "-c", code,
                    f"init:{args.model}", "--data-folder", args.data, "--out", f"{tmp}/o", "--studies", study,
                    *flags, *images, "--no-progress"]  # fmt: skip
-            t = time.perf_counter()
-            res = subprocess.run(cmd, capture_output=True, text=True)
+            t = time.perf_counter()  # the malloc setting the `resnet-lab` command restarts itself with
+            res = subprocess.run(
+                cmd, capture_output=True, text=True, env={**os.environ, "GLIBC_TUNABLES": GLIBC_TUNABLES}
+            )
             if res.returncode:
                 raise SystemExit(res.stderr[-2000:])
             kib = int(res.stdout.strip().splitlines()[-1])

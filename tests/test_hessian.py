@@ -1,12 +1,22 @@
 """The `hessian` study: Lanczos, Hutchinson and SLQ against the explicit Hessian of a tiny net."""
 
+import copy
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from resnet_lab.ablation.studies.hessian import density, hutchinson, lanczos, make_hvp
+from resnet_lab.ablation.studies import hessian
+from resnet_lab.ablation.studies.hessian import (
+    chunk_size,
+    density,
+    for_products,
+    graph_bytes,
+    hutchinson,
+    lanczos,
+    make_hvp,
+)
 from resnet_lab.models import build
 from resnet_lab.models.convnext import ConvNeXtSpec
 from resnet_lab.models.vit import ViTSpec
@@ -77,6 +87,39 @@ def test_hutchinson_in_blocks_draws_the_same_vectors_and_gives_the_same_trace(ti
     assert torch.equal(torch.cat(seen[1]), torch.cat(seen[block]))  # the same vectors in the same order
     assert max(len(v) for v in seen[block]) == block and one.samples == many.samples
     assert many.mean == pytest.approx(one.mean, rel=1e-12) and many.hi == pytest.approx(one.hi, rel=1e-12)
+
+
+def test_products_through_affine_bns_keep_the_function_the_names_and_the_hessian(tiny):
+    model, data, H = tiny
+    ready = for_products(copy.deepcopy(model))
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in ready.modules())
+    assert [n for n, _ in ready.named_parameters()] == [n for n, _ in model.named_parameters()]
+    hvp = make_hvp(ready, F.cross_entropy, data, [n for n, _ in ready.named_parameters()])
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64)
+    assert torch.allclose(hvp(V), H @ V, rtol=1e-4, atol=1e-6)  # BN's weights and biases included
+    # the function: running statistics far from (0, 1), variances small enough that eps counts
+    bent = copy.deepcopy(model)
+    for m in bent.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(1e-3, 1e-1)
+    x = data[0][0]
+    with torch.no_grad():
+        want = bent(x)
+        assert (for_products(copy.deepcopy(bent))(x) - want).norm() <= 1e-6 * want.norm()
+
+
+def test_chunks_keep_a_graph_of_at_most_graph_bytes_and_give_the_same_products(tiny, monkeypatch):
+    model, data, H = tiny
+    (x, y), ps = data[0], list(model.parameters())
+    sizes = [graph_bytes(model, F.cross_entropy, x[:k], y[:k], ps) for k in (1, 2, 3, 5)]
+    per = sizes[1] - sizes[0]
+    assert per > 0 and sizes[2] - sizes[1] == per and sizes[3] - sizes[2] == 2 * per  # one image's share, linear
+    assert chunk_size(model, F.cross_entropy, x, y, ps) == hessian.CHUNK  # a tiny net: the most images
+    monkeypatch.setattr(hessian, "GRAPH_BYTES", 3 * per + per // 2)
+    hvp = make_hvp(model, F.cross_entropy, data, [n for n, _ in model.named_parameters()])
+    assert hvp.chunk == 3  # 16 images: five chunks of 3 and one of 1
+    V = torch.randn(H.shape[0], 2, dtype=torch.float64)
+    assert torch.allclose(hvp(V), H @ V, rtol=1e-4, atol=1e-6)
 
 
 def test_lanczos_top_k_equals_the_explicit_eigenvalues(tiny):

@@ -4,7 +4,7 @@
 Hessian-vector products Hv of the checkpoint's training loss (ctx.loss, the mean over the
 study's images: a seeded sample of training images, or with --limit the evaluation split's
 first images), BN in eval mode, computed exactly by double backward on a private copy of the
-network. From them:
+network (its BNs as the affine maps they are in eval mode: `for_products`). From them:
   - the top-k eigenvalues by Lanczos with full re-orthogonalisation, stopped when every one
     of the k Ritz pairs has a residual ||H y - theta y|| = |beta_m s_m| at most
     --hessian-tol x |theta| (an a-posteriori bound, not a change between iterations);
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..stats import differences_table, net_differences
@@ -43,7 +43,8 @@ EIGEN = Measure("Hessian eigenvalue", 3)
 TRACE = Measure("Hessian trace", 2)
 RATIO = Measure("top eigenvalue / trace", 4)
 MIN_SAMPLES = 30  # Hutchinson pilot samples (the spread of a quadratic form is poorly seen in fewer)
-CHUNK = 64  # images per double backward: memory holds one chunk's graph (ResNet-110: 8.7 GB at 250, BENCHMARKS.md)
+CHUNK = 64  # images per double backward at most: memory holds one chunk's graph (ResNet-110: 8.7 GB at 250)
+GRAPH_BYTES = 2**29  # ... and that graph at most 512 MiB (ResNet-56: 63 images, ResNet-110: 31; BENCHMARKS.md)
 DENSITY_POINTS = 200
 BLOCK, BLOCK_BYTES = 8, 2**28  # Hutchinson's products in blocks of <= 8 vectors, <= 256 MiB of them
 
@@ -59,15 +60,18 @@ class Options:
 
 
 # -- Hessian-vector products ----------------------------------------------------------------
-def make_hvp(model, loss: Callable, data: list[tuple[Tensor, Tensor]], names: list[str]) -> Callable[[Tensor], Tensor]:
+def make_hvp(model, loss: Callable, data: list[tuple[Tensor, Tensor]], names: list[str],
+             chunk: int | None = None) -> Callable[[Tensor], Tensor]:  # fmt: skip
     """V -> H V of the mean loss over `data`, H restricted to `names`; V is one flat vector over
     `names` or a block of them as columns (dim x m). A block shares each chunk's forward pass
     and first backward among its m vectors (the graph is kept for m double backwards), so a
-    product in a block costs the double backward alone, plus 1/m of the rest."""
+    product in a block costs the double backward alone, plus 1/m of the rest. Images go
+    `chunk` at a time (by default as many as `chunk_size` allows)."""
     params = dict(model.named_parameters())
     ps = [params[n] for n in names]
     sizes = [p.numel() for p in ps]
     n_images = sum(len(y) for _, y in data)
+    step = chunk or chunk_size(model, loss, *data[0], ps)
 
     def hvp(v: Tensor) -> Tensor:
         block = v.reshape(len(v), -1)
@@ -77,16 +81,79 @@ def make_hvp(model, loss: Callable, data: list[tuple[Tensor, Tensor]], names: li
         # Attention (ViT) through the math kernel: the fused ones have no double backward.
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             for x, y in data:
-                for i in range(0, len(y), CHUNK):
-                    value = loss(model(x[i : i + CHUNK]), y[i : i + CHUNK], reduction="sum") / n_images
+                for i in range(0, len(y), step):
+                    value = loss(model(x[i : i + step]), y[i : i + step], reduction="sum") / n_images
                     g = torch.autograd.grad(value, ps, create_graph=True)
                     for k, u in enumerate(vs):
                         hv = torch.autograd.grad(g, ps, grad_outputs=u, retain_graph=k < len(vs) - 1)
                         out[:, k] += torch.cat([h.reshape(-1) for h in hv]).double()
         return out.reshape(v.shape)
 
+    hvp.chunk = step  # type: ignore[attr-defined]
     hvp.dim = sum(sizes)  # type: ignore[attr-defined]
     return hvp
+
+
+class AffineBatchNorm(nn.Module):
+    """An eval-mode BatchNorm as the per-channel affine map it computes, x w / sqrt(var + eps) +
+    b - mean w / sqrt(var + eps), on the same Parameters under the same names: the same function
+    and the same Hessian. Autograd's double backward through these few elementwise operations
+    is cheap, where BatchNorm's own evaluates its training-mode formula, batch reductions and
+    all: 7% off a product on CPU (BENCHMARKS.md). Running statistics whatever the mode: eval only."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.weight, self.bias, self.eps = bn.weight, bn.bias, bn.eps
+        self.register_buffer("running_mean", bn.running_mean)
+        self.register_buffer("running_var", bn.running_var)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        scale = torch.rsqrt(self.running_var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -self.running_mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        return x * scale.view(shape) + shift.view(shape)
+
+
+def for_products(model: nn.Module) -> nn.Module:
+    """`model` (a private copy: changed in place) ready for Hessian-vector products: NCHW, since
+    double backward through channels-last convolutions is 1.37x slower on CPU, and every
+    BatchNorm with running statistics an AffineBatchNorm. Parameter names are unchanged."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and child.running_var is not None:
+                setattr(parent, name, AffineBatchNorm(child))
+    return model.eval().to(memory_format=torch.contiguous_format)
+
+
+def graph_bytes(model, loss: Callable, x: Tensor, y: Tensor, ps: list[Tensor]) -> int:
+    """Bytes of the tensors autograd saves for the loss over (x, y) and its gradient with respect
+    to `ps` taken with create_graph: the graph a product keeps for its double backward. Each
+    storage once (a view of the inputs or a weight counts as the storage it shares)."""
+    saved: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.autograd.grad(loss(model(x), y, reduction="sum"), ps, create_graph=True)
+    return sum(saved.values())
+
+
+def chunk_size(model, loss: Callable, x: Tensor, y: Tensor, ps: list[Tensor]) -> int:
+    """Images per chunk: CHUNK, or fewer where a chunk's graph would pass GRAPH_BYTES, from the
+    bytes one more image adds to the graph (two images' graph less one's: the inputs' and the
+    weights' storages cancel). Deep or wide nets and large images get smaller chunks."""
+    if len(y) < 2:
+        return CHUNK
+    one = graph_bytes(model, loss, x[:1], y[:1], ps)
+    per_image = max(1, graph_bytes(model, loss, x[:2], y[:2], ps) - one)
+    return max(1, min(CHUNK, GRAPH_BYTES // per_image))
 
 
 def block_size(dim: int) -> int:
@@ -233,9 +300,7 @@ class Hessian(Study):
         def hvp_of(names: list[str]):
             if not state:  # once, and only if a unit is left
                 x, y, what = ctx.images(o.hessian_images)
-                # NCHW: double backward through channels-last convolutions is 1.37x slower on CPU
-                # (BENCHMARKS.md); the copy is private, the shared model keeps its format.
-                model = ctx.scratch().to(memory_format=torch.contiguous_format)
+                model = for_products(ctx.scratch())  # private: the shared model keeps its BN and format
                 state.update(model=model, data=[(x.contiguous(), y)], what=what, n=len(y))
             return make_hvp(state["model"], ctx.loss, state["data"], names), state
 
