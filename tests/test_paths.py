@@ -4,9 +4,6 @@ import itertools
 import json
 import math
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +14,7 @@ from resnet_lab.ablation.cli import main as ablate_main
 from resnet_lab.train import cli_main
 
 from .conftest import fit_args, trained_like
+from .test_landscape import assert_refused
 
 NETS = [
     ("cifar_resnet", dict(shortcut="A")),
@@ -165,20 +163,14 @@ def test_ablate_paths_end_to_end(preact_checkpoint, two_checkpoints, tmp_path):
     assert (out / "results.jsonl").read_text() == stored
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "resnet_lab.cli", "ablate", *args], capture_output=True, text=True)
-
-
-@pytest.mark.slow
-def test_paths_bad_inputs_give_one_clear_error(two_checkpoints, tmp_path):
-    r = _cli(two_checkpoints[1], "--out", str(tmp_path / "a"), "--studies", "paths")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "needs a residual net" in r.stderr and "plain" in r.stderr
-    r = _cli(two_checkpoints[0], "--out", str(tmp_path / "b"), "--studies", "pathz")
-    assert r.returncode == 2 and "invalid choice: 'pathz'" in r.stderr and "Traceback" not in r.stderr
-    r = _cli(two_checkpoints[0], "--out", str(tmp_path / "c"), "--studies", "paths", "--paths-images", "0")
-    assert r.returncode == 2 and "--paths-images" in r.stderr and "Traceback" not in r.stderr
-    assert not Path(tmp_path / "a").exists()
+def test_paths_bad_inputs_give_one_clear_error(two_checkpoints, tmp_path, capsys):
+    assert_refused([str(two_checkpoints[1]), "--out", str(tmp_path / "a"), "--studies", "paths"], capsys,
+                   "needs a residual net: every checkpoint given is plain")  # fmt: skip
+    assert_refused([str(two_checkpoints[0]), "--out", str(tmp_path / "b"), "--studies", "pathz"], capsys,
+                   "invalid choice: 'pathz'")  # fmt: skip
+    assert_refused([str(two_checkpoints[0]), "--out", str(tmp_path / "c"), "--studies", "paths", "--paths-images",
+                    "0"], capsys, "--paths-images")  # fmt: skip
+    assert not any((tmp_path / d).exists() for d in "abc")
 
 
 def test_ablate_logs_the_paths_study_to_wandb_offline(two_checkpoints, tmp_path):

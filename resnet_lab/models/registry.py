@@ -363,7 +363,8 @@ def count_macs(model: Network, size: int | None = None) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     size = size or model.spec.input_size
-    meta = build(model.spec).to("meta").eval()
+    with torch.device("meta"):
+        meta = build(model.spec).eval()
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         meta(torch.empty(1, model.spec.in_chans, size, size, device="meta"))
     return fc.get_total_flops() // 2  # FlopCounter counts a MAC as 2 FLOPs
