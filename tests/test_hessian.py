@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from resnet_lab.ablation.studies import hessian
 from resnet_lab.ablation.studies.hessian import (
@@ -114,6 +115,15 @@ def test_chunks_keep_a_graph_of_at_most_graph_bytes_and_give_the_same_products(t
     sizes = [graph_bytes(model, F.cross_entropy, x[:k], y[:k], ps) for k in (1, 2, 3, 5)]
     per = sizes[1] - sizes[0]
     assert per > 0 and sizes[2] - sizes[1] == per and sizes[3] - sizes[2] == 2 * per  # one image's share, linear
+
+    def forward_bytes(k: int) -> int:  # what the forward alone saves: the create_graph backward saves more
+        seen: dict[int, Tensor] = {}
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.setdefault(t.untyped_storage().data_ptr(), t),
+                                                      lambda t: t):  # fmt: skip
+            F.cross_entropy(model(x[:k]), y[:k], reduction="sum")
+        return sum(t.untyped_storage().nbytes() for t in seen.values())
+
+    assert per > 1.5 * (forward_bytes(2) - forward_bytes(1)) > 0
     assert chunk_size(model, F.cross_entropy, x, y, ps) == hessian.CHUNK  # a tiny net: the most images
     monkeypatch.setattr(hessian, "GRAPH_BYTES", 3 * per + per // 2)
     hvp = make_hvp(model, F.cross_entropy, data, [n for n, _ in model.named_parameters()])
