@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import sys
 
+import torch
+
 from .errors import ArgumentParser, user_error
 from .models import SpecError, count_macs, count_params, create_model, list_models, model_meta
 
@@ -22,8 +24,6 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 def model_rows(filter_: str = "") -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
     """One row per registered name: its facts from the registry (`model_meta`); generic
     builders, which have none, are counted at their default depth. Built on the meta device."""
-    import torch
-
     rows = []
     for name in list_models():
         if filter_ not in name:

@@ -301,8 +301,10 @@ class Hessian(Study):
             if not state:  # once, and only if a unit is left
                 x, y, what = ctx.images(o.hessian_images)
                 model = for_products(ctx.scratch())  # private: the shared model keeps its BN and format
-                state.update(model=model, data=[(x.contiguous(), y)], what=what, n=len(y))
-            return make_hvp(state["model"], ctx.loss, state["data"], names), state
+                x = x.contiguous()
+                chunk = chunk_size(model, ctx.loss, x, y, list(model.parameters()))  # a group's graph is no larger
+                state.update(model=model, data=[(x, y)], chunk=chunk, what=what, n=len(y))
+            return make_hvp(state["model"], ctx.loss, state["data"], names, state["chunk"]), state
 
         for group, names in groups.items():
             for rows in ctx.unit(f"{group} eigenvalues"):
