@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from resnet_lab.ablation.cli import main as ablate_main
+from resnet_lab.ablation.engine import fold_bn
 from resnet_lab.ablation.runner import build_datamodule, load_checkpoint
 from resnet_lab.ablation.studies.landscape import basin_width, directions, local_minima, walk_points
 from resnet_lab.models import create_model
@@ -80,6 +81,52 @@ def test_recalibrated_bn_equals_bn_re_estimated_by_hand_on_the_perturbed_net(two
         loss, _ = explicit_loss(ckpt, r["alpha"], 0.0, x, y, recalibrate=bn_x)
         assert r["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
     assert not any(r["walk"] == "2d" for r in rows)  # one direction: no plane
+
+
+@pytest.mark.parametrize(
+    "name, left", [("resnet20", 0), ("resnet20_B", 0), ("preact_resnet20", 10), ("cifar_vit4", None)]
+)
+def test_folded_bns_give_the_net_s_function_and_follow_its_changes_after_a_refold(name, left):
+    """The landscape evaluates each point through `fold_bn`: BNs that follow a convolution
+    folded into it. It must compute the net's own function at any weights and BN statistics."""
+    model = trained_like(name.removesuffix("_B"), **({"shortcut": "B"} if name.endswith("_B") else {})).eval()
+    net, refold = fold_bn(model)
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert (net is model) if left is None else (net is not model and len(bns) == left)  # preact: BN before a conv
+    x = torch.randn(8, 3, 32, 32)
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        with torch.no_grad():
+            want = model(x)
+            torch.testing.assert_close(net(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+            for m in model.modules():  # new weights and statistics far from (0, 1): refold, then compare again
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 3)
+                    m.running_var.copy_(torch.rand(m.num_features, generator=g) * 4 + 0.1)
+                    m.bias.add_(torch.randn(m.num_features, generator=g))
+            for p in model.parameters():
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+        if step == 0 and net is not model:  # stale until refolded
+            assert not torch.allclose(net(x), model(x), rtol=1e-3)
+        refold()
+
+
+class ConvUsedTwice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.bn2 = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn2(self.bn(y) + y)  # bn2 follows an addition: nothing to fold into
+
+
+def test_a_convolution_whose_output_is_also_used_elsewhere_is_not_folded():
+    model = ConvUsedTwice().eval()
+    model.bn.running_mean.fill_(2.0)
+    net, _ = fold_bn(model)
+    x = torch.randn(2, 3, 8, 8)
+    assert net is model and torch.equal(net(x), model(x))
 
 
 def test_each_direction_filter_has_the_norm_of_the_weight_filter_and_bias_bn_are_zero_unless_asked():
@@ -207,3 +254,17 @@ def test_a_rerun_computes_nothing_and_a_killed_run_resumes_to_the_same_csv(two_c
     monkeypatch.setattr(landscape, "loss_error", boom)
     run(two_checkpoints[:1], out)
     assert (out / "results.csv").read_text() == expected
+
+
+@pytest.mark.slow
+def test_the_landscape_benchmark_times_each_way_on_the_same_point():
+    """scripts/bench_geometry.py landscape: its own check (the study's point equals Li et al.'s
+    way on the same images) passes, and every way is timed."""
+    from .conftest import REPO
+
+    argv = [sys.executable, "bench_geometry.py", "landscape", "--model", "resnet8", "--images", "40", "--rounds", "1"]
+    r = subprocess.run(argv, cwd=REPO / "scripts", capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert set(res["seconds_per_point"]) == {"study", "unfolded", "bare", "reference"}
+    assert all(v > 0 for v in res["seconds_per_point"].values()) and res["grid21_points"] == 487

@@ -16,6 +16,7 @@ running statistics (Veit et al.); `recalibrate_bn` is a separate, labelled condi
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import random
@@ -243,3 +244,53 @@ def recalibrate_bn(model: ResNet, batches: Iterable[tuple[Tensor, Tensor]], from
         for bn, (mom, _tr) in zip(bns, saved):
             bn.momentum = mom
         model.eval()
+
+
+def fold_bn(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable[[], None]]:
+    """`(net, refold)`: `model` (eval mode) as it evaluates, each BatchNorm that directly follows
+    a convolution (as that convolution's only user) folded into a copy of it: conv(x, W s) +
+    beta + (c - mean) s, s = gamma / sqrt(var + eps), c the conv's bias or 0. The same function,
+    one pass over every activation fewer (12% off a landscape point of ResNet-56 on CPU,
+    BENCHMARKS.md). `net` shares every other module with `model`; `refold()` recomputes the
+    folded weights from `model`'s convolutions and BN parameters and statistics: call it whenever
+    they changed. A net without such pairs, or one torch.fx cannot trace (control flow on
+    values: the ViTs), comes back as itself."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - any untraceable net is evaluated as it is
+        return model, lambda: None
+    modules = dict(gm.named_modules())
+    pairs = []
+    for node in list(gm.graph.nodes):
+        conv_node = node.args[0] if node.op == "call_module" and node.args else None
+        if not (isinstance(conv_node, torch.fx.Node) and conv_node.op == "call_module"):
+            continue
+        conv, bn = modules.get(conv_node.target), modules[node.target]
+        if not (isinstance(bn, torch.nn.modules.batchnorm._BatchNorm) and bn.track_running_stats
+                and isinstance(conv, torch.nn.modules.conv._ConvNd) and len(conv_node.users) == 1):  # fmt: skip
+            continue
+        folded = copy.deepcopy(conv).requires_grad_(False)
+        folded.bias = torch.nn.Parameter(conv.weight.new_zeros(conv.out_channels), requires_grad=False)
+        conv_node.target = f"folded_{len(pairs)}"
+        gm.add_submodule(conv_node.target, folded)
+        node.replace_all_uses_with(conv_node)
+        gm.graph.erase_node(node)
+        pairs.append((conv, bn, folded))
+    if not pairs:
+        return model, lambda: None
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+
+    @torch.no_grad()
+    def refold() -> None:
+        for conv, bn, folded in pairs:
+            w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                        bn.weight, bn.bias)  # fmt: skip
+            folded.weight.copy_(w)
+            folded.bias.copy_(b)
+
+    refold()
+    return gm.eval(), refold

@@ -172,7 +172,7 @@ class Landscape(Study):
 
     def run(self, ctx) -> None:
         o = ctx.options
-        x = y = bn_batches = m = theta = ds = what = None
+        x = y = bn_batches = m = net = refold = theta = ds = what = None
         points = walk_points(o.landscape_grid, o.landscape_radius)
         axis = torch.linspace(-o.landscape_radius, o.landscape_radius, o.landscape_grid).tolist()
         axis[o.landscape_grid // 2] = 0.0
@@ -186,6 +186,7 @@ class Landscape(Study):
                     if o.landscape_bn == "recalibrated":
                         bn_batches = list(ctx.sample("train", o.landscape_bn_images, ctx.common.seed + 1))
                     m, theta = ctx.scratch(), ctx.parameters()
+                    net, refold = engine.fold_bn(m)  # evaluates m's function, its BNs folded
                     ds = directions(theta, o.landscape_directions, ctx.common.seed, o.landscape_ignore)
                 alphas = points if k2 is None else axis
                 for a in alphas:
@@ -193,7 +194,8 @@ class Landscape(Study):
                     set_point(m, theta, [ds[k]] if k2 is None else [ds[k], ds[k2]], coefs)
                     if bn_batches is not None:
                         engine.recalibrate_bn(m, bn_batches, None)  # every weight moved: every BN
-                    loss, err = loss_error(m, ctx.loss, x, y)
+                    refold()
+                    loss, err = loss_error(net, ctx.loss, x, y)
                     rows.append(ctx.row(
                         o.landscape_bn, key=f"{unit} a={a:+.4f}", walk="1d" if k2 is None else "2d",
                         direction=k + 1, alpha=a, beta=0.0 if k2 is None else beta, loss=loss, error=err,
