@@ -3,6 +3,7 @@
     python scripts/bench_geometry.py landscape --model resnet56 --images 1000 --rounds 5
     python scripts/bench_geometry.py hessian --models resnet20 resnet56 --images 256
     python scripts/bench_geometry.py rss --model resnet110 --images 1000
+    python scripts/bench_geometry.py landscape --device cuda   # landscape and hessian: on a GPU
 
   landscape: seconds per grid point of the study's way (write theta + a d1 + b d2 into a
              private copy in place, fold its BNs into their convolutions, evaluate pre-made
@@ -53,15 +54,25 @@ from resnet_lab.ablation.studies.landscape import directions, loss_error, set_po
 from resnet_lab.cli import GLIBC_TUNABLES
 
 
-def data(n: int, seed: int = 0):
+def data(n: int, seed: int = 0, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
-    return x, torch.randint(0, 10, (n,), generator=g)
+    return x.to(device), torch.randint(0, 10, (n,), generator=g).to(device)
+
+
+def timed(device: str, f, *args) -> float:
+    """Seconds of f(*args), the device's queued work included."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    f(*args)
+    sync()
+    return time.perf_counter() - t
 
 
 def bench_landscape(args) -> dict:
-    model = trained_like(args.model)
-    x, y = data(args.images)
+    model = trained_like(args.model).to(args.device)
+    x, y = data(args.images, device=args.device)
     theta = {k: p.detach().clone() for k, p in model.named_parameters()}
     d1, d2 = directions(theta, 2, 0)
     scratch = copy.deepcopy(model)
@@ -108,25 +119,27 @@ def bench_landscape(args) -> dict:
             p.add_(0.3 * d1[name] - 0.2 * d2[name])
         total = 0.0
         for xb, yb in DataLoader(Images(), batch_size=500, shuffle=False):
-            total += float(F.cross_entropy(m(xb.contiguous(memory_format=torch.channels_last)), yb, reduction="sum"))
+            xb = xb.to(args.device).contiguous(memory_format=torch.channels_last)
+            total += float(F.cross_entropy(m(xb), yb.to(args.device), reduction="sum"))
         return total / len(y)
 
     def study_same_images():
         set_point(scratch, theta, [d1, d2], [0.3, -0.2])
         refold()
-        return loss_error(net, F.cross_entropy, x_ref.contiguous(memory_format=torch.channels_last), y)[0]
+        return loss_error(net, F.cross_entropy, x_ref.to(args.device).contiguous(memory_format=torch.channels_last), y)[
+            0
+        ]
 
     assert abs(study_same_images() - reference()) < 1e-4 * max(1.0, abs(reference()))
     times = {"study": [], "unfolded": [], "bare": [], "reference": []}
     for _ in range(args.rounds):
         for name, f in (("study", study), ("unfolded", unfolded), ("bare", bare), ("reference", reference)):
-            t = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - t)
+            times[name].append(timed(args.device, f))
     med = {k: statistics.median(v) for k, v in times.items()}
     grid_points = 21 * 21 + 2 * (21 + 2)  # the grid and two 1D walks (G points and +-r/2)
     return {
-        "model": args.model, "images": args.images, "rounds": args.rounds, "threads": torch.get_num_threads(),
+        "model": args.model, "device": args.device, "images": args.images, "rounds": args.rounds,
+        "threads": torch.get_num_threads(),
         "seconds_per_point": med, "study_over_bare": med["study"] / med["bare"],
         "study_over_reference": med["study"] / med["reference"], "unfolded_over_bare": med["unfolded"] / med["bare"],
         "grid21_estimate_s": grid_points * med["study"], "grid21_points": grid_points,
@@ -170,14 +183,21 @@ def lanczos_to_accuracy(hvp, dim, start, tol, ref, max_iter):
     return None
 
 
+def forward_backward(model, loss, x, y) -> None:
+    with torch.enable_grad():
+        model.zero_grad()
+        loss(model(x), y).backward()
+
+
 def hessian_nets(args):
     """(name, model in NCHW as the study runs it, loss, x, y): the stand-ins on random inputs, or
     with --checkpoints the trained nets, their training loss and the study's own sample of
     --images training images (seed 0, no augmentation)."""
     if not args.checkpoints:
         for name in args.models:
-            x, y = data(args.images)
-            yield name, trained_like(name).to(memory_format=torch.contiguous_format), F.cross_entropy, x.contiguous(), y
+            x, y = data(args.images, device=args.device)
+            model = trained_like(name).to(args.device, memory_format=torch.contiguous_format)
+            yield name, model, F.cross_entropy, x.contiguous(), y
         return
     from functools import partial
 
@@ -191,10 +211,10 @@ def hessian_nets(args):
         loss = partial(F.cross_entropy, label_smoothing=ck.label_smoothing)
         yield (
             ck.label,
-            ck.model.to(memory_format=torch.contiguous_format),
+            ck.model.to(args.device, memory_format=torch.contiguous_format),
             loss,
-            torch.cat(xs).contiguous(),
-            torch.cat(ys),
+            torch.cat(xs).contiguous().to(args.device),
+            torch.cat(ys).to(args.device),
         )
 
 
@@ -219,23 +239,13 @@ def bench_hessian(args) -> list[dict]:
         native = make_hvp(copy.deepcopy(model), loss, [(x, y)], [n for n, _ in model.named_parameters()])
         t_hvp, t_block, t_native, t_fb = [], [], [], []
         for _ in range(args.rounds):  # interleaved: one product, a block, the same with BN's own autograd, fwd+bwd
-            t = time.perf_counter()
-            hvp(start)
-            t_hvp.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            hvp(block)
-            t_block.append((time.perf_counter() - t) / BLOCK)
-            t = time.perf_counter()
-            native(block)
-            t_native.append((time.perf_counter() - t) / BLOCK)
-            t = time.perf_counter()
-            with torch.enable_grad():
-                model.zero_grad()
-                loss(model(x), y).backward()
-            t_fb.append(time.perf_counter() - t)
+            t_hvp.append(timed(args.device, hvp, start))
+            t_block.append(timed(args.device, hvp, block) / BLOCK)
+            t_native.append(timed(args.device, native, block) / BLOCK)
+            t_fb.append(timed(args.device, forward_backward, model, loss, x, y))
         fb = statistics.median(t_fb)
         out.append({
-            "model": name, "images": args.images, "weights": hvp.dim, **counts,
+            "model": name, "device": args.device, "images": args.images, "weights": hvp.dim, **counts,
             "seconds_per_product": statistics.median(t_hvp), "seconds_forward_backward": fb,
             "seconds_per_product_in_a_block": statistics.median(t_block),
             "seconds_per_product_in_a_block_native_bn": statistics.median(t_native),
@@ -290,6 +300,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--device", default="cpu", help="landscape, hessian: cpu or cuda")
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--max-iter", type=int, default=200)
     p.add_argument("--seconds-only", action="store_true", help="hessian: only the seconds, not the product counts")

@@ -9,7 +9,11 @@ the rest; a failed step is recorded with the end of its output and the others st
   4. the ViT and ConvNeXt figures (issue 25 §5): bench_fit of cifar_vit6 (with and without the
      recipe's RandAugment/Mixup/CutMix/erasing) and cifar_convnext_atto against a bare loop,
      and bench_lesion of both;
-  5. with 2 or more GPUs: a 2-process NCCL DDP fit whose final validation must equal a
+  5. the geometry studies' figures (issue 24 §6): bench_geometry landscape (ResNet-56, 1,000
+     images: a grid point against a bare forward and Li et al.'s way) and hessian (ResNet-20
+     and -56, 256 images: Lanczos's and power iteration's products to 1e-3, and the seconds of
+     a product against a forward+backward);
+  6. with 2 or more GPUs: a 2-process NCCL DDP fit whose final validation must equal a
      single-process `validate` of its checkpoint.
 A step whose packages the node lacks (an offline node without the wheelhouse) is refused in
 one line and the others run; the exit code is then 2. Everything lands in OUT/gpu_check.json
@@ -48,9 +52,10 @@ TINY = ["--data.init_args.source", "synthetic", "--data.init_args.val_size", "20
         "100", "--data.init_args.batch_size", "32", "--trainer.max_steps", "4", "--trainer.check_val_every_n_epoch",
         "1", "--trainer.accelerator", "cpu"]  # fmt: skip
 SMOKE_FAMILIES = ("vit1_i32_p8_w32_h2_m64", "convnext_cifar_d1-1-1-1_w8-8-16-16")
-# Seconds each step may take on the GPU (the sum for one GPU is 8.75 minutes) and what it imports.
+# Seconds each step may take on the GPU and what it imports; --budget (540 s) caps their sum.
 BUDGET = {"main_job": 180, "bench_fit": 150, "bench_lesion": 60, "bench_paths": 60, "bench_fit_vit": 45,
-          "bench_fit_convnext": 45, "bench_lesion_families": 45, "ddp": 150}  # fmt: skip
+          "bench_fit_convnext": 45, "bench_lesion_families": 45, "bench_geometry_landscape": 45,
+          "bench_geometry_hessian": 60, "ddp": 150}  # fmt: skip
 NEEDS = {
     "main_job": ("pytorch_lightning", "torchvision", "jsonargparse", "typeshed_client", "docstring_parser"),
     "bench_fit": ("pytorch_lightning", "torchvision"),
@@ -59,6 +64,8 @@ NEEDS = {
     "bench_fit_vit": ("pytorch_lightning", "torchvision"),
     "bench_fit_convnext": ("pytorch_lightning", "torchvision"),
     "bench_lesion_families": ("torchvision",),
+    "bench_geometry_landscape": ("torchvision",),
+    "bench_geometry_hessian": ("torchvision",),
     "ddp": ("pytorch_lightning", "torchvision", "jsonargparse", "typeshed_client", "docstring_parser"),
 }
 
@@ -101,14 +108,16 @@ def run(name: str, cmd: list[str], timeout: float, out: Path) -> dict:
     return step
 
 
-def last_json(log: Path) -> dict | None:
-    """The JSON object a benchmark prints last."""
+def last_json(log: Path) -> dict | list | None:
+    """The JSON value (an object, or a list of them) that ends a benchmark's output."""
     text = log.read_text()
-    start = text.rfind("\n{")
-    try:
-        return json.loads(text[start + 1 :]) if start >= 0 else None
-    except json.JSONDecodeError:
-        return None
+    starts = [i + 1 for i in range(len(text) - 1) if text[i] == "\n" and text[i + 1] in "{["]
+    for start in reversed([0, *starts] if text[:1] in "{[" else starts):
+        try:
+            return json.loads(text[start:])
+        except json.JSONDecodeError:
+            continue
+    return None
 
 
 def final(run_dir: Path | None, key: str, folder: str = "csv") -> float | None:
@@ -170,6 +179,12 @@ def benchmarks(out: Path, smoke: bool, device: str, data: Path | None, limit, re
     lesion_images = ["--images", "16", "--chunk", "16", "--rounds", "1"] if smoke else \
         ["--images", "10000", "--chunk", "1000"]  # fmt: skip
     size["bench_lesion_families"] = ["--models", vit, cnx, *lesion_images]
+    size["bench_geometry_landscape"] = ["landscape", *(
+        ["--model", "resnet8", "--images", "40", "--rounds", "1"] if smoke else
+        ["--model", "resnet56", "--images", "1000", "--rounds", "5"])]  # fmt: skip
+    size["bench_geometry_hessian"] = ["hessian", *(
+        ["--models", "resnet8", "--images", "16", "--rounds", "1", "--max-iter", "40"] if smoke else
+        ["--models", "resnet20", "resnet56", "--images", "256", "--rounds", "3", "--max-iter", "60"])]  # fmt: skip
     for name, args in size.items():
         script = "_".join(name.split("_")[:2])  # a step is bench_<script>[_<what it runs on>]
         if refuse(name, missing(name), results):
@@ -253,11 +268,20 @@ def markdown(results: dict) -> str:
                 "ddp_val_error", "single_val_error", "equal")  # fmt: skip
         shown = {k: step[k] for k in keys if k in step}
         if step.get("result"):
-            r = step["result"]
-            shown.update({k: r[k] for k in ("median_img_per_s", "ratio_vs_baseline", "median") if k in r})
+            shown.update(figures(step["result"]))
         cells = [name, step["rc"], step["wall_s"], step.get("budget_s", ""), f"`{json.dumps(shown)}`"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def figures(result: dict | list) -> dict:
+    """The figures of a benchmark's result that the table shows."""
+    keys = ("median_img_per_s", "ratio_vs_baseline", "median", "study_over_bare", "study_over_reference")
+    if isinstance(result, list):  # bench_geometry hessian: one row per net
+        per_net = ("lanczos_products_to_tol", "power_products_to_tol", "product_over_forward_backward",
+                   "block_product_over_forward_backward")  # fmt: skip
+        return {row["model"]: {k: row[k] for k in per_net if k in row} for row in result}
+    return {k: result[k] for k in keys if k in result}
 
 
 def out_folder(path: str, flag: str = "--out") -> Path:

@@ -24,7 +24,11 @@ def test_gpu_check_smoke_runs_every_step_then_the_paper_run(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((out / "gpu_check.json").read_text())
     assert {"main_job", "bench_fit", "bench_lesion", "bench_paths", "bench_fit_vit", "bench_fit_convnext",
-            "bench_lesion_families", "ddp"} <= set(res)  # fmt: skip
+            "bench_lesion_families", "bench_geometry_landscape", "bench_geometry_hessian",
+            "ddp"} <= set(res)  # fmt: skip
+    land, (hess,) = res["bench_geometry_landscape"]["result"], res["bench_geometry_hessian"]["result"]
+    assert land["model"] == "resnet8" and land["study_over_reference"] > 0 and land["device"] == "cpu"
+    assert hess["model"] == "resnet8" and 1 <= hess["lanczos_products_to_tol"] <= hess["power_ran"]
     vit = res["bench_fit_vit"]["result"]
     assert vit["arch"] == "vit1_i32_p8_w32_h2_m64" and set(vit["ratio_vs_baseline"]) == {"fit", "fit+augment"}
     assert res["bench_fit_convnext"]["result"]["arch"] == "convnext_cifar_d1-1-1-1_w8-8-16-16"
@@ -40,6 +44,7 @@ def test_gpu_check_smoke_runs_every_step_then_the_paper_run(tmp_path):
     assert ddp["equal"] is True and ddp["ddp_val_error"] == ddp["single_val_error"]  # 2 processes = 1 process
     md = (out / "gpu_check.md").read_text()
     assert md.startswith("# GPU check (cpu (smoke)") and "| ddp | 0 |" in md and "test_error" in md
+    assert '"resnet8": {"lanczos_products_to_tol"' in md and '"study_over_reference"' in md  # the geometry rows
     # The optional second command: estimated from bench_fit's img/s, then run beside Table 6's number.
     r = gpu_check("--smoke", "--paper", "--out", str(out), "--runs", str(tmp_path / "runs"), "--budget", "600")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

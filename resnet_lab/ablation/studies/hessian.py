@@ -66,7 +66,8 @@ def make_hvp(model, loss: Callable, data: list[tuple[Tensor, Tensor]], names: li
     `names` or a block of them as columns (dim x m). A block shares each chunk's forward pass
     and first backward among its m vectors (the graph is kept for m double backwards), so a
     product in a block costs the double backward alone, plus 1/m of the rest. Images go
-    `chunk` at a time (by default as many as `chunk_size` allows)."""
+    `chunk` at a time (by default as many as `chunk_size` allows). V and H V are float64 on the
+    CPU, wherever the model and `data` are."""
     params = dict(model.named_parameters())
     ps = [params[n] for n in names]
     sizes = [p.numel() for p in ps]
@@ -75,7 +76,7 @@ def make_hvp(model, loss: Callable, data: list[tuple[Tensor, Tensor]], names: li
 
     def hvp(v: Tensor) -> Tensor:
         block = v.reshape(len(v), -1)
-        cols = [col.to(ps[0].dtype).contiguous() for col in block.T]
+        cols = [col.to(ps[0].device, ps[0].dtype).contiguous() for col in block.T]  # CPU float64 -> the weights'
         vs = [[u.view_as(p) for u, p in zip(torch.split(col, sizes), ps)] for col in cols]
         out = torch.zeros(block.shape, dtype=torch.float64)
         # Attention (ViT) through the math kernel: the fused ones have no double backward.
@@ -86,7 +87,7 @@ def make_hvp(model, loss: Callable, data: list[tuple[Tensor, Tensor]], names: li
                     g = torch.autograd.grad(value, ps, create_graph=True)
                     for k, u in enumerate(vs):
                         hv = torch.autograd.grad(g, ps, grad_outputs=u, retain_graph=k < len(vs) - 1)
-                        out[:, k] += torch.cat([h.reshape(-1) for h in hv]).double()
+                        out[:, k] += torch.cat([h.reshape(-1) for h in hv]).double().cpu()
         return out.reshape(v.shape)
 
     hvp.chunk = step  # type: ignore[attr-defined]

@@ -79,7 +79,7 @@ def directions(params: dict[str, Tensor], count: int, seed: int, ignore: str = "
         g = torch.Generator().manual_seed(seed * 1_000_003 + k)
         d = {}
         for name, w in params.items():
-            raw = torch.randn(w.shape, generator=g, dtype=torch.float32)
+            raw = torch.randn(w.shape, generator=g, dtype=torch.float32).to(w.device)  # one draw on any device
             if w.dim() <= 1:  # biases and BN weights/biases
                 d[name] = torch.zeros_like(w) if ignore == "biasbn" else w.detach().clone()
                 continue
