@@ -129,6 +129,12 @@ def test_a_convolution_whose_output_is_also_used_elsewhere_is_not_folded():
     assert net is model and torch.equal(net(x), model(x))
 
 
+def test_a_bn_in_training_mode_is_not_folded():
+    model = trained_like("resnet8").train()  # batch statistics: no fixed affine map to fold
+    net, _ = fold_bn(model)
+    assert net is model
+
+
 def test_each_direction_filter_has_the_norm_of_the_weight_filter_and_bias_bn_are_zero_unless_asked():
     model = trained_like("resnet20")
     theta = {k: p.detach() for k, p in model.named_parameters()}

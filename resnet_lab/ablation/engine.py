@@ -253,8 +253,9 @@ def fold_bn(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable[[], None]
     one pass over every activation fewer (12% off a landscape point of ResNet-56 on CPU,
     BENCHMARKS.md). `net` shares every other module with `model`; `refold()` recomputes the
     folded weights from `model`'s convolutions and BN parameters and statistics: call it whenever
-    they changed. A net without such pairs, or one torch.fx cannot trace (control flow on
-    values: the ViTs), comes back as itself."""
+    they changed. A net without such pairs (a BN in training mode normalises by its batch: it is
+    never folded), or one torch.fx cannot trace (control flow on values: the ViTs), comes back
+    as itself."""
     from torch.nn.utils.fusion import fuse_conv_bn_weights
 
     try:
@@ -268,7 +269,7 @@ def fold_bn(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable[[], None]
         if not (isinstance(conv_node, torch.fx.Node) and conv_node.op == "call_module"):
             continue
         conv, bn = modules.get(conv_node.target), modules[node.target]
-        if not (isinstance(bn, torch.nn.modules.batchnorm._BatchNorm) and bn.track_running_stats
+        if not (isinstance(bn, torch.nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and not bn.training
                 and isinstance(conv, torch.nn.modules.conv._ConvNd) and len(conv_node.users) == 1):  # fmt: skip
             continue
         folded = copy.deepcopy(conv).requires_grad_(False)
