@@ -126,9 +126,8 @@ def bench_landscape(args) -> dict:
     def study_same_images():
         set_point(scratch, theta, [d1, d2], [0.3, -0.2])
         refold()
-        return loss_error(net, F.cross_entropy, x_ref.to(args.device).contiguous(memory_format=torch.channels_last), y)[
-            0
-        ]
+        xs = x_ref.to(args.device).contiguous(memory_format=torch.channels_last)
+        return loss_error(net, F.cross_entropy, xs, y)[0]
 
     assert abs(study_same_images() - reference()) < 1e-4 * max(1.0, abs(reference()))
     times = {"study": [], "unfolded": [], "bare": [], "reference": []}
