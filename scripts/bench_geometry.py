@@ -45,7 +45,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from bench_lesion import trained_like  # scripts/ is on sys.path when a script runs
+from bench_lesion import timed, trained_like  # scripts/ is on sys.path when a script runs
 from torch.utils.data import DataLoader
 
 from resnet_lab.ablation.engine import fold_bn
@@ -58,16 +58,6 @@ def data(n: int, seed: int = 0, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
     return x.to(device), torch.randint(0, 10, (n,), generator=g).to(device)
-
-
-def timed(device: str, f, *args) -> float:
-    """Seconds of f(*args), the device's queued work included."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    sync()
-    t = time.perf_counter()
-    f(*args)
-    sync()
-    return time.perf_counter() - t
 
 
 def bench_landscape(args) -> dict:
@@ -133,7 +123,7 @@ def bench_landscape(args) -> dict:
     times = {"study": [], "unfolded": [], "bare": [], "reference": []}
     for _ in range(args.rounds):
         for name, f in (("study", study), ("unfolded", unfolded), ("bare", bare), ("reference", reference)):
-            times[name].append(timed(args.device, f))
+            times[name].append(timed(f)[0])
     med = {k: statistics.median(v) for k, v in times.items()}
     grid_points = 21 * 21 + 2 * (21 + 2)  # the grid and two 1D walks (G points and +-r/2)
     return {
@@ -238,10 +228,10 @@ def bench_hessian(args) -> list[dict]:
         native = make_hvp(copy.deepcopy(model), loss, [(x, y)], [n for n, _ in model.named_parameters()])
         t_hvp, t_block, t_native, t_fb = [], [], [], []
         for _ in range(args.rounds):  # interleaved: one product, a block, the same with BN's own autograd, fwd+bwd
-            t_hvp.append(timed(args.device, hvp, start))
-            t_block.append(timed(args.device, hvp, block) / BLOCK)
-            t_native.append(timed(args.device, native, block) / BLOCK)
-            t_fb.append(timed(args.device, forward_backward, model, loss, x, y))
+            t_hvp.append(timed(hvp, start)[0])
+            t_block.append(timed(hvp, block)[0] / BLOCK)
+            t_native.append(timed(native, block)[0] / BLOCK)
+            t_fb.append(timed(forward_backward, model, loss, x, y)[0])
         fb = statistics.median(t_fb)
         out.append({
             "model": name, "device": args.device, "images": args.images, "weights": hvp.dim, **counts,

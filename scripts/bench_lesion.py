@@ -37,6 +37,15 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def timed(fn, *args):
+    """(seconds of fn(*args), the GPU's queued work included; its result)."""
+    sync()
+    t = time.perf_counter()
+    r = fn(*args)
+    sync()
+    return time.perf_counter() - t, r
+
+
 @torch.no_grad()
 def naive(model, chunks, conds) -> float:
     sync()

@@ -16,11 +16,10 @@ import argparse
 import json
 import random
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
-from bench_lesion import sync, trained_like  # scripts/ is on sys.path when a script runs
+from bench_lesion import timed, trained_like  # scripts/ is on sys.path when a script runs
 
 from resnet_lab.ablation import paths
 
@@ -37,14 +36,6 @@ def naive(model, x, y, routes) -> torch.Tensor:
         F.cross_entropy(model.forward_head(h), y, reduction="sum").backward()
         out.append(h0.grad)
     return torch.stack(out)
-
-
-def timed(fn, *args):
-    sync()
-    t = time.perf_counter()
-    r = fn(*args)
-    sync()
-    return time.perf_counter() - t, r
 
 
 def main() -> None:
