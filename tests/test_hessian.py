@@ -10,6 +10,8 @@ from torch import Tensor
 
 from resnet_lab.ablation.studies import hessian
 from resnet_lab.ablation.studies.hessian import (
+    ProductConv,
+    affine_bns,
     chunk_size,
     density,
     for_products,
@@ -94,6 +96,8 @@ def test_products_through_affine_bns_keep_the_function_the_names_and_the_hessian
     model, data, H = tiny
     ready = for_products(copy.deepcopy(model))
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in ready.modules())
+    convs = sum(type(m) is torch.nn.Conv2d for m in model.modules())
+    assert sum(isinstance(m, ProductConv) for m in ready.modules()) == convs > 0
     assert [n for n, _ in ready.named_parameters()] == [n for n, _ in model.named_parameters()]
     hvp = make_hvp(ready, F.cross_entropy, data, [n for n, _ in ready.named_parameters()])
     V = torch.randn(H.shape[0], 3, dtype=torch.float64)
@@ -107,6 +111,34 @@ def test_products_through_affine_bns_keep_the_function_the_names_and_the_hessian
     with torch.no_grad():
         want = bent(x)
         assert (for_products(copy.deepcopy(bent))(x) - want).norm() <= 1e-6 * want.norm()
+
+
+@pytest.mark.parametrize("net", ["resnet8 B", "preact_resnet8", "convnext", "vit"])
+def test_product_convolutions_give_pytorchs_own_products_on_every_family(net):
+    """ProductConv's double backward against PyTorch's own, in float64: strides, 1x1 option-B
+    shortcuts, pre-activation, ConvNeXt's depthwise convolutions with biases and its 2x2
+    downsampling, a ViT's patch convolution; the whole Hessian and a stage's block."""
+    if net == "convnext":
+        model = build(ConvNeXtSpec(stage_depths=(1, 1, 1, 1), widths=(4, 8, 8, 12))).eval()
+    elif net == "vit":
+        model = build(ViTSpec(depth=2, image_size=32, patch_size=8, width=16, heads=2, mlp_dim=32)).eval()
+    else:
+        name, _, shortcut = net.partition(" ")
+        model = trained_like(name, base_width=4, **({"shortcut": shortcut} if shortcut else {}))
+    model = model.double().to(memory_format=torch.contiguous_format)
+    ready = for_products(copy.deepcopy(model))
+    assert any(isinstance(m, ProductConv) for m in ready.modules())
+    own = affine_bns(copy.deepcopy(model))  # the same function, with PyTorch's convolutions
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (6,), generator=g)
+    with torch.no_grad():
+        assert torch.allclose(ready(x), own(x), rtol=1e-12, atol=1e-12)
+    groups = model.parameter_groups()
+    for names in ([n for n, _ in model.named_parameters()], groups[sorted(set(groups) - {"other"})[0]]):
+        want = make_hvp(own, F.cross_entropy, [(x, y)], names)
+        V = torch.randn(want.dim, 2, generator=g, dtype=torch.float64)
+        got, ref = make_hvp(ready, F.cross_entropy, [(x, y)], names)(V), want(V)
+        assert (got - ref).norm() <= 1e-10 * ref.norm()
 
 
 def test_chunks_keep_a_graph_of_at_most_graph_bytes_and_give_the_same_products(tiny, monkeypatch):
@@ -130,6 +162,39 @@ def test_chunks_keep_a_graph_of_at_most_graph_bytes_and_give_the_same_products(t
     assert hvp.chunk == 3  # 16 images: five chunks of 3 and one of 1
     V = torch.randn(H.shape[0], 2, dtype=torch.float64)
     assert torch.allclose(hvp(V), H @ V, rtol=1e-4, atol=1e-6)
+
+
+def test_graphs_that_fit_are_kept_from_product_to_product_and_a_broken_first_pass_keeps_none(tiny, monkeypatch):
+    model, data, H = tiny
+    names = [n for n, _ in model.named_parameters()]
+    calls, broken = [], [True]
+
+    def loss(logits, y, reduction="mean"):  # counts the forward passes; the first product breaks at its 2nd chunk
+        calls.append(len(y))
+        if len(calls) == 4 and broken:  # calls 1-2: image_bytes' one- and two-image graphs
+            broken.pop()
+            raise RuntimeError("killed")
+        return F.cross_entropy(logits, y, reduction=reduction)
+
+    hvp = make_hvp(model, loss, [*data, *data], names, chunk=8)  # four chunks of 8
+    assert hvp.keeps
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="killed"):
+        hvp(V)
+    calls.clear()
+    first = hvp(V)
+    assert calls == [8, 8, 8, 8]  # built again, whole
+    again, one = hvp(V), hvp(V[:, 1])
+    assert calls == [8, 8, 8, 8]  # then kept: no more forward passes
+    assert torch.equal(again, first) and torch.equal(one, first[:, 1])
+    assert torch.allclose(first, H @ V, rtol=1e-4, atol=1e-6)
+    per_image = hessian.image_bytes(model, F.cross_entropy, *data[0], [p for p in model.parameters()])
+    monkeypatch.setattr(hessian, "KEEP_BYTES", 32 * per_image - 1)  # one byte short of the 32 images' graphs
+    calls.clear()
+    rebuilt = make_hvp(model, loss, [*data, *data], names, chunk=8)
+    assert not rebuilt.keeps
+    assert torch.equal(rebuilt(V), first) and torch.equal(rebuilt(V[:, 1]), first[:, 1])
+    assert calls == [1, 2] + [8] * 8  # each call builds every chunk's graph again
 
 
 def test_lanczos_top_k_equals_the_explicit_eigenvalues(tiny):

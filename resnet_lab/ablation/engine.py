@@ -246,6 +246,36 @@ def recalibrate_bn(model: ResNet, batches: Iterable[tuple[Tensor, Tensor]], from
         model.eval()
 
 
+def _conv_bn_nodes(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
+    """(conv node, BN node) of a traced net: each eval-mode BatchNorm (with running statistics)
+    whose input is a convolution's output and that output's only use."""
+    modules = dict(gm.named_modules())
+    found = []
+    for node in gm.graph.nodes:
+        conv_node = node.args[0] if node.op == "call_module" and node.args else None
+        if not (isinstance(conv_node, torch.fx.Node) and conv_node.op == "call_module"):
+            continue
+        conv, bn = modules.get(conv_node.target), modules[node.target]
+        if (isinstance(bn, torch.nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and not bn.training
+                and isinstance(conv, torch.nn.modules.conv._ConvNd) and len(conv_node.users) == 1):  # fmt: skip
+            found.append((conv_node, node))
+    return found
+
+
+def _trace(model: torch.nn.Module) -> torch.fx.GraphModule | None:
+    try:
+        return torch.fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - control flow on values (the ViTs): no pairs
+        return None
+
+
+def conv_bn_pairs(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """(convolution, BatchNorm) module names of `model` where the BN (eval mode) directly follows
+    the convolution as its only user: the pairs a fold may merge. None in an untraceable net."""
+    gm = _trace(model)
+    return [(c.target, b.target) for c, b in _conv_bn_nodes(gm)] if gm is not None else []
+
+
 def fold_bn(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable[[], None]]:
     """`(net, refold)`: `model` (eval mode) as it evaluates, each BatchNorm that directly follows
     a convolution (as that convolution's only user) folded into a copy of it: conv(x, W s) +
@@ -258,20 +288,13 @@ def fold_bn(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable[[], None]
     as itself."""
     from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-    try:
-        gm = torch.fx.symbolic_trace(model)
-    except Exception:  # noqa: BLE001 - any untraceable net is evaluated as it is
+    gm = _trace(model)
+    found = _conv_bn_nodes(gm) if gm is not None else []
+    if not found:
         return model, lambda: None
-    modules = dict(gm.named_modules())
     pairs = []
-    for node in list(gm.graph.nodes):
-        conv_node = node.args[0] if node.op == "call_module" and node.args else None
-        if not (isinstance(conv_node, torch.fx.Node) and conv_node.op == "call_module"):
-            continue
-        conv, bn = modules.get(conv_node.target), modules[node.target]
-        if not (isinstance(bn, torch.nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and not bn.training
-                and isinstance(conv, torch.nn.modules.conv._ConvNd) and len(conv_node.users) == 1):  # fmt: skip
-            continue
+    for conv_node, node in found:
+        conv, bn = gm.get_submodule(conv_node.target), gm.get_submodule(node.target)
         folded = copy.deepcopy(conv).requires_grad_(False)
         folded.bias = torch.nn.Parameter(conv.weight.new_zeros(conv.out_channels), requires_grad=False)
         conv_node.target = f"folded_{len(pairs)}"
@@ -279,8 +302,6 @@ def fold_bn(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable[[], None]
         node.replace_all_uses_with(conv_node)
         gm.graph.erase_node(node)
         pairs.append((conv, bn, folded))
-    if not pairs:
-        return model, lambda: None
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

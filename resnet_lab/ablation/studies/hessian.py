@@ -4,7 +4,8 @@
 Hessian-vector products Hv of the checkpoint's training loss (ctx.loss, the mean over the
 study's images: a seeded sample of training images, or with --limit the evaluation split's
 first images), BN in eval mode, computed exactly by double backward on a private copy of the
-network (its BNs as the affine maps they are in eval mode: `for_products`). From them:
+network whose convolutions take their double backward on PyTorch's own forward and backward
+kernels, each with the BN that follows it folded in, differentiably (`for_products`). From them:
   - the top-k eigenvalues by Lanczos with full re-orthogonalisation, stopped when every one
     of the k Ritz pairs has a residual ||H y - theta y|| = |beta_m s_m| at most
     --hessian-tol x |theta| (an a-posteriori bound, not a change between iterations);
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -44,8 +46,9 @@ TRACE = Measure("Hessian trace", 2)
 RATIO = Measure("top eigenvalue / trace", 4)
 MIN_SAMPLES = 30  # Hutchinson pilot samples (the spread of a quadratic form is poorly seen in fewer)
 CHUNK = 64  # images per double backward at most: memory holds one chunk's graph (ResNet-110: 8.7 GB at 250)
-GRAPH_BYTES = 2**29  # ... and that graph at most 512 MiB (ResNet-56: 63 images, ResNet-110: 31; BENCHMARKS.md)
+GRAPH_BYTES = 2**29  # ... and that graph at most 512 MiB (ResNet-110: 8.0 MiB an image, 63; BENCHMARKS.md)
 DENSITY_POINTS = 200
+KEEP_BYTES = 2**30  # every chunk's graph kept from product to product when together at most 1 GiB
 BLOCK, BLOCK_BYTES = 8, 2**28  # Hutchinson's products in blocks of <= 8 vectors, <= 256 MiB of them
 
 
@@ -63,35 +66,46 @@ class Options:
 def make_hvp(model, loss: Callable, data: list[tuple[Tensor, Tensor]], names: list[str],
              chunk: int | None = None) -> Callable[[Tensor], Tensor]:  # fmt: skip
     """V -> H V of the mean loss over `data`, H restricted to `names`; V is one flat vector over
-    `names` or a block of them as columns (dim x m). A block shares each chunk's forward pass
-    and first backward among its m vectors (the graph is kept for m double backwards), so a
-    product in a block costs the double backward alone, plus 1/m of the rest. Images go
-    `chunk` at a time (by default as many as `chunk_size` allows). V and H V are float64 on the
-    CPU, wherever the model and `data` are."""
+    `names` or a block of them as columns (dim x m). Images go `chunk` at a time (by default as
+    many as `chunk_size` allows). Each chunk's forward pass and first backward (its graph) serve
+    every vector of a block, and, when the graphs of all chunks together take at most KEEP_BYTES,
+    every later product too: the first call builds and keeps them. Then a product costs its
+    double backward alone. V and H V are float64 on the CPU, wherever the model and `data` are."""
     params = dict(model.named_parameters())
     ps = [params[n] for n in names]
     sizes = [p.numel() for p in ps]
     n_images = sum(len(y) for _, y in data)
-    step = chunk or chunk_size(model, loss, *data[0], ps)
+    per_image = image_bytes(model, loss, *data[0], ps)
+    step = chunk or max(1, min(CHUNK, GRAPH_BYTES // per_image))
+    keep = n_images * per_image <= KEEP_BYTES
+    kept: list[tuple[Tensor, ...]] = []  # each chunk's gradient, with its graph
+
+    def graphs():
+        for x, y in data:
+            for i in range(0, len(y), step):
+                value = loss(model(x[i : i + step]), y[i : i + step], reduction="sum") / n_images
+                yield torch.autograd.grad(value, ps, create_graph=True)
 
     def hvp(v: Tensor) -> Tensor:
         block = v.reshape(len(v), -1)
         cols = [col.to(ps[0].device, ps[0].dtype).contiguous() for col in block.T]  # CPU float64 -> the weights'
         vs = [[u.view_as(p) for u, p in zip(torch.split(col, sizes), ps)] for col in cols]
         out = torch.zeros(block.shape, dtype=torch.float64)
+        built = []
         # Attention (ViT) through the math kernel: the fused ones have no double backward.
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-            for x, y in data:
-                for i in range(0, len(y), step):
-                    value = loss(model(x[i : i + step]), y[i : i + step], reduction="sum") / n_images
-                    g = torch.autograd.grad(value, ps, create_graph=True)
-                    for k, u in enumerate(vs):
-                        hv = torch.autograd.grad(g, ps, grad_outputs=u, retain_graph=k < len(vs) - 1)
-                        out[:, k] += torch.cat([h.reshape(-1) for h in hv]).double().cpu()
+            for g in kept or graphs():
+                for k, u in enumerate(vs):
+                    hv = torch.autograd.grad(g, ps, grad_outputs=u, retain_graph=keep or k < len(vs) - 1)
+                    out[:, k] += torch.cat([h.reshape(-1) for h in hv]).double().cpu()
+                if keep and not kept:
+                    built.append(g)
+        kept.extend(built)  # only after a whole pass: an interrupted first call keeps nothing
         return out.reshape(v.shape)
 
     hvp.chunk = step  # type: ignore[attr-defined]
     hvp.dim = sum(sizes)  # type: ignore[attr-defined]
+    hvp.keeps = keep  # type: ignore[attr-defined]
     return hvp
 
 
@@ -108,26 +122,138 @@ class AffineBatchNorm(nn.Module):
         self.register_buffer("running_mean", bn.running_mean)
         self.register_buffer("running_var", bn.running_var)
 
-    def forward(self, x: Tensor) -> Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
+    def scale_shift(self) -> tuple[Tensor, Tensor]:
+        """(s, t) of the map x s + t, per channel, differentiable in the BN's parameters."""
         scale = torch.rsqrt(self.running_var + self.eps)
         if self.weight is not None:
             scale = scale * self.weight
         shift = -self.running_mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias
+        return scale, shift if self.bias is None else shift + self.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        scale, shift = self.scale_shift()
         return x * scale.view(shape) + shift.view(shape)
 
 
-def for_products(model: nn.Module) -> nn.Module:
-    """`model` (a private copy: changed in place) ready for Hessian-vector products: NCHW, since
-    double backward through channels-last convolutions is 1.37x slower on CPU, and every
-    BatchNorm with running statistics an AffineBatchNorm. Parameter names are unchanged."""
+class FoldedBatchNorm(AffineBatchNorm):
+    """An AffineBatchNorm folded into the ProductConv before it, which applies its map: the
+    identity here, where its Parameters keep their names."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+class _ConvGrads(torch.autograd.Function):
+    """(g, x, w) -> (dL/dx, dL/dw) of a bias-free 2-d convolution whose output has gradient g:
+    PyTorch's own kernel, with a backward that is made of native kernels too. PyTorch's own
+    double backward takes the term <ggx, dL/dx> / dw as a convolution over batch-transposed
+    tensors, slow on the CPU; here it is the weight gradient of conv(ggx, w) at g, the kernel
+    every backward uses. (dx is None where x needs no gradient: the first convolution.)"""
+
+    @staticmethod
+    def forward(ctx, g: Tensor, x: Tensor, w: Tensor, args: tuple, need_x: bool):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(g, x, w)
+        ctx.args = args
+        dx, dw, _ = _conv_backward(g, x, w, args, [need_x, True, False])
+        return dx, dw
+
+    @staticmethod
+    def backward(ctx, ggx: Tensor | None, ggw: Tensor | None):
+        g, x, w = ctx.saved_tensors
+        need_g, need_x, need_w = ctx.needs_input_grad[:3]
+        dg = dx = dw = None
+        if ggx is not None:  # dx = conv_transpose(g, w): linear in g and in w
+            dg = F.conv2d(ggx, w, None, *ctx.args) if need_g else None
+            dw = _conv_backward(g, ggx, w, ctx.args, [False, True, False])[1] if need_w else None
+        if ggw is not None:  # dw = the correlation of x and g: linear in each
+            if need_g:
+                dg_w = F.conv2d(x, ggw, None, *ctx.args)
+                dg = dg_w if dg is None else dg + dg_w
+            dx = _conv_backward(g, x, ggw, ctx.args, [True, False, False])[0] if need_x else None
+        return dg, dx, dw, None, None
+
+
+def _conv_backward(g: Tensor, x: Tensor, w: Tensor, args: tuple, mask: list[bool]):
+    stride, padding, dilation, groups = args
+    return torch.ops.aten.convolution_backward(g, x, w, None, stride, padding, dilation, False, [0, 0], groups, mask)
+
+
+class _Conv(torch.autograd.Function):
+    """conv2d(x, w) (no bias) whose backward is _ConvGrads: differentiable again, natively."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, args: tuple) -> Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.args = args
+        return F.conv2d(x, w, None, *args)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w = ctx.saved_tensors
+        dx, dw = _ConvGrads.apply(g, x, w, ctx.args, ctx.needs_input_grad[0])
+        return dx, dw, None
+
+
+class ProductConv(nn.Module):
+    """A zero-padded Conv2d on the same Parameters under the same names, the same function, whose
+    double backward runs on PyTorch's forward and backward convolution kernels (_ConvGrads).
+    With `bn`, the FoldedBatchNorm that follows it, it computes conv(x, W s) + (c s + t), the BN's
+    map x s + t folded into the weights differentiably: weight-sized multiplications where
+    the BN took activation-sized ones, forward, backward and double backward."""
+
+    def __init__(self, conv: nn.Conv2d, bn: FoldedBatchNorm | None = None):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+        self.args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        self.bn = (bn,)  # not a submodule: its Parameters stay the BN's
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, shift = self.weight, self.bias
+        (bn,) = self.bn
+        if bn is not None:
+            scale, t = bn.scale_shift()
+            w = w * scale.view(-1, 1, 1, 1)
+            shift = t if shift is None else shift * scale + t
+        out = _Conv.apply(x, w, self.args)
+        return out if shift is None else out + shift.view(1, -1, 1, 1)
+
+
+def affine_bns(model: nn.Module) -> nn.Module:
+    """`model` (changed in place) with every BatchNorm that has running statistics an AffineBatchNorm."""
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, nn.modules.batchnorm._BatchNorm) and child.running_var is not None:
                 setattr(parent, name, AffineBatchNorm(child))
-    return model.eval().to(memory_format=torch.contiguous_format)
+    return model
+
+
+def for_products(model: nn.Module) -> nn.Module:
+    """`model` (a private copy, eval mode: changed in place) ready for Hessian-vector products:
+    every zero-padded Conv2d a ProductConv, each eval-mode BatchNorm that directly follows one
+    folded into it (engine.conv_bn_pairs), every other BatchNorm with running statistics an
+    AffineBatchNorm; channels-last. The same function of the same Parameters under the same
+    names, so the same Hessian."""
+    from ..engine import conv_bn_pairs
+
+    model.eval()
+    pairs = dict(conv_bn_pairs(model))  # conv name -> BN name
+    for conv_name, bn_name in pairs.items():
+        conv = model.get_submodule(conv_name)
+        if _product_conv(conv):
+            bn = FoldedBatchNorm(model.get_submodule(bn_name))
+            model.set_submodule(bn_name, bn)
+            model.set_submodule(conv_name, ProductConv(conv, bn))
+    affine_bns(model)
+    for name, m in list(model.named_modules()):
+        if _product_conv(m):
+            model.set_submodule(name, ProductConv(m))
+    return model.to(memory_format=torch.channels_last)
+
+
+def _product_conv(m: nn.Module) -> bool:
+    return type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str)
 
 
 def graph_bytes(model, loss: Callable, x: Tensor, y: Tensor, ps: list[Tensor]) -> int:
@@ -146,15 +272,17 @@ def graph_bytes(model, loss: Callable, x: Tensor, y: Tensor, ps: list[Tensor]) -
     return sum(saved.values())
 
 
-def chunk_size(model, loss: Callable, x: Tensor, y: Tensor, ps: list[Tensor]) -> int:
-    """Images per chunk: CHUNK, or fewer where a chunk's graph would pass GRAPH_BYTES, from the
-    bytes one more image adds to the graph (two images' graph less one's: the inputs' and the
-    weights' storages cancel). Deep or wide nets and large images get smaller chunks."""
-    if len(y) < 2:
-        return CHUNK
+def image_bytes(model, loss: Callable, x: Tensor, y: Tensor, ps: list[Tensor]) -> int:
+    """Bytes one more image adds to the graph a product keeps (two images' graph less one's: the
+    inputs' and the weights' storages cancel); with one image only, that image's whole graph."""
     one = graph_bytes(model, loss, x[:1], y[:1], ps)
-    per_image = max(1, graph_bytes(model, loss, x[:2], y[:2], ps) - one)
-    return max(1, min(CHUNK, GRAPH_BYTES // per_image))
+    return max(1, graph_bytes(model, loss, x[:2], y[:2], ps) - one if len(y) > 1 else one)
+
+
+def chunk_size(model, loss: Callable, x: Tensor, y: Tensor, ps: list[Tensor]) -> int:
+    """Images per chunk: CHUNK, or fewer where a chunk's graph would pass GRAPH_BYTES (image_bytes
+    an image). Deep or wide nets and large images get smaller chunks."""
+    return max(1, min(CHUNK, GRAPH_BYTES // image_bytes(model, loss, x, y, ps)))
 
 
 def block_size(dim: int) -> int:
@@ -301,8 +429,8 @@ class Hessian(Study):
         def hvp_of(names: list[str]):
             if not state:  # once, and only if a unit is left
                 x, y, what = ctx.images(o.hessian_images)
-                model = for_products(ctx.scratch())  # private: the shared model keeps its BN and format
-                x = x.contiguous()
+                model = for_products(ctx.scratch())  # private: the shared model keeps its modules
+                x = x.contiguous(memory_format=torch.channels_last)  # as the copy's weights
                 chunk = chunk_size(model, ctx.loss, x, y, list(model.parameters()))  # a group's graph is no larger
                 state.update(model=model, data=[(x, y)], chunk=chunk, what=what, n=len(y))
             return make_hvp(state["model"], ctx.loss, state["data"], names, state["chunk"]), state
