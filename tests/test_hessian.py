@@ -164,6 +164,26 @@ def test_chunks_keep_a_graph_of_at_most_graph_bytes_and_give_the_same_products(t
     assert torch.allclose(hvp(V), H @ V, rtol=1e-4, atol=1e-6)
 
 
+def test_a_bn_folded_into_a_convolution_with_a_bias_keeps_the_function_and_the_products():
+    """conv(x, W s) + (c s + t): the conv's own bias c too, and the BN's parameters under their names."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=True), torch.nn.BatchNorm2d(4),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 10))  # fmt: skip
+    model[1].running_mean.uniform_(-1, 1), model[1].running_var.uniform_(0.1, 2), model[1].bias.data.uniform_(-1, 1)
+    model = model.double().eval()
+    ready = for_products(copy.deepcopy(model))
+    assert isinstance(ready[0], ProductConv) and isinstance(ready[1], hessian.FoldedBatchNorm)
+    assert [n for n, _ in ready.named_parameters()] == [n for n, _ in model.named_parameters()]
+    x, y = torch.randn(5, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (5,))
+    with torch.no_grad():
+        assert torch.allclose(ready(x), model(x), rtol=1e-12, atol=1e-12)
+    names = [n for n, _ in model.named_parameters()]
+    want = make_hvp(affine_bns(copy.deepcopy(model)), F.cross_entropy, [(x, y)], names)
+    V = torch.randn(want.dim, 2, dtype=torch.float64)
+    ref = want(V)
+    assert (make_hvp(ready, F.cross_entropy, [(x, y)], names)(V) - ref).norm() <= 1e-10 * ref.norm()
+
+
 def test_graphs_that_fit_are_kept_from_product_to_product_and_a_broken_first_pass_keeps_none(tiny, monkeypatch):
     model, data, H = tiny
     names = [n for n, _ in model.named_parameters()]

@@ -271,7 +271,7 @@ def _trace(model: torch.nn.Module) -> torch.fx.GraphModule | None:
 
 def conv_bn_pairs(model: torch.nn.Module) -> list[tuple[str, str]]:
     """(convolution, BatchNorm) module names of `model` where the BN (eval mode) directly follows
-    the convolution as its only user: the pairs a fold may merge. None in an untraceable net."""
+    the convolution as its only user: the pairs a fold may merge; none in a net torch.fx cannot trace."""
     gm = _trace(model)
     return [(c.target, b.target) for c, b in _conv_bn_nodes(gm)] if gm is not None else []
 
