@@ -35,6 +35,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -111,8 +112,7 @@ def run(name: str, cmd: list[str], timeout: float, out: Path) -> dict:
 def last_json(log: Path) -> dict | list | None:
     """The JSON value (an object, or a list of them) that ends a benchmark's output."""
     text = log.read_text()
-    starts = [i + 1 for i in range(len(text) - 1) if text[i] == "\n" and text[i + 1] in "{["]
-    for start in reversed([0, *starts] if text[:1] in "{[" else starts):
+    for start in reversed([m.start() for m in re.finditer(r"^[{\[]", text, re.MULTILINE)]):
         try:
             return json.loads(text[start:])
         except json.JSONDecodeError:

@@ -67,16 +67,17 @@ def make_hvp(model, loss: Callable, data: list[tuple[Tensor, Tensor]], names: li
              chunk: int | None = None) -> Callable[[Tensor], Tensor]:  # fmt: skip
     """V -> H V of the mean loss over `data`, H restricted to `names`; V is one flat vector over
     `names` or a block of them as columns (dim x m). Images go `chunk` at a time (by default as
-    many as `chunk_size` allows). Each chunk's forward pass and first backward (its graph) serve
-    every vector of a block, and, when the graphs of all chunks together take at most KEEP_BYTES,
-    every later product too: the first call builds and keeps them. Then a product costs its
-    double backward alone. V and H V are float64 on the CPU, wherever the model and `data` are."""
+    many as `chunk_size` allows for the graph of these weights). Each chunk's forward pass and
+    first backward (its graph) serve every vector of a block, and, when the graphs of all chunks
+    together take at most KEEP_BYTES, every later product too: the first call builds and keeps
+    them. Then a product costs its double backward alone. V and H V are float64 on the CPU,
+    wherever the model and `data` are."""
     params = dict(model.named_parameters())
     ps = [params[n] for n in names]
     sizes = [p.numel() for p in ps]
     n_images = sum(len(y) for _, y in data)
     per_image = image_bytes(model, loss, *data[0], ps)
-    step = chunk or max(1, min(CHUNK, GRAPH_BYTES // per_image))
+    step = chunk or chunk_size(per_image)
     keep = n_images * per_image <= KEEP_BYTES
     kept: list[tuple[Tensor, ...]] = []  # each chunk's gradient, with its graph
 
@@ -279,10 +280,10 @@ def image_bytes(model, loss: Callable, x: Tensor, y: Tensor, ps: list[Tensor]) -
     return max(1, graph_bytes(model, loss, x[:2], y[:2], ps) - one if len(y) > 1 else one)
 
 
-def chunk_size(model, loss: Callable, x: Tensor, y: Tensor, ps: list[Tensor]) -> int:
-    """Images per chunk: CHUNK, or fewer where a chunk's graph would pass GRAPH_BYTES (image_bytes
-    an image). Deep or wide nets and large images get smaller chunks."""
-    return max(1, min(CHUNK, GRAPH_BYTES // image_bytes(model, loss, x, y, ps)))
+def chunk_size(per_image: int) -> int:
+    """Images per chunk: CHUNK, or fewer where a chunk's graph (`per_image` bytes an image,
+    image_bytes) would pass GRAPH_BYTES. Deep or wide nets and large images get smaller chunks."""
+    return max(1, min(CHUNK, GRAPH_BYTES // per_image))
 
 
 def block_size(dim: int) -> int:
@@ -431,9 +432,8 @@ class Hessian(Study):
                 x, y, what = ctx.images(o.hessian_images)
                 model = for_products(ctx.scratch())  # private: the shared model keeps its modules
                 x = x.contiguous(memory_format=torch.channels_last)  # as the copy's weights
-                chunk = chunk_size(model, ctx.loss, x, y, list(model.parameters()))  # a group's graph is no larger
-                state.update(model=model, data=[(x, y)], chunk=chunk, what=what, n=len(y))
-            return make_hvp(state["model"], ctx.loss, state["data"], names, state["chunk"]), state
+                state.update(model=model, data=[(x, y)], what=what, n=len(y))
+            return make_hvp(state["model"], ctx.loss, state["data"], names), state  # chunks sized by its graph
 
         for group, names in groups.items():
             for rows in ctx.unit(f"{group} eigenvalues"):
