@@ -13,7 +13,10 @@ the rest; a failed step is recorded with the end of its output and the others st
      images: a grid point against a bare forward and Li et al.'s way) and hessian (ResNet-20
      and -56, 256 images: Lanczos's and power iteration's products to 1e-3, and the seconds of
      a product against a forward+backward);
-  6. with 2 or more GPUs: a 2-process NCCL DDP fit whose final validation must equal a
+  6. `resnet-lab ablate --device cuda`: every study on init:resnet20 and init:plain20 (CIFAR-10),
+     then the same command on the CPU; per study, the largest relative difference of matched
+     rows' values (TF32 off: float32 rounding and argmax ties are what may differ);
+  7. with 2 or more GPUs: a 2-process NCCL DDP fit whose final validation must equal a
      single-process `validate` of its checkpoint.
 A step whose packages the node lacks (an offline node without the wheelhouse) is refused in
 one line and the others run; the exit code is then 2. Everything lands in OUT/gpu_check.json
@@ -56,7 +59,14 @@ SMOKE_FAMILIES = ("vit1_i32_p8_w32_h2_m64", "convnext_cifar_d1-1-1-1_w8-8-16-16"
 # Seconds each step may take on the GPU and what it imports; --budget (540 s) caps their sum.
 BUDGET = {"main_job": 180, "bench_fit": 150, "bench_lesion": 60, "bench_paths": 60, "bench_fit_vit": 45,
           "bench_fit_convnext": 45, "bench_lesion_families": 45, "bench_geometry_landscape": 45,
-          "bench_geometry_hessian": 60, "ddp": 150}  # fmt: skip
+          "bench_geometry_hessian": 60, "ablate_cuda": 90, "ddp": 150}  # fmt: skip
+# Every study, small: the CUDA run and the CPU run of step 6 (a few seconds each on a GPU node).
+ABLATE = ["init:resnet20", "init:plain20", "--studies", "single", "k", "adjacent", "reorder", "responses", "influence",
+          "paths", "iterative", "probes", "cka", "landscape", "hessian", "shattered", "--limit", "200", "--samples",
+          "2", "--bn-recalib", "100", "--k-max", "2", "--adjacent-max", "2", "--paths-images", "32", "--probe-images",
+          "200", "--landscape-images", "100", "--landscape-grid", "3", "--landscape-bn-images", "100",
+          "--hessian-images", "32", "--hessian-max-iter", "12", "--hessian-tol", "0.05", "--hessian-slq", "1",
+          "--shattered-lines", "2", "--shattered-points", "16", "--no-progress"]  # fmt: skip
 NEEDS = {
     "main_job": ("pytorch_lightning", "torchvision", "jsonargparse", "typeshed_client", "docstring_parser"),
     "bench_fit": ("pytorch_lightning", "torchvision"),
@@ -67,6 +77,7 @@ NEEDS = {
     "bench_lesion_families": ("torchvision",),
     "bench_geometry_landscape": ("torchvision",),
     "bench_geometry_hessian": ("torchvision",),
+    "ablate_cuda": ("pytorch_lightning", "torchvision", "scipy", "matplotlib", "yaml", "tqdm"),
     "ddp": ("pytorch_lightning", "torchvision", "jsonargparse", "typeshed_client", "docstring_parser"),
 }
 
@@ -201,6 +212,64 @@ def benchmarks(out: Path, smoke: bool, device: str, data: Path | None, limit, re
         save(out, results)
 
 
+def ablate_check(out: Path, smoke: bool, data: Path | None, limit, results: dict) -> None:
+    """Step 6: every study through `resnet-lab ablate --device cuda` and the same on the CPU,
+    their rows compared (--smoke: the CPU run alone, tiny)."""
+    name = "ablate_cuda"
+    if refuse(name, missing(name), results):
+        return
+    archive = data or ARCHIVE
+    if not archive.exists():
+        results[name] = {"refused": f"needs the CIFAR-10 archive ({archive} is missing): pass --data"}
+        return
+    args = [*ABLATE, "--data-folder", str(archive), "--overwrite"]
+    if smoke:  # one tiny CPU run: the command line and its studies, not a comparison
+        args = [*args, "--limit", "40", "--landscape-grid", "3", "--hessian-images", "8", "--hessian-max-iter", "4",
+                "--shattered-points", "4", "--probe-images", "100", "--bn-recalib", "20",
+                "--paths-images", "8"]  # fmt: skip
+    cmd = [sys.executable, "-m", "resnet_lab.cli", "ablate", *args]
+    device = "cpu" if smoke else "cuda"
+    step = run(name, [*cmd, "--device", device, "--out", str(out / f"ablate-{device}")], limit(name), out)
+    if step["rc"] == 0 and not smoke:
+        step["cpu"] = run(f"{name}_cpu", [*cmd, "--device", "cpu", "--out", str(out / "ablate-cpu")], limit(name), out)
+        if step["cpu"]["rc"] == 0:
+            rows = [json.loads((out / f"ablate-{d}" / "results.json").read_text()) for d in ("cuda", "cpu")]
+            step["result"] = compare_rows(*rows)
+    results[name] = step
+
+
+def compare_rows(a: list[dict], b: list[dict]) -> dict:
+    """Per study: rows matched by (checkpoint, study, condition, key), how many matched, how many
+    of `a` found no twin in `b`, and the largest and median relative difference of their numeric
+    values, with the value that differs most."""
+    import statistics
+
+    def key(r: dict) -> tuple:
+        return r.get("checkpoint"), r.get("study"), r.get("condition"), r.get("key")
+
+    twins = {key(r): r for r in b}
+    out: dict[str, dict] = {}
+    for r in a:
+        s = out.setdefault(r["study"], {"rows": 0, "unmatched": 0, "rel": [], "max_rel": 0.0, "worst": None})
+        other = twins.get(key(r))
+        if other is None:
+            s["unmatched"] += 1
+            continue
+        s["rows"] += 1
+        for field, v in r.items():
+            w = other.get(field)
+            if isinstance(v, bool) or not isinstance(v, int | float) or isinstance(w, bool) or not isinstance(
+                    w, int | float) or (v != v and w != w):  # fmt: skip
+                continue
+            rel = abs(v - w) / max(abs(v), abs(w), 1e-12)
+            s["rel"].append(rel)
+            if rel > s["max_rel"]:
+                s["max_rel"], s["worst"] = rel, f"{r.get('key')} {field}: {v:.6g} vs {w:.6g}"
+    for s in out.values():
+        s["median_rel"] = statistics.median(s.pop("rel")) if s["rows"] else None
+    return out
+
+
 def ddp_check(out: Path, runs: Path, smoke: bool, gpus: int, limit: float, results: dict) -> None:
     """A 2-process DDP fit, then a single-process validate of its checkpoint: equal val/error."""
     if gpus < 2 and not smoke:
@@ -329,6 +398,8 @@ def check(args, out: Path, runs: Path, data: Path | None, gpus: int) -> dict:
     main_job(out, runs, args.smoke, data, limit("main_job"), results)
     save(out, results)
     benchmarks(out, args.smoke, "cpu" if args.smoke else "cuda", data, limit, results)
+    ablate_check(out, args.smoke, data, limit, results)
+    save(out, results)
     ddp_check(out, runs, args.smoke, gpus, limit("ddp"), results)
     return results
 

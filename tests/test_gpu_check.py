@@ -24,8 +24,10 @@ def test_gpu_check_smoke_runs_every_step_then_the_paper_run(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((out / "gpu_check.json").read_text())
     assert {"main_job", "bench_fit", "bench_lesion", "bench_paths", "bench_fit_vit", "bench_fit_convnext",
-            "bench_lesion_families", "bench_geometry_landscape", "bench_geometry_hessian",
+            "bench_lesion_families", "bench_geometry_landscape", "bench_geometry_hessian", "ablate_cuda",
             "ddp"} <= set(res)  # fmt: skip
+    report = (out / "ablate-cpu" / "report.md").read_text()  # every study through `ablate --device`
+    assert res["ablate_cuda"]["rc"] == 0 and "Computed on: cpu (" in report and "Hessian" in report
     land, (hess,) = res["bench_geometry_landscape"]["result"], res["bench_geometry_hessian"]["result"]
     assert land["model"] == "resnet8" and land["study_over_reference"] > 0 and land["device"] == "cpu"
     assert hess["model"] == "resnet8" and 1 <= hess["lanczos_products_to_tol"] <= hess["power_ran"]
@@ -67,7 +69,7 @@ def test_steps_the_node_lacks_packages_for_are_refused_and_the_others_run(tmp_pa
     assert "main_job refused: needs jsonargparse" in r.stderr and "ddp refused: needs jsonargparse" in r.stderr
     res = json.loads((tmp_path / "gc" / "gpu_check.json").read_text())
     assert "refused" in res["main_job"] and "refused" in res["ddp"]
-    assert all(res[s]["rc"] == 0 for s in ("bench_fit", "bench_lesion", "bench_paths"))
+    assert all(res[s]["rc"] == 0 for s in ("bench_fit", "bench_lesion", "bench_paths", "ablate_cuda"))
 
 
 def test_gpu_check_without_a_gpu_says_to_use_smoke(tmp_path):
@@ -90,3 +92,25 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, words):
     r = gpu_check("--smoke", *out, *args)
     assert r.returncode == 2 and words in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_compare_rows_matches_twins_and_finds_the_largest_difference():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gc)
+    row = {"checkpoint": "a", "study": "hessian", "condition": "eval-bn", "converged": True, "n": 8}
+    cuda = [
+        {**row, "key": "all top1", "value": 10.0, "residual": 0.0},
+        {**row, "key": "all trace", "value": 200.0},
+        {**row, "key": "only here", "value": 1.0},
+        {**row, "study": "shattered", "key": "lag1", "corr": float("nan")},
+    ]
+    cpu = [{**row, "key": "all top1", "value": 10.01, "residual": 0.0}, {**row, "key": "all trace", "value": 200.0},
+           {**row, "study": "shattered", "key": "lag1", "corr": float("nan")}]  # fmt: skip
+    out = gc.compare_rows(cuda, cpu)
+    h = out["hessian"]
+    assert h["rows"] == 2 and h["unmatched"] == 1 and h["max_rel"] == pytest.approx(0.01 / 10.01)
+    assert h["worst"] == "all top1 value: 10 vs 10.01" and h["median_rel"] == 0.0
+    assert out["shattered"] == {"rows": 1, "unmatched": 0, "max_rel": 0.0, "worst": None, "median_rel": 0.0}

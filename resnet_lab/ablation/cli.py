@@ -24,8 +24,11 @@ from .runner import (
     build_datamodule,
     check_blocks,
     check_compatible,
+    device_label,
+    full_float32,
     load_checkpoints,
     manifest_for,
+    resolve_device,
     run_checkpoint,
     settle_init_bn,
 )
@@ -48,6 +51,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="report directory (resumable; refuses a different configuration)")
     add_study_options(p)
     p.add_argument("--batch-size", type=count(1), default=500, help="images per chunk (bounds memory)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the studies run: cpu, cuda, cuda:N, or auto (CUDA when visible); float32 in full precision "
+        "(no TF32); the report says which device computed how many units",
+    )
     p.add_argument(
         "--data-folder",
         default=None,
@@ -109,6 +118,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         opts,
         command="resnet-lab ablate " + shlex.join(argv),
         batch_size=args.batch_size,
+        device=args.device,
         data_folder=args.data_folder,
         overwrite=args.overwrite,
         progress=not args.no_progress,
@@ -123,14 +133,18 @@ def ablate(
     *,
     command: str,
     batch_size: int = 500,
+    device: str = "cpu",
     data_folder: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
     wandb_project: str | None = None,
 ) -> Path:
     """Run the selected studies on the checkpoints into `out` (resumable) and write the report."""
-    with torch.no_grad():  # scoped: an in-process sweep goes on to train
+    where = resolve_device(device)
+    with torch.no_grad(), full_float32(where):  # scoped: an in-process sweep goes on to train
         ckpts = load_checkpoints(checkpoints, opts.seed)
+        for c in ckpts:
+            c.model.to(where)  # init: nets are drawn on the CPU first: the same weights on any device
         check_compatible(ckpts)
         base = next((c for c in ckpts if not c.init), ckpts[0])  # whose data the report uses
         if (base.pretrained or base.init and base.spec.family == "imagenet") and data_folder is None:
@@ -152,7 +166,7 @@ def ablate(
         asked = opts.asked()
         if data_folder is not None:  # other data, other results: never resumed into the same report
             asked["data_folder"] = str(Path(data_folder).resolve())
-        store = Store(out, manifest_for(ckpts, asked), overwrite)
+        store = Store(out, manifest_for(ckpts, asked), overwrite, device_label(where))
         n_split = dm.eval_size(opts.split)
         n_images = min(n_split, opts.limit or n_split)
         for study in REGISTRY.selected(opts.studies):
@@ -167,6 +181,7 @@ def ablate(
         "split": opts.split,
         "n_images": n_images,
         "n_split": n_split,
+        "devices": store.device_counts(),
         "options": asdict(opts),
         "checkpoints": [
             {

@@ -5,6 +5,7 @@ A `Context` holds one checkpoint and one study's view of the run:
     ctx.options      the study's own typed Options (checked once, with the run's)
     ctx.common       the options every study shares (split, blocks, samples, seed, limit)
     ctx.model        the checkpoint's network, eval mode, shared: read it, never change it
+    ctx.device       where it is (--device); every batch and image below arrives there
     ctx.unit(name)   a resumable unit of rows (stored when its body finishes; skipped when done)
     ctx.lesions(..)  network variants evaluated with an explicit BN mode, prefix-shared
     ctx.batches()    the evaluation split (the run's --split and --limit)
@@ -59,6 +60,7 @@ class Context:
         self.common = common_of(opts)
         self.peers = list(peers) or [ckpt]  # every checkpoint of this run, in command-line order
         self.model = ckpt.model
+        self.device = next(ckpt.model.parameters()).device
         self.spec = ckpt.spec
         self.blocks = list(dict.fromkeys(self.common.blocks)) if self.common.blocks else ckpt.model.block_names
 
@@ -108,15 +110,15 @@ class Context:
         from .runner import batches
 
         o = self.common
-        return batches(self.dm, split or o.split, limit if split else o.limit)
+        return batches(self.dm, split or o.split, limit if split else o.limit, device=self.device)
 
     def sample(self, split: str, n: int, seed: int | None = None):
         """Batches of `n` images of `split` drawn at random from `seed` (default: the run's
         --seed), the same whatever the process environment; no augmentation."""
         from .runner import batches
 
-        return batches(self.dm, split, loader=self.dm.sample_dataloader(split, n, self.common.seed if seed is None
-                                                                         else seed))  # fmt: skip
+        seed = self.common.seed if seed is None else seed
+        return batches(self.dm, split, loader=self.dm.sample_dataloader(split, n, seed), device=self.device)
 
     def images(self, n: int, seed_offset: int = 0) -> tuple[Tensor, Tensor, str]:
         """(x, y, what) of the geometry studies: n training images drawn from --seed (plus

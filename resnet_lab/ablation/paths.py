@@ -75,7 +75,7 @@ def routed_input_grads(model: ResNet, x: Tensor, y: Tensor, routes: Tensor) -> t
 
 def routed_input_grad_norms(model: ResNet, x: Tensor, y: Tensor, routes: Tensor) -> Tensor:
     """(R, B): ||routed input gradient|| per routing and image (memory: no (R, B, C, H, W))."""
-    norms = torch.empty(len(routes), len(y), dtype=torch.float64)
+    norms = torch.empty(len(routes), len(y), dtype=torch.float64, device="cpu")  # host-side, wherever g is
 
     def norm(r: int, g: Tensor) -> None:
         norms[r] = g.flatten(1).double().norm(dim=1)
@@ -152,7 +152,7 @@ def path_length_pmf(n: int) -> list[float]:
 
 def sample_routes(n: int, k: int, samples: int, rng: random.Random) -> Tensor:
     """`samples` random routings with exactly k branches: (samples, n) bool."""
-    routes = torch.zeros(samples, n, dtype=torch.bool)
+    routes = torch.zeros(samples, n, dtype=torch.bool, device="cpu")  # a plan, read as lists
     for r in range(samples):
         routes[r, rng.sample(range(n), k)] = True
     return routes

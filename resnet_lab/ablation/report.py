@@ -181,6 +181,12 @@ def write_report(rows: list[dict], out: Path, meta: dict[str, Any]) -> dict[str,
         f"Command: `{meta['command']}`",
         f"Split: **{meta['split']}** ({meta['n_images']} images). BN: trained running statistics (eval mode).",
     ]
+    if meta.get("devices"):  # which device computed how many of the stored units (a resumed run can mix them)
+        preface.append(
+            "Computed on: "
+            + ", ".join(f"{d} ({n} unit{'s' * (n != 1)})" for d, n in meta["devices"].items())
+            + (" in float32 without TF32." if any(d != "cpu" for d in meta["devices"]) else ".")
+        )
     secs = sections(rows, agg, meta, plots)
     title = report_title(meta["options"]["studies"])
     (out / "report.md").write_text(markdown(title, preface, secs))

@@ -15,6 +15,7 @@ e.g. the single-block sweep of one net, or one k of the k-lesion study.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
@@ -57,6 +58,53 @@ class Loaded:
         return arch_label(self.spec.to_dict()) + (" (init)" if self.init else "")
 
 
+def resolve_device(name: str) -> torch.device:
+    """`--device`: cpu, cuda, cuda:N, or auto (CUDA when a device is visible, else the CPU). A
+    device this machine does not have is an error that says what it has."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        raise AblationError(f"--device {name!r} is not a device: use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda":
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not visible:
+            raise AblationError(f"--device {name}: no CUDA device is visible here; use --device cpu (or auto)")
+        if (device.index or 0) >= visible:
+            raise AblationError(f"--device {name}: only {visible} CUDA device(s) here (cuda:0..cuda:{visible - 1})")
+        device = torch.device("cuda", device.index or 0)
+    return torch.device("cpu") if device.type == "cpu" else device
+
+
+def device_label(device: torch.device) -> str:
+    """How a report names the device: "cpu", or "cuda:0 (NVIDIA H200)"."""
+    return "cpu" if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})"
+
+
+@contextlib.contextmanager
+def full_float32(device: torch.device):
+    """On CUDA, float32 convolutions and matmuls in full precision while the studies run: cuDNN
+    may otherwise take convolutions in TF32 (PyTorch's default, ~1e-3 relative), which would
+    move every loss, eigenvalue and gradient away from the CPU's values. Restored after."""
+    if device.type != "cuda":
+        yield
+        return
+    flags = [(torch.backends.cuda.matmul, "fp32_precision"), (torch.backends.cudnn.conv, "fp32_precision")]
+    if not all(hasattr(obj, attr) for obj, attr in flags):  # PyTorch before 2.9: the legacy switches
+        flags = [(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")]
+    saved = [getattr(obj, attr) for obj, attr in flags]
+    for obj, attr in flags:
+        setattr(obj, attr, "ieee" if attr == "fp32_precision" else False)
+    try:
+        yield
+    finally:
+        for (obj, attr), value in zip(flags, saved):
+            setattr(obj, attr, value)
+
+
 INIT = "init:"
 CIFAR = "resnet_lab.data.cifar.CIFAR10DataModule"
 
@@ -97,8 +145,10 @@ def settle_init_bn(ckpt: Loaded, dm, seed: int, n: int = INIT_BN_IMAGES) -> None
     (cumulative averages), every BN; the net stays in eval mode."""
     from .engine import recalibrate_bn
 
+    device = next(ckpt.model.parameters()).device
     with torch.no_grad():
-        recalibrate_bn(ckpt.model, batches(dm, "train", loader=dm.sample_dataloader("train", n, seed)), None)
+        recalibrate_bn(ckpt.model, batches(dm, "train", loader=dm.sample_dataloader("train", n, seed), device=device),
+                       None)  # fmt: skip
 
 
 def load_checkpoint(path: str | os.PathLike, seed: int = 0) -> Loaded:
@@ -206,12 +256,17 @@ def build_datamodule(data: dict[str, Any], folder: str | None = None, **override
     return dm_cls(**{k: v for k, v in init.items() if k in accepted})
 
 
-def batches(dm, split: str, limit: int | None = None, loader=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Normalized, unaugmented (x, y) batches of a split (or of `loader`), at most `limit` images."""
+def batches(
+    dm, split: str, limit: int | None = None, loader=None, device: torch.device | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalized, unaugmented (x, y) batches of a split (or of `loader`), at most `limit` images,
+    on `device` (default: where the loader leaves them, the CPU)."""
     if loader is None:
         loader = {"val": dm.val_dataloader, "test": dm.test_dataloader}[split]()
     seen = 0
     for x, y in loader:
+        if device is not None:
+            x, y = x.to(device), y.to(device)
         x, y = dm.on_after_batch_transfer((x, y), 0)  # no trainer: normalization only
         if limit is not None:
             x, y = x[: limit - seen], y[: limit - seen]
@@ -222,10 +277,11 @@ def batches(dm, split: str, limit: int | None = None, loader=None) -> Iterator[t
 
 
 class Store:
-    """Append-only, fsynced record of finished units."""
+    """Append-only, fsynced record of finished units, each with the device it was computed on
+    (`device`, e.g. "cpu" or "cuda:0 (NVIDIA H200)"; lines of earlier versions: the CPU)."""
 
-    def __init__(self, out: Path, manifest: dict[str, Any], overwrite: bool) -> None:
-        self.out = out
+    def __init__(self, out: Path, manifest: dict[str, Any], overwrite: bool, device: str = "cpu") -> None:
+        self.out, self.device = out, device
         self.path = out / "results.jsonl"
         mpath = out / "manifest.json"
         if mpath.exists():
@@ -254,6 +310,7 @@ class Store:
         tmp.write_text(json.dumps(manifest, indent=2))
         os.replace(tmp, mpath)
         self.done: dict[str, list[dict]] = {}
+        self.devices: dict[str, str] = {}
         if self.path.exists():
             for line in self.path.read_text().splitlines():
                 try:
@@ -261,6 +318,7 @@ class Store:
                 except json.JSONDecodeError:  # a line torn by a kill: that unit reruns
                     continue
                 self.done[rec["unit"]] = rec["rows"]
+                self.devices[rec["unit"]] = rec.get("device", "cpu")  # before --device: always the CPU
 
     def add(self, unit: str, rows: list[dict]) -> None:
         torn = False
@@ -270,13 +328,21 @@ class Store:
                 torn = f.read(1) != b"\n"
         with open(self.path, "a") as f:
             # A line torn by a kill must not swallow this record: start on a new line.
-            f.write(("\n" if torn else "") + json.dumps({"unit": unit, "rows": rows}) + "\n")
+            f.write(("\n" if torn else "") + json.dumps({"unit": unit, "rows": rows, "device": self.device}) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.done[unit] = rows
+        self.devices[unit] = self.device
 
     def rows(self) -> list[dict]:
         return [r for rows in self.done.values() for r in rows]
+
+    def device_counts(self) -> dict[str, int]:
+        """{device: finished units computed on it}, in order of first use."""
+        counts: dict[str, int] = {}
+        for device in self.devices.values():
+            counts[device] = counts.get(device, 0) + 1
+        return counts
 
 
 def manifest_for(ckpts: list[Loaded], opts: dict[str, Any]) -> dict[str, Any]:

@@ -52,7 +52,7 @@ def hsic1(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741 (the papers' names)
     n = k.shape[-1]
     if n < 4:
         raise ValueError(f"the unbiased HSIC needs at least 4 images, got {n}")
-    eye = torch.eye(n, dtype=torch.bool)
+    eye = torch.eye(n, dtype=torch.bool, device=k.device)
     k, l = k.masked_fill(eye, 0), l.masked_fill(eye, 0)  # noqa: E741
     trace = k.flatten(1) @ l.flatten(1).T  # tr(K L) for symmetric K, L
     sums = torch.outer(k.sum((1, 2)), l.sum((1, 2))) / ((n - 1) * (n - 2))

@@ -91,7 +91,7 @@ def make_hvp(model, loss: Callable, data: list[tuple[Tensor, Tensor]], names: li
         block = v.reshape(len(v), -1)
         cols = [col.to(ps[0].device, ps[0].dtype).contiguous() for col in block.T]  # CPU float64 -> the weights'
         vs = [[u.view_as(p) for u, p in zip(torch.split(col, sizes), ps)] for col in cols]
-        out = torch.zeros(block.shape, dtype=torch.float64)
+        out = torch.zeros(block.shape, dtype=torch.float64, device="cpu")
         built = []
         # Attention (ViT) through the math kernel: the fused ones have no double backward.
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
@@ -319,9 +319,9 @@ def lanczos(matvec: Callable[[Tensor], Tensor], dim: int, k: int, iters: int, to
                 w = w - Q.T @ (Q @ w)
         alphas.append(a)
         b = float(w.norm())
-        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        T = torch.diag(torch.tensor(alphas, dtype=torch.float64, device="cpu"))
         if j:
-            off = torch.tensor(betas, dtype=torch.float64)
+            off = torch.tensor(betas, dtype=torch.float64, device="cpu")
             T += torch.diag(off, 1) + torch.diag(off, -1)
         evals, evecs = torch.linalg.eigh(T)
         order = torch.argsort(evals, descending=True)
@@ -362,7 +362,7 @@ def hutchinson(matvec: Callable[[Tensor], Tensor], dim: int, tol: float, max_sam
     def draw(count: int) -> list[float]:
         values = []
         for start in range(0, count, block):
-            Z = torch.stack([torch.randint(0, 2, (dim,), generator=gen, dtype=torch.float64) * 2 - 1
+            Z = torch.stack([torch.randint(0, 2, (dim,), generator=gen, dtype=torch.float64, device="cpu") * 2 - 1
                              for _ in range(min(block, count - start))], 1)  # fmt: skip
             values += (Z * matvec(Z)).sum(0).tolist()
         return values
@@ -381,11 +381,12 @@ def hutchinson(matvec: Callable[[Tensor], Tensor], dim: int, tol: float, max_sam
 def density(runs: list[Lanczos], points: int = DENSITY_POINTS) -> tuple[list[float], list[float], float]:
     """SLQ: the runs' (node, weight) pairs averaged, smoothed by a Gaussian of width sigma on a
     grid spanning the nodes +- 5 sigma: (grid, density, sigma). The weights sum to 1."""
-    nodes = torch.tensor([x for r in runs for x in r.nodes], dtype=torch.float64)
-    weights = torch.tensor([w for r in runs for w in r.weights], dtype=torch.float64) / len(runs)
+    nodes = torch.tensor([x for r in runs for x in r.nodes], dtype=torch.float64, device="cpu")
+    weights = torch.tensor([w for r in runs for w in r.weights], dtype=torch.float64, device="cpu") / len(runs)
     span = float(nodes.max() - nodes.min()) or 1.0
     sigma = span / 100
-    grid = torch.linspace(float(nodes.min()) - 5 * sigma, float(nodes.max()) + 5 * sigma, points, dtype=torch.float64)
+    grid = torch.linspace(float(nodes.min()) - 5 * sigma, float(nodes.max()) + 5 * sigma, points, dtype=torch.float64,
+                          device="cpu")  # fmt: skip
     dens = (weights[None] * torch.exp(-((grid[:, None] - nodes[None]) ** 2) / (2 * sigma**2))).sum(1)
     return grid.tolist(), (dens / (sigma * math.sqrt(2 * math.pi))).tolist(), sigma
 
@@ -439,7 +440,7 @@ class Hessian(Study):
             for rows in ctx.unit(f"{group} eigenvalues"):
                 hvp, s = hvp_of(names)
                 start = torch.randn(
-                    hvp.dim, generator=torch.Generator().manual_seed(ctx.common.seed), dtype=torch.float64
+                    hvp.dim, generator=torch.Generator().manual_seed(ctx.common.seed), dtype=torch.float64, device="cpu"
                 )
                 lz = lanczos(hvp, hvp.dim, o.hessian_top_k, o.hessian_max_iter, o.hessian_tol, start)
                 for i, (v, r) in enumerate(zip(lz.ritz, lz.residuals), 1):
@@ -459,7 +460,7 @@ class Hessian(Study):
                     gen = torch.Generator().manual_seed(ctx.common.seed + 2)
                     runs = []
                     for _ in range(o.hessian_slq):
-                        z = torch.randint(0, 2, (hvp.dim,), generator=gen, dtype=torch.float64) * 2 - 1
+                        z = torch.randint(0, 2, (hvp.dim,), generator=gen, dtype=torch.float64, device="cpu") * 2 - 1
                         runs.append(lanczos(hvp, hvp.dim, 1, min(o.hessian_max_iter, 80), 0.0, z))
                     grid, dens, sigma = density(runs)
                     rows.append(ctx.row(key="all density", group="all", quantity="density", grid=grid, density=dens,

@@ -79,7 +79,7 @@ def directions(params: dict[str, Tensor], count: int, seed: int, ignore: str = "
         g = torch.Generator().manual_seed(seed * 1_000_003 + k)
         d = {}
         for name, w in params.items():
-            raw = torch.randn(w.shape, generator=g, dtype=torch.float32).to(w.device)  # one draw on any device
+            raw = torch.randn(w.shape, generator=g, dtype=torch.float32, device="cpu").to(w.device)  # any device's
             if w.dim() <= 1:  # biases and BN weights/biases
                 d[name] = torch.zeros_like(w) if ignore == "biasbn" else w.detach().clone()
                 continue
@@ -118,7 +118,7 @@ def loss_error(model, ctx_loss, x: Tensor, y: Tensor) -> tuple[float, float]:
 
 def walk_points(grid: int, radius: float) -> list[float]:
     """The G points of [-r, r] and +-r/2, ascending (0 is among them: G is odd)."""
-    pts = torch.linspace(-radius, radius, grid, dtype=torch.float64).tolist()
+    pts = torch.linspace(-radius, radius, grid, dtype=torch.float64, device="cpu").tolist()
     pts[grid // 2] = 0.0
     return sorted(set(pts) | {-radius / 2, radius / 2})
 
@@ -174,7 +174,7 @@ class Landscape(Study):
         o = ctx.options
         x = y = bn_batches = m = net = refold = theta = ds = what = None
         points = walk_points(o.landscape_grid, o.landscape_radius)
-        axis = torch.linspace(-o.landscape_radius, o.landscape_radius, o.landscape_grid).tolist()
+        axis = torch.linspace(-o.landscape_radius, o.landscape_radius, o.landscape_grid, device="cpu").tolist()
         axis[o.landscape_grid // 2] = 0.0
         todo = [(f"1d d{k + 1}", k, None, None) for k in range(o.landscape_directions)]
         if o.landscape_directions >= 2:

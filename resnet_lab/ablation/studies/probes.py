@@ -69,8 +69,8 @@ def fit_probe(x: Tensor, y: Tensor, classes: int, l2: float, max_iter: int = 500
     x = x.double()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-12)
     z = (x - mean) / std
-    w = torch.zeros(x.shape[1], classes, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(x.shape[1], classes, dtype=torch.float64, device=x.device, requires_grad=True)
+    b = torch.zeros(classes, dtype=torch.float64, device=x.device, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
                             tolerance_change=1e-10, line_search_fn="strong_wolfe")  # fmt: skip
 
@@ -88,7 +88,7 @@ def fit_probe(x: Tensor, y: Tensor, classes: int, l2: float, max_iter: int = 500
 def choose_l2(x: Tensor, y: Tensor, classes: int, generator: torch.Generator) -> float:
     """The L2 strength of L2_GRID with the lowest error on a held-out fifth of (x, y)
     (ties: the stronger one)."""
-    perm = torch.randperm(len(y), generator=generator)
+    perm = torch.randperm(len(y), generator=generator, device="cpu").to(y.device)  # the same split on any device
     cut = max(1, int(len(y) * HELD_OUT))
     val, fit = perm[:cut], perm[cut:]
     errors = []

@@ -68,24 +68,25 @@ def input_gradients(model, loss, x: Tensor, y: int, target: str) -> Tensor:
     with torch.enable_grad():
         x = x.detach().clone().requires_grad_()
         logits = model(x)
-        labels = torch.full((len(x),), y, dtype=torch.long)
+        labels = torch.full((len(x),), y, dtype=torch.long, device=x.device)
         value = loss(logits, labels, reduction="sum") if target == "loss" else logits[:, y].sum()
         (g,) = torch.autograd.grad(value, x)
     return g
 
 
 def lines(x: Tensor, y: Tensor, count: int, points: int, seed: int, kind: str) -> list[tuple[Tensor, int]]:
-    """`count` lines of `kind` over consecutive image pairs: ((P, C, H, W) points, label of the start)."""
+    """`count` lines of `kind` over consecutive image pairs: ((P, C, H, W) points, label of the start).
+    Steps and directions are drawn on the CPU: the same lines on any device."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(count):
         a, b = x[2 * i], x[2 * i + 1]
         if kind == "pair":
-            t = torch.linspace(0, 1, points)
+            t = torch.linspace(0, 1, points, device="cpu").to(x.device)
             step = b - a
         else:
-            t = torch.linspace(-0.5, 0.5, points)
-            u = torch.randn(a.shape, generator=g)
+            t = torch.linspace(-0.5, 0.5, points, device="cpu").to(x.device)
+            u = torch.randn(a.shape, generator=g, device="cpu").to(x.device)
             step = u * (b - a).norm() / u.norm()
         out.append((a[None] + t.view(-1, 1, 1, 1) * step[None], int(y[2 * i])))
     return out
