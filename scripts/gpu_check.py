@@ -25,6 +25,7 @@ and OUT/gpu_check.md.
     python scripts/gpu_check.py --out runs/gpu-check --data ../shared/data/cifar10-jpeg.tar.gz
     python scripts/gpu_check.py --paper --out runs/gpu-check --budget 1800   # then, optional: 64k its
     python scripts/gpu_check.py --smoke --out /tmp/gpu-check   # the same steps, tiny, on CPU (CI)
+    python scripts/gpu_check.py --out runs/gpu-check --steps bench_geometry_hessian ablate_cuda  # some steps again
 
 --paper trains ResNet-20 with the paper's full recipe (64k iterations, sweeps/depth.yaml) and
 sets its test error beside He et al.'s Table 6. It first estimates its wall time from the img/s
@@ -172,7 +173,7 @@ def main_job(out: Path, runs: Path, smoke: bool, data: Path | None, limit: float
     results["main_job"] = scored(step, one_run(runs / "main"))
 
 
-def benchmarks(out: Path, smoke: bool, device: str, data: Path | None, limit, results: dict) -> None:
+def benchmarks(out: Path, smoke: bool, device: str, data: Path | None, limit, results: dict, steps: set) -> None:
     size = {
         "bench_fit": ["--rounds", "1", "--steps", "2", "--warmup", "1", "--workers", "0"]
         if smoke else ["--rounds", "3", "--steps", "200", "--warmup", "30"],
@@ -197,6 +198,8 @@ def benchmarks(out: Path, smoke: bool, device: str, data: Path | None, limit, re
         ["--models", "resnet8", "--images", "16", "--rounds", "1", "--max-iter", "40"] if smoke else
         ["--models", "resnet20", "resnet56", "--images", "256", "--rounds", "3", "--max-iter", "60"])]  # fmt: skip
     for name, args in size.items():
+        if name not in steps:
+            continue
         script = "_".join(name.split("_")[:2])  # a step is bench_<script>[_<what it runs on>]
         if refuse(name, missing(name), results):
             continue
@@ -221,10 +224,12 @@ def ablate_check(out: Path, smoke: bool, data: Path | None, limit, results: dict
     archive = data or ARCHIVE
     if not archive.exists():
         results[name] = {"refused": f"needs the CIFAR-10 archive ({archive} is missing): pass --data"}
+        print(f"gpu_check: {name} refused: {results[name]['refused']}", file=sys.stderr, flush=True)
         return
     args = [*ABLATE, "--data-folder", str(archive), "--overwrite"]
     if smoke:  # one tiny CPU run: the command line and its studies, not a comparison
-        args = [*args, "--limit", "40", "--landscape-grid", "3", "--hessian-images", "8", "--hessian-max-iter", "4",
+        args = ["init:resnet8", "init:plain8", *args[2:], "--landscape-images", "16", "--landscape-bn-images", "16",
+                "--limit", "40", "--landscape-grid", "3", "--hessian-images", "8", "--hessian-max-iter", "4",
                 "--shattered-points", "4", "--probe-images", "100", "--bn-recalib", "20",
                 "--paths-images", "8"]  # fmt: skip
     cmd = [sys.executable, "-m", "resnet_lab.cli", "ablate", *args]
@@ -232,7 +237,9 @@ def ablate_check(out: Path, smoke: bool, data: Path | None, limit, results: dict
     step = run(name, [*cmd, "--device", device, "--out", str(out / f"ablate-{device}")], limit(name), out)
     if step["rc"] == 0 and not smoke:
         step["cpu"] = run(f"{name}_cpu", [*cmd, "--device", "cpu", "--out", str(out / "ablate-cpu")], limit(name), out)
-        if step["cpu"]["rc"] == 0:
+        if step["cpu"]["rc"] != 0:
+            step["rc"] = f"the CPU run: {step['cpu']['rc']}"  # a failed step all the same
+        else:
             rows = [json.loads((out / f"ablate-{d}" / "results.json").read_text()) for d in ("cuda", "cpu")]
             step["result"] = compare_rows(*rows)
     results[name] = step
@@ -335,7 +342,7 @@ def markdown(results: dict) -> str:
             continue
         keys = ("test_error", "best_test_error", "val_error", "paper_error", "estimate_s",
                 "ddp_val_error", "single_val_error", "equal")  # fmt: skip
-        shown = {k: step[k] for k in keys if k in step}
+        shown = {k: step[k] for k in ("earlier", *keys) if k in step}
         if step.get("result"):
             shown.update(figures(step["result"]))
         cells = [name, step["rc"], step["wall_s"], step.get("budget_s", ""), f"`{json.dumps(shown)}`"]
@@ -346,6 +353,8 @@ def markdown(results: dict) -> str:
 def figures(result: dict | list) -> dict:
     """The figures of a benchmark's result that the table shows."""
     keys = ("median_img_per_s", "ratio_vs_baseline", "median", "study_over_bare", "study_over_reference")
+    if isinstance(result, dict) and result and all(isinstance(v, dict) and "max_rel" in v for v in result.values()):
+        return {study: f"{v['max_rel']:.1e} ({v['rows']} rows)" for study, v in result.items()}  # ablate_cuda
     if isinstance(result, list):  # bench_geometry hessian: one row per net
         per_net = ("lanczos_products_to_tol", "power_products_to_tol", "product_over_forward_backward",
                    "block_product_over_forward_backward")  # fmt: skip
@@ -394,24 +403,46 @@ def check(args, out: Path, runs: Path, data: Path | None, gpus: int) -> dict:
     def limit(step: str) -> float:
         return max(1.0, min(BUDGET[step] * scale, deadline - time.monotonic()))
 
+    steps = set(args.steps or BUDGET)
     results: dict = {"environment": environment(args.smoke, gpus)}
-    main_job(out, runs, args.smoke, data, limit("main_job"), results)
-    save(out, results)
-    benchmarks(out, args.smoke, "cpu" if args.smoke else "cuda", data, limit, results)
-    ablate_check(out, args.smoke, data, limit, results)
-    save(out, results)
-    ddp_check(out, runs, args.smoke, gpus, limit("ddp"), results)
+    if args.steps:  # the others' results stay, marked as an earlier run's
+        results.update(earlier(out, steps))
+    if "main_job" in steps:
+        main_job(out, runs, args.smoke, data, limit("main_job"), results)
+        save(out, results)
+    benchmarks(out, args.smoke, "cpu" if args.smoke else "cuda", data, limit, results, steps)
+    if "ablate_cuda" in steps:
+        ablate_check(out, args.smoke, data, limit, results)
+        save(out, results)
+    if "ddp" in steps:
+        ddp_check(out, runs, args.smoke, gpus, limit("ddp"), results)
     return results
 
 
+def earlier(out: Path, steps: set) -> dict:
+    """The steps of OUT/gpu_check.json that this run (--steps) does not repeat, each marked with
+    the device and date of the run that measured it."""
+    path = out / "gpu_check.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    env = old.pop("environment", {})
+    old.pop("paper", None)  # --paper adds its own after the check
+    when = f"{env.get('device', '?')}, {env.get('date', '?')}"
+    return {name: {"earlier": when, **step} for name, step in old.items() if name not in steps}
+
+
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from resnet_lab.errors import ArgumentParser  # a bad flag or value: one line, exit 2
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/gpu-check", help="folder for gpu_check.json, gpu_check.md and the logs")
     p.add_argument("--runs", help="folder for the fits' run directories (default OUT/runs)")
     p.add_argument("--data", help=f"the CIFAR-10 archive or folder (default {ARCHIVE} when present)")
     p.add_argument("--budget", type=float, default=540.0, help="seconds for all steps together (default 540)")
     p.add_argument("--smoke", action="store_true", help="the same steps, tiny, on CPU")
     p.add_argument("--paper", action="store_true", help="the optional 64k-iteration ResNet-20 run (after the check)")
+    p.add_argument("--steps", nargs="+", choices=list(BUDGET), metavar="STEP",
+                   help=f"only these steps ({', '.join(BUDGET)}); the others' results in OUT stay, marked as "
+                   "an earlier run's")  # fmt: skip
     args = p.parse_args()
     try:
         if not args.budget > 0 or args.budget == float("inf"):
@@ -423,6 +454,8 @@ def main() -> int:
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not gpus and not args.smoke:
             raise CheckError("no CUDA GPU is visible; run with --smoke to check the steps on CPU")
+        if args.paper and args.steps:
+            raise CheckError("--steps selects steps of the check; --paper is a run of its own: give one of them")
         if args.paper:
             results = json.loads((out / "gpu_check.json").read_text()) if (out / "gpu_check.json").is_file() else {}
             results["paper"] = paper_run(out, runs, args.smoke, data, args.budget)
@@ -433,9 +466,10 @@ def main() -> int:
         return 2
     save(out, results)
     print(markdown(results))
-    failed = [k for k, v in results.items() if isinstance(v, dict) and v.get("rc", 0) not in (0, None)]
+    now = {k: v for k, v in results.items() if isinstance(v, dict) and "earlier" not in v}  # this run's steps
+    failed = [k for k, v in now.items() if v.get("rc", 0) not in (0, None)]
     failed += ["ddp (val/error differs)"] if results.get("ddp", {}).get("equal") is False else []
-    refused = [k for k, v in results.items() if isinstance(v, dict) and "refused" in v]
+    refused = [k for k, v in now.items() if "refused" in v]
     if failed:
         print(f"gpu_check: failed steps: {', '.join(failed)} (logs in {out})", file=sys.stderr)
     if refused:

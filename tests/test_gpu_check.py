@@ -64,12 +64,25 @@ def test_steps_the_node_lacks_packages_for_are_refused_and_the_others_run(tmp_pa
     hide.mkdir()
     (hide / "sitecustomize.py").write_text("import sys\nsys.modules['jsonargparse'] = None\n")
     env = {**os.environ, "PYTHONPATH": str(hide)}
-    r = gpu_check("--smoke", "--out", str(tmp_path / "gc"), env=env)
+    out = tmp_path / "gc"
+    out.mkdir()  # an earlier run's results: --steps repeats some steps and keeps the others, marked
+    earlier = {"environment": {"device": "1 x NVIDIA H200", "torch": "2.11.0", "date": "2026-12-04 10:00"},
+               "bench_fit": {"rc": 0, "wall_s": 75.0, "result": {"median_img_per_s": {"fit": 6521.0}}},
+               "bench_lesion": {"rc": 1, "wall_s": 3.0, "tail": "an earlier failure"}}  # fmt: skip
+    (out / "gpu_check.json").write_text(json.dumps(earlier))
+    r = gpu_check("--smoke", "--out", str(out), "--steps", "main_job", "bench_lesion", "ablate_cuda", "ddp", env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
     assert "main_job refused: needs jsonargparse" in r.stderr and "ddp refused: needs jsonargparse" in r.stderr
-    res = json.loads((tmp_path / "gc" / "gpu_check.json").read_text())
+    res = json.loads((out / "gpu_check.json").read_text())
     assert "refused" in res["main_job"] and "refused" in res["ddp"]
-    assert all(res[s]["rc"] == 0 for s in ("bench_fit", "bench_lesion", "bench_paths", "ablate_cuda"))
+    assert res["bench_lesion"]["rc"] == 0 and "earlier" not in res["bench_lesion"]  # repeated: this run's
+    assert res["ablate_cuda"]["rc"] == 0  # every study runs without jsonargparse
+    assert res["bench_fit"] == {"earlier": "1 x NVIDIA H200, 2026-12-04 10:00", **earlier["bench_fit"]}
+    assert not {"bench_paths", "bench_fit_vit", "bench_geometry_hessian"} & set(res)  # not asked for
+    assert (
+        '| bench_fit | 0 | 75.0 |  | `{"earlier": "1 x NVIDIA H200, 2026-12-04 10:00"'
+        in (out / "gpu_check.md").read_text()
+    )
 
 
 def test_gpu_check_without_a_gpu_says_to_use_smoke(tmp_path):
@@ -84,6 +97,8 @@ def test_gpu_check_without_a_gpu_says_to_use_smoke(tmp_path):
     (["--budget", "0"], "positive number of seconds"),
     (["--budget", "nan"], "positive number of seconds"),
     (["--paper"], "run it first"),
+    (["--steps", "bench_fit", "--paper"], "give one of them"),
+    (["--steps", "bench_fitt"], "invalid choice: 'bench_fitt'"),
 ])  # fmt: skip
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, words):
     (tmp_path / "FILE").write_text("x")
