@@ -304,13 +304,15 @@ def paper_estimate(out: Path, steps: int, batch: int) -> dict:
     path = out / "gpu_check.json"
     if not path.is_file():
         raise CheckError(f"--paper estimates its time from the first command's results: run it first with --out {out}")
-    fit = json.loads(path.read_text()).get("bench_fit", {}).get("result") or {}
-    img_s = (fit.get("median_img_per_s") or {}).get("fit")
+    step = json.loads(path.read_text()).get("bench_fit", {})
+    img_s = ((step.get("result") or {}).get("median_img_per_s") or {}).get("fit")
     if not img_s:
         raise CheckError(f"{path} has no bench_fit img/s to estimate from: rerun the first command")
     train = steps * batch / img_s
     # + one 5,000-image validation per epoch (~352 steps; about 2% of an epoch's time) and start-up
     basis = f"{steps} x {batch} / bench_fit img/s x 1.05 + 60 s"
+    if "earlier" in step:  # kept from another run by --steps: its device may not be this one
+        basis += f" (bench_fit measured on {step['earlier']})"
     return {"img_per_s": img_s, "estimate_s": round(train * 1.05 + 60), "basis": basis}
 
 
@@ -405,8 +407,7 @@ def check(args, out: Path, runs: Path, data: Path | None, gpus: int) -> dict:
 
     steps = set(args.steps or BUDGET)
     results: dict = {"environment": environment(args.smoke, gpus)}
-    if args.steps:  # the others' results stay, marked as an earlier run's
-        results.update(earlier(out, steps))
+    results.update(earlier(out, steps))  # what this run does not repeat stays (--paper's run too)
     if "main_job" in steps:
         main_job(out, runs, args.smoke, data, limit("main_job"), results)
         save(out, results)
@@ -420,12 +421,11 @@ def check(args, out: Path, runs: Path, data: Path | None, gpus: int) -> dict:
 
 
 def earlier(out: Path, steps: set) -> dict:
-    """The steps of OUT/gpu_check.json that this run (--steps) does not repeat, each marked with
-    the device and date of the run that measured it."""
+    """The results of OUT/gpu_check.json that this run does not repeat (the steps --steps leaves
+    out, and --paper's run), each marked with the device and date of the run that measured it."""
     path = out / "gpu_check.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     env = old.pop("environment", {})
-    old.pop("paper", None)  # --paper adds its own after the check
     when = f"{env.get('device', '?')}, {env.get('date', '?')}"
     return {name: {"earlier": when, **step} for name, step in old.items() if name not in steps}
 

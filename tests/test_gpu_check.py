@@ -68,7 +68,8 @@ def test_steps_the_node_lacks_packages_for_are_refused_and_the_others_run(tmp_pa
     out.mkdir()  # an earlier run's results: --steps repeats some steps and keeps the others, marked
     earlier = {"environment": {"device": "1 x NVIDIA H200", "torch": "2.11.0", "date": "2026-12-04 10:00"},
                "bench_fit": {"rc": 0, "wall_s": 75.0, "result": {"median_img_per_s": {"fit": 6521.0}}},
-               "bench_lesion": {"rc": 1, "wall_s": 3.0, "tail": "an earlier failure"}}  # fmt: skip
+               "bench_lesion": {"rc": 1, "wall_s": 3.0, "tail": "an earlier failure"},
+               "paper": {"rc": 0, "wall_s": 1400.0, "test_error": 8.6}}  # fmt: skip
     (out / "gpu_check.json").write_text(json.dumps(earlier))
     r = gpu_check("--smoke", "--out", str(out), "--steps", "main_job", "bench_lesion", "ablate_cuda", "ddp", env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
@@ -77,7 +78,8 @@ def test_steps_the_node_lacks_packages_for_are_refused_and_the_others_run(tmp_pa
     assert "refused" in res["main_job"] and "refused" in res["ddp"]
     assert res["bench_lesion"]["rc"] == 0 and "earlier" not in res["bench_lesion"]  # repeated: this run's
     assert res["ablate_cuda"]["rc"] == 0  # every study runs without jsonargparse
-    assert res["bench_fit"] == {"earlier": "1 x NVIDIA H200, 2026-12-04 10:00", **earlier["bench_fit"]}
+    for name in ("bench_fit", "paper"):  # kept, with where and when they were measured
+        assert res[name] == {"earlier": "1 x NVIDIA H200, 2026-12-04 10:00", **earlier[name]}
     assert not {"bench_paths", "bench_fit_vit", "bench_geometry_hessian"} & set(res)  # not asked for
     assert (
         '| bench_fit | 0 | 75.0 |  | `{"earlier": "1 x NVIDIA H200, 2026-12-04 10:00"'
