@@ -64,6 +64,9 @@ def test_test_time_params_reuse_the_checkpoint(tmp_path):
     assert len(list((tmp_path / "sweeps" / "l" / "runs").glob("trial*/*/run.json"))) == 1
     assert "lesion/k2_error" in t1.user_attrs and "lesion/k2_error" not in t0.user_attrs
     assert t0.value == t0.user_attrs["lesion/k1_error"]
+    (report,) = (tmp_path / "sweeps" / "l" / "runs").glob("trial*/*/lesion-trial1/report.md")
+    text = report.read_text()  # `--device auto`: the CPU here, and the report says so
+    assert "--device auto" in text and "Computed on: cpu (" in text
 
 
 @pytest.mark.slow

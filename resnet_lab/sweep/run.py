@@ -218,11 +218,13 @@ def run_fit(
 
 
 def run_lesions(ckpt_path: str, opts: Any, out: Path) -> dict[str, float]:
-    """A test-time ablation of one checkpoint (`opts`: StudyOptions); returns lesion/* summaries."""
+    """A test-time ablation of one checkpoint (`opts`: StudyOptions); returns lesion/* summaries.
+    On the worker's GPU when it sees one (`--device auto`), else on the CPU: the report says which."""
     from ..ablation.cli import ablate, command_for
     from ..ablation.report import lesion_summary
 
-    ablate([ckpt_path], out, opts, command=command_for([ckpt_path], out, opts), progress=False)
+    command = command_for([ckpt_path], out, opts) + " --device auto"
+    ablate([ckpt_path], out, opts, command=command, device="auto", progress=False)
     return lesion_summary(json.loads((out / "results.json").read_text()))
 
 
