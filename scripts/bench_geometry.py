@@ -3,7 +3,7 @@
     python scripts/bench_geometry.py landscape --model resnet56 --images 1000 --rounds 5
     python scripts/bench_geometry.py hessian --models resnet20 resnet56 --images 256
     python scripts/bench_geometry.py rss --model resnet110 --images 1000
-    python scripts/bench_geometry.py landscape --device cuda   # landscape and hessian: on a GPU
+    python scripts/bench_geometry.py landscape --device cuda   # landscape and hessian: on a GPU (no TF32, as ablate)
 
   landscape: seconds per grid point of the study's way (write theta + a d1 + b d2 into a
              private copy in place, fold its BNs into their convolutions, evaluate pre-made
@@ -50,6 +50,7 @@ from bench_lesion import timed, trained_like  # scripts/ is on sys.path when a s
 from torch.utils.data import DataLoader
 
 from resnet_lab.ablation.engine import fold_bn
+from resnet_lab.ablation.runner import full_float32
 from resnet_lab.ablation.studies.hessian import BLOCK, affine_bns, for_products, lanczos, make_hvp
 from resnet_lab.ablation.studies.landscape import directions, loss_error, set_point
 from resnet_lab.cli import GLIBC_TUNABLES
@@ -308,7 +309,8 @@ def main() -> None:
         help="rss: the data folder for init: nets; hessian: the checkpoints' data",
     )
     args = p.parse_args()
-    result = {"landscape": bench_landscape, "hessian": bench_hessian, "rss": bench_rss}[args.what](args)
+    with full_float32(torch.device(args.device)):  # on CUDA no TF32, as `resnet-lab ablate` runs the studies
+        result = {"landscape": bench_landscape, "hessian": bench_hessian, "rss": bench_rss}[args.what](args)
     print(json.dumps(result, indent=1))
 
 

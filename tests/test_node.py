@@ -32,5 +32,6 @@ def test_the_wheelhouse_runs_the_gpu_check_on_the_node_s_versions(tmp_path):
     res = json.loads((tmp_path / "gc" / "gpu_check.json").read_text())
     assert res["environment"]["torch"] == node_torch  # the node's own torch, never one from the wheelhouse
     assert res["main_job"]["rc"] == 0 and 0 <= res["main_job"]["test_error"] <= 100
-    steps = ("bench_fit", "bench_lesion", "bench_paths", "bench_geometry_landscape", "bench_geometry_hessian", "ddp")
+    steps = ("bench_fit", "bench_lesion", "bench_paths", "bench_geometry_landscape", "bench_geometry_hessian",
+             "ablate_cuda", "ddp")  # fmt: skip
     assert all(res[s]["rc"] == 0 for s in steps)

@@ -92,7 +92,8 @@ def full_float32(device: torch.device):
     if device.type != "cuda":
         yield
         return
-    flags = [(torch.backends.cuda.matmul, "fp32_precision"), (torch.backends.cudnn.conv, "fp32_precision")]
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    flags = [(torch.backends.cuda.matmul, "fp32_precision"), (conv, "fp32_precision")]
     if not all(hasattr(obj, attr) for obj, attr in flags):  # PyTorch before 2.9: the legacy switches
         flags = [(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")]
     saved = [getattr(obj, attr) for obj, attr in flags]
