@@ -11,6 +11,7 @@ from resnet_lab.ablation.cli import main as ablate_main
 from resnet_lab.ablation.runner import full_float32, resolve_device
 from resnet_lab.ablation.studies import REGISTRY
 
+FAMILIES = ("vit1_i32_p8_w32_h2_m64", "convnext_cifar_d1-1-1-1_w8-8-16-16")  # a 1-layer ViT, a 4-block ConvNeXt
 # Every study, each as small as its checks allow.
 SMALL = ["--limit", "40", "--batch-size", "20", "--samples", "2", "--bn-recalib", "20", "--k-max", "2",
          "--adjacent-max", "2", "--paths-images", "8", "--probe-images", "100", "--landscape-images", "16",
@@ -46,10 +47,12 @@ def test_every_study_computes_on_the_models_device(two_checkpoints, tmp_path, mo
     monkeypatch.setattr(runner, "batches", batches)
     monkeypatch.setattr(CIFAR10DataModule, "sample_dataloader", sample_dataloader)
     out = tmp_path / "r"
-    argv = [two_checkpoints[0], "init:plain14", "--out", str(out), "--studies", *REGISTRY.names, *SMALL]
+    nets = [two_checkpoints[0], "init:plain14", *(f"init:{a}" for a in FAMILIES)]  # every family's modules too
+    argv = [*nets, "--out", str(out), "--studies", *REGISTRY.names, *SMALL]
     assert ablate_main(argv) == 0
     rows = json.loads((out / "results.json").read_text())
-    assert {r["study"] for r in rows} == set(REGISTRY.names)
+    assert {(r["spec"], r["study"]) for r in rows} == {(n, s) for n in ("resnet14", "plain14", *FAMILIES)
+                                                       for s in REGISTRY.names}  # fmt: skip
 
 
 def test_the_report_says_which_device_computed_how_many_units(two_checkpoints, tmp_path):
