@@ -61,13 +61,14 @@ SMOKE_FAMILIES = ("vit1_i32_p8_w32_h2_m64", "convnext_cifar_d1-1-1-1_w8-8-16-16"
 BUDGET = {"main_job": 180, "bench_fit": 150, "bench_lesion": 60, "bench_paths": 60, "bench_fit_vit": 45,
           "bench_fit_convnext": 45, "bench_lesion_families": 45, "bench_geometry_landscape": 45,
           "bench_geometry_hessian": 60, "ablate_cuda": 90, "ddp": 150}  # fmt: skip
-# Every study, small: the CUDA run and the CPU run of step 6 (a few seconds each on a GPU node).
-ABLATE = ["init:resnet20", "init:plain20", "--studies", "single", "k", "adjacent", "reorder", "responses", "influence",
-          "paths", "iterative", "probes", "cka", "landscape", "hessian", "shattered", "--limit", "200", "--samples",
-          "2", "--bn-recalib", "100", "--k-max", "2", "--adjacent-max", "2", "--paths-images", "32", "--probe-images",
-          "200", "--landscape-images", "100", "--landscape-grid", "3", "--landscape-bn-images", "100",
-          "--hessian-images", "32", "--hessian-max-iter", "12", "--hessian-tol", "0.05", "--hessian-slq", "1",
-          "--shattered-lines", "2", "--shattered-points", "16", "--no-progress"]  # fmt: skip
+# Step 6: every registered study, small (a few seconds each run on a GPU node); --smoke: tinier, on CPU.
+ABLATE_SIZES = {"--limit": 200, "--samples": 2, "--bn-recalib": 100, "--k-max": 2, "--adjacent-max": 2,
+                "--paths-images": 32, "--probe-images": 200, "--landscape-images": 100, "--landscape-grid": 3,
+                "--landscape-bn-images": 100, "--hessian-images": 32, "--hessian-max-iter": 12, "--hessian-tol": 0.05,
+                "--hessian-slq": 1, "--shattered-lines": 2, "--shattered-points": 16}  # fmt: skip
+ABLATE_SMOKE = {"--limit": 40, "--bn-recalib": 20, "--paths-images": 8, "--probe-images": 100, "--landscape-images": 16,
+                "--landscape-bn-images": 16, "--hessian-images": 8, "--hessian-max-iter": 4,
+                "--shattered-points": 4}  # fmt: skip
 NEEDS = {
     "main_job": ("pytorch_lightning", "torchvision", "jsonargparse", "typeshed_client", "docstring_parser"),
     "bench_fit": ("pytorch_lightning", "torchvision"),
@@ -226,12 +227,12 @@ def ablate_check(out: Path, smoke: bool, data: Path | None, limit, results: dict
         results[name] = {"refused": f"needs the CIFAR-10 archive ({archive} is missing): pass --data"}
         print(f"gpu_check: {name} refused: {results[name]['refused']}", file=sys.stderr, flush=True)
         return
-    args = [*ABLATE, "--data-folder", str(archive), "--overwrite"]
-    if smoke:  # one tiny CPU run: the command line and its studies, not a comparison
-        args = ["init:resnet8", "init:plain8", *args[2:], "--landscape-images", "16", "--landscape-bn-images", "16",
-                "--limit", "40", "--landscape-grid", "3", "--hessian-images", "8", "--hessian-max-iter", "4",
-                "--shattered-points", "4", "--probe-images", "100", "--bn-recalib", "20",
-                "--paths-images", "8"]  # fmt: skip
+    from resnet_lab.ablation.studies import REGISTRY
+
+    nets = ["init:resnet8", "init:plain8"] if smoke else ["init:resnet20", "init:plain20"]
+    sizes = {**ABLATE_SIZES, **(ABLATE_SMOKE if smoke else {})}  # --smoke: the studies run, not a comparison
+    args = [*nets, "--studies", *REGISTRY.names, *(str(x) for kv in sizes.items() for x in kv),
+            "--data-folder", str(archive), "--overwrite", "--no-progress"]  # fmt: skip
     cmd = [sys.executable, "-m", "resnet_lab.cli", "ablate", *args]
     device = "cpu" if smoke else "cuda"
     step = run(name, [*cmd, "--device", device, "--out", str(out / f"ablate-{device}")], limit(name), out)
@@ -265,8 +266,7 @@ def compare_rows(a: list[dict], b: list[dict]) -> dict:
         s["rows"] += 1
         for field, v in r.items():
             w = other.get(field)
-            if isinstance(v, bool) or not isinstance(v, int | float) or isinstance(w, bool) or not isinstance(
-                    w, int | float) or (v != v and w != w):  # fmt: skip
+            if not (number(v) and number(w)) or (v != v and w != w):  # NaN in both: the same
                 continue
             rel = abs(v - w) / max(abs(v), abs(w), 1e-12)
             s["rel"].append(rel)
@@ -275,6 +275,10 @@ def compare_rows(a: list[dict], b: list[dict]) -> dict:
     for s in out.values():
         s["median_rel"] = statistics.median(s.pop("rel")) if s["rows"] else None
     return out
+
+
+def number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
 
 
 def ddp_check(out: Path, runs: Path, smoke: bool, gpus: int, limit: float, results: dict) -> None:

@@ -78,14 +78,14 @@ def lines(x: Tensor, y: Tensor, count: int, points: int, seed: int, kind: str) -
     """`count` lines of `kind` over consecutive image pairs: ((P, C, H, W) points, label of the start).
     Steps and directions are drawn on the CPU: the same lines on any device."""
     g = torch.Generator().manual_seed(seed)
+    t = (torch.linspace(0, 1, points, device="cpu") if kind == "pair" else
+         torch.linspace(-0.5, 0.5, points, device="cpu")).to(x.device)  # fmt: skip
     out = []
     for i in range(count):
         a, b = x[2 * i], x[2 * i + 1]
         if kind == "pair":
-            t = torch.linspace(0, 1, points, device="cpu").to(x.device)
             step = b - a
         else:
-            t = torch.linspace(-0.5, 0.5, points, device="cpu").to(x.device)
             u = torch.randn(a.shape, generator=g, device="cpu").to(x.device)
             step = u * (b - a).norm() / u.norm()
         out.append((a[None] + t.view(-1, 1, 1, 1) * step[None], int(y[2 * i])))
