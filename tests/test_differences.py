@@ -10,7 +10,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, IntDistribution
 from scipy.stats import ttest_ind
 
-from resnet_lab.ablation.stats import welch
+from resnet_lab.ablation.stats import differences_table, welch
 from resnet_lab.models import ResNetSpec
 from resnet_lab.sweep.summary import depth_comparisons, summarize, trial_rows
 
@@ -43,6 +43,17 @@ def test_welch_without_spread_or_with_one_run():
     assert (flat.lo, flat.hi) == (-2.0, -2.0) and flat.verdict("better", "worse") == "better"
     with pytest.raises(ValueError):
         welch([], [1.0])
+
+
+def test_welch_with_a_value_that_is_not_finite_gives_no_interval_and_says_why():
+    # A loss that overflowed (inf) or an undefined value (nan) on one side: the difference is
+    # not a number an interval can be put on; it is shown as such, never as a verdict.
+    for a, b in (([1.0, 2.0], [3.0, math.inf]), ([1.0, math.nan, 2.0], [3.0, 4.0]), ([math.inf], [math.inf, 1.0])):
+        d = welch(a, b)
+        assert not math.isfinite(d.mean) and d.lo is None and d.hi is None, (a, b)
+        assert "not finite" in d.interval() and d.verdict("lower", "higher").startswith("not resolved")
+        (row,) = differences_table([("rise at r", [("plain56 − resnet56", d)])])[1]
+        assert "not finite" in row[4] and "n ≥ 2" not in row[4], row
 
 
 def _study(known: dict[tuple[int, bool], list[tuple[float, float | None]]], tmp_path) -> optuna.Study:

@@ -1,6 +1,7 @@
 """The `landscape` study (Li et al. 2018): each value against a second way of computing it."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -185,6 +186,13 @@ def test_basin_width_by_hand():
     w, censored = basin_width(alphas, [1.9, 1.2, 1.0, 1.5, 3.0])
     assert w == pytest.approx((0.5 + 0.5 / 3 + 1.0) / 2) and censored
     assert basin_width(alphas, [4.0, 2.0, 1.0, 2.0, 4.0]) == (0.5, False)
+    # A loss that stops being finite (an overflow) ends a side, censored at its last finite point:
+    # +: NaN at 0.5 -> 0; -: 1.5 at 0.5 has not doubled, NaN at 1 -> 0.5. Never interpolated across.
+    assert basin_width(alphas, [math.nan, 1.5, 1.0, math.nan, 4.0]) == (0.25, True)
+    assert basin_width(alphas, [math.inf, 1.5, 1.0, 1.2, 3.0]) == (
+        pytest.approx((0.5 + 0.5 + 0.5 * 0.8 / 1.8) / 2),
+        True,
+    )
 
 
 def test_strict_local_minima_of_a_grid_by_hand():
@@ -212,6 +220,52 @@ def test_summaries_and_the_paired_report_of_a_residual_net_and_its_plain_twin(tw
     report = (tmp_path / "r" / "report.md").read_text()
     assert "Paired directions" in report and "resnet14" in report.split("Paired directions")[1].split("\n")[0]
     assert (tmp_path / "r" / "landscape.png").stat().st_size > 0
+
+
+def test_points_whose_output_overflows_are_reported_as_such_and_the_report_completes(two_checkpoints, tmp_path):
+    # At r = 1e8 the far points' activations overflow float32: their loss is not finite, and an
+    # error read off NaN logits (argmax of NaN) would be a made-up number: it is NaN too.
+    rows = run(two_checkpoints[:1], tmp_path / "r", "--landscape-directions", "1", "--landscape-radius", "1e8",
+               "--landscape-images", "16")  # fmt: skip
+    ckpt = load_checkpoint(two_checkpoints[0])
+    x, y = sample(ckpt, 16, 0)
+    theta = {k: p.detach().clone() for k, p in ckpt.model.named_parameters()}
+    (d1,) = directions(theta, 1, 0)
+    walk = {r["alpha"]: r for r in rows if r["walk"] == "1d"}
+    assert sorted(walk) == [-1e8, -5e7, 0.0, 5e7, 1e8]
+    nan_logits = 0
+    for a, r in walk.items():
+        model = create_model(ckpt.spec.name, num_classes=ckpt.spec.num_classes)
+        model.load_state_dict({**ckpt.model.state_dict(), **{k: theta[k] + a * d1[k] for k in theta}})
+        with torch.no_grad():
+            logits = model.eval()(x)
+        if torch.isnan(logits).any():
+            nan_logits += 1
+            assert math.isnan(r["error"]) and not math.isfinite(r["loss"]), r
+        else:
+            assert r["error"] == pytest.approx(100.0 * (logits.argmax(1) != y).float().mean().item()), r
+    assert nan_logits >= 2  # the test reaches the overflow it is about
+    summ = {r["key"]: r for r in rows if r["walk"] == "summary"}
+    assert not math.isfinite(summ["rise at r"]["value"]) and summ["centre loss"]["value"] == walk[0.0]["loss"]
+    # Basin width: a side whose loss stops being finite before it doubles is censored at its last
+    # finite point, never read across the overflow.
+    finite = [a for a, r in walk.items() if math.isfinite(r["loss"])]
+    assert math.isfinite(summ["basin width"]["value"]) and summ["basin width"]["value"] <= max(map(abs, finite))
+    report = (tmp_path / "r" / "report.md").read_text()
+    table = report.split("Loss landscape (Li et al. 2018)")[1]
+    assert "not finite at" in table and f"{5 - len(finite)} of 5 points have a loss that is not finite" in table
+    assert (tmp_path / "r" / "landscape.png").stat().st_size > 0
+
+
+def test_a_tiny_radius_keeps_its_half_and_full_radius_points_apart(two_checkpoints, tmp_path):
+    # r = 1e-12: r/2 and r differ by less than any absolute tolerance; each is matched by its own value.
+    rows = run(two_checkpoints[:1], tmp_path / "r", "--landscape-directions", "1", "--landscape-radius", "1e-12",
+               "--landscape-images", "16")  # fmt: skip
+    pts = {r["alpha"]: r["loss"] for r in rows if r["walk"] == "1d"}
+    assert sorted(pts) == [-1e-12, -5e-13, 0.0, 5e-13, 1e-12]
+    summ = {r["key"]: r["value"] for r in rows if r["walk"] == "summary"}
+    assert summ["rise at r"] == pytest.approx((pts[1e-12] + pts[-1e-12]) / 2 - pts[0.0], abs=1e-12)
+    assert summ["rise at r/2"] == pytest.approx((pts[5e-13] + pts[-5e-13]) / 2 - pts[0.0], abs=1e-12)
 
 
 @pytest.mark.parametrize(

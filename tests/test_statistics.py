@@ -3,6 +3,7 @@ per-cell overrides in sweeps."""
 
 import csv
 import json
+import math
 import shutil
 import statistics
 
@@ -13,7 +14,8 @@ import yaml
 from optuna.distributions import CategoricalDistribution, IntDistribution
 
 from resnet_lab.ablation.cli import main as ablate_main
-from resnet_lab.ablation.stats import wilson
+from resnet_lab.ablation.report import seeds_table
+from resnet_lab.ablation.stats import across_checkpoints, wilson
 from resnet_lab.sweep.cli import main as sweep_main
 from resnet_lab.sweep.space import SweepError, SweepSpec
 from resnet_lab.sweep.summary import cells, summarize, trial_rows
@@ -183,3 +185,19 @@ def test_pooling_never_merges_different_architectures():
     old = {k: v for k, v in create_model("resnet56").spec.to_dict().items() if k in ("family", "depth", "plain",
            "shortcut", "base_width", "stride_on")}  # fmt: skip
     assert arch_label(old) == "resnet56, shortcut A"  # rows written before the new spec fields
+
+
+def test_pooling_a_value_that_is_not_finite_says_so_and_pools_the_rest():
+    """One seed's landscape overflowed (its rise at r is inf): the architecture's mean is inf, its
+    std undefined, and the seeds table says the value is not finite instead of crashing; the other
+    key pools as usual."""
+    rows = [{"arch": "resnet56", "spec": "resnet56", "checkpoint": f"s{i}", "condition": "eval-bn",
+             "study": "landscape", "rise": v, "centre": c}
+            for i, (v, c) in enumerate([(0.5, 1.0), (math.inf, 2.0), (1.5, 3.0)])]  # fmt: skip
+    agg = across_checkpoints(rows, lambda r: [("rise at r", r["rise"]), ("centre loss", r["centre"])])
+    by = {a["key"]: a for a in agg}
+    assert math.isinf(by["rise at r"]["mean"]) and math.isnan(by["rise at r"]["std"])
+    assert by["rise at r"]["n_checkpoints"] == 3
+    assert by["centre loss"]["mean"] == 2.0 and by["centre loss"]["std"] == 1.0
+    body = {r[2]: r[5] for r in seeds_table(agg)[1]}
+    assert body["rise at r"] == "not finite (1 of 3 checkpoints)" and body["centre loss"].startswith("2.0000 ± 1.0000")

@@ -54,7 +54,7 @@ def write_tables(rows: list[dict], out: Path) -> None:
 
 def write_seed_table(agg: list[dict], out: Path) -> None:
     """results_by_arch.csv: the across-checkpoint aggregates (empty with one checkpoint per arch)."""
-    keys = ["arch", "condition", "study", "key", "measure", "n_checkpoints", "mean", "std", "min", "max"]
+    keys = ["arch", "condition", "study", "key", "measure", "n_checkpoints", "not_finite", "mean", "std", "min", "max"]
     with open(out / "results_by_arch.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
@@ -76,6 +76,8 @@ def seeds_table(agg: list[dict]) -> tuple[list[str], list[list[str]]]:
         m = REGISTRY[a["study"]].measure(a["key"])
         d = m.digits
         spread = f"{a['mean']:.{d}f} ± {a['std']:.{d}f} ({a['min']:.{d}f}, {a['max']:.{d}f})"
+        if a["not_finite"]:
+            spread = f"not finite ({a['not_finite']} of {a['n_checkpoints']} checkpoints)"
         body.append([a["arch"], a["study"], a["key"], m.label, str(a["n_checkpoints"]), spread])
     return ["architecture", "study", "condition", "measure", "checkpoints", "mean ± std (min, max)"], body
 

@@ -74,6 +74,7 @@ def across_checkpoints(rows: list[dict], pooled: Callable[[dict], list[tuple[str
         values = [statistics.fmean(v) for v in by_ck.values()]
         if len(values) < 2:
             continue
+        not_finite = sum(not math.isfinite(v) for v in values)  # e.g. a loss that overflowed
         out.append(
             {
                 "arch": arch,
@@ -81,8 +82,9 @@ def across_checkpoints(rows: list[dict], pooled: Callable[[dict], list[tuple[str
                 "study": study,
                 "key": key,
                 "n_checkpoints": len(values),
+                "not_finite": not_finite,
                 "mean": statistics.fmean(values),
-                "std": statistics.stdev(values),
+                "std": math.nan if not_finite else statistics.stdev(values),
                 "min": min(values),
                 "max": max(values),
             }
@@ -137,10 +139,12 @@ class Difference:
             return f"not resolved at n = {self.n_b}/{self.n_a}"
         return lower if self.hi < 0 else higher
 
-    def interval(self) -> str:
+    def interval(self, fmt: str = "+.2f") -> str:
+        if not math.isfinite(self.mean):
+            return "- (a value is not finite)"
         if self.lo is None:
             return "- (needs n ≥ 2 per side)"
-        return f"[{self.lo:+.2f}, {self.hi:+.2f}]"
+        return f"[{self.lo:{fmt}}, {self.hi:{fmt}}]"
 
 
 def welch(a: list[float], b: list[float], level: float = 0.95) -> Difference:
@@ -148,13 +152,14 @@ def welch(a: list[float], b: list[float], level: float = 0.95) -> Difference:
 
     Each side's mean has variance s²/n; the difference's standard error is their sum's
     root, and its t quantile uses the Welch-Satterthwaite degrees of freedom. Sides with
-    no spread at all (every run equal) give a zero-width interval."""
+    no spread at all (every run equal) give a zero-width interval. A value that is not finite
+    (a loss that overflowed) makes the difference not finite and gives no interval."""
     from scipy.stats import t
 
     if not a or not b:
         raise ValueError("welch needs at least one value per side")
     d = statistics.fmean(b) - statistics.fmean(a)
-    if len(a) < 2 or len(b) < 2:
+    if len(a) < 2 or len(b) < 2 or not math.isfinite(d):
         return Difference(d, None, None, len(a), len(b), None, level)
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
     se2 = va + vb
@@ -215,7 +220,7 @@ def differences_table(
     body = []
     for what, diffs in rows:
         for comparison, d in diffs:
-            ci = "- (needs n ≥ 2 per side)" if d.lo is None else f"[{d.lo:+.{digits}g}, {d.hi:+.{digits}g}]"
+            ci = d.interval(f"+.{digits}g")
             body.append([what, comparison, f"{d.n_b}/{d.n_a}", f"{d.mean:+.{digits}g}", ci,
                          d.verdict("lower", "higher")])  # fmt: skip
     return ["quantity", "comparison (a − b)", "n (a/b)", "Δ mean", "95% Welch CI", "a is"], body

@@ -107,13 +107,16 @@ def set_point(model, theta: dict[str, Tensor], ds: list[Tensor | dict], coefs: l
 
 @torch.no_grad()
 def loss_error(model, ctx_loss, x: Tensor, y: Tensor) -> tuple[float, float]:
-    """Mean loss and top-1 error (%) of the model (eval mode) on pre-made tensors."""
-    total, wrong = 0.0, 0
+    """Mean loss and top-1 error (%) of the model (eval mode) on pre-made tensors. Far from the
+    trained weights the activations can overflow: the loss is then not finite, and the error is
+    NaN when any logit is (a class picked out of NaN logits is no prediction)."""
+    total, wrong, undefined = 0.0, 0, False
     for i in range(0, len(y), CHUNK):
         logits = model(x[i : i + CHUNK])
         total += float(ctx_loss(logits.float(), y[i : i + CHUNK], reduction="sum"))
         wrong += int((logits.argmax(1) != y[i : i + CHUNK]).sum())
-    return total / len(y), 100.0 * wrong / len(y)
+        undefined = undefined or bool(logits.isnan().any())
+    return total / len(y), math.nan if undefined else 100.0 * wrong / len(y)
 
 
 def walk_points(grid: int, radius: float) -> list[float]:
@@ -125,12 +128,18 @@ def walk_points(grid: int, radius: float) -> list[float]:
 
 def basin_width(alphas: list[float], losses: list[float]) -> tuple[float, bool]:
     """Mean over the two signs of the distance at which the loss first reaches twice the centre
-    loss (linear between points), and whether a side never did (censored at its last point)."""
+    loss (linear between points), and whether a side never did (censored at its last point, or
+    at its last finite one where the loss stops being finite first: an overflow is not read as
+    a doubling)."""
     centre = losses[alphas.index(0.0)]
     widths, censored = [], False
     for side in (1, -1):
         pts = sorted(((abs(a), v) for a, v in zip(alphas, losses) if a * side >= 0), key=lambda t: t[0])
         for (a0, l0), (a1, l1) in zip(pts, pts[1:]):
+            if not math.isfinite(l1):
+                widths.append(a0)
+                censored = True
+                break
             if l1 >= 2 * centre:
                 widths.append(a0 + (a1 - a0) * (2 * centre - l0) / (l1 - l0) if l1 > l0 else a1)
                 break
@@ -225,10 +234,10 @@ class Landscape(Study):
                 r_max = max(alphas)
                 centre = losses[alphas.index(0.0)]
                 s["centre"] = centre
-                for a, loss in zip(alphas, losses):
-                    if abs(abs(a) - r_max / 2) < 1e-9:
+                for a, loss in zip(alphas, losses):  # relative: r/2 and r of r = 1e-12 are 5e-13 apart
+                    if math.isclose(abs(a), r_max / 2, rel_tol=1e-9):
                         s["rise_half"].append(loss - centre)
-                    elif abs(abs(a) - r_max) < 1e-9:
+                    elif math.isclose(abs(a), r_max, rel_tol=1e-9):
                         s["rise_r"].append(loss - centre)
                 w, cens = basin_width(alphas, losses)
                 s["widths"].append(w)
@@ -279,12 +288,18 @@ class Landscape(Study):
             f"Loss ({'re-estimated' if first['condition'] == 'recalibrated-bn' else 'checkpoint'} BN statistics) on "
             f"{first['sample']}, along filter-normalised random directions (Li et al. 2018), seed "
             f"{meta['options']['seed']}. Rise: loss − centre loss at ±r/2 and ±r, over directions and both signs. "
-            "Basin width: the distance at which the loss first doubles (censored: never within r). Strict local "
-            "minima: grid points whose loss is below each of their 4 neighbours' (2-3 at the grid's edges).",
+            "Basin width: the distance at which the loss first doubles (censored: never within r, or the loss "
+            "stopped being finite first). Strict local minima: grid points whose loss is below each of their 4 "
+            "neighbours' (2-3 at the grid's edges).",
             "Paired directions (identical parameter shapes, the same random draw): "
             + (", ".join(paired) or "none")
             + ".",
         ]
+        overflow = sum(not math.isfinite(r["loss"]) for r in mine)
+        if overflow:
+            notes.append(f"{overflow} of {len(mine)} points have a loss that is not finite: the activations "
+                         "overflowed float32 that far from the weights (a smaller --landscape-radius avoids it); "
+                         "their error is NaN where a logit is, and they are holes in the contours.")  # fmt: skip
         secs = [Section("Loss landscape (Li et al. 2018)", notes, (head, body), images=["landscape.png"])]
         summ = {ck: summaries(s) for ck, s in per.items()}
         diffs = [(q, net_differences({ck: v[q] for ck, v in summ.items() if q in v}, meta["checkpoints"]))
@@ -320,8 +335,9 @@ class Landscape(Study):
             a = sorted({r["alpha"] for r in grids[ck]})
             b = sorted({r["beta"] for r in grids[ck]})
             z = torch.full((len(b), len(a)), float("nan"), dtype=torch.float64)
-            for r in grids[ck]:
-                z[b.index(r["beta"]), a.index(r["alpha"])] = math.log10(max(r["loss"], 1e-12))
+            for r in grids[ck]:  # a loss that is not finite stays a hole in the contours
+                if math.isfinite(r["loss"]):
+                    z[b.index(r["beta"]), a.index(r["alpha"])] = math.log10(max(r["loss"], 1e-12))
             # Li et al. draw levels over a fixed range above the minimum: here log10 loss, the
             # minimum to 1,000x it (a far corner at 1e5 would otherwise take every level).
             lo = float(z[~z.isnan()].min())
@@ -349,5 +365,7 @@ def summaries(s: dict[str, Any]) -> dict[str, float]:
 def _spread(values: list[float]) -> str:
     if not values:
         return "-"
+    if not all(map(math.isfinite, values)):
+        return f"not finite at {sum(not math.isfinite(v) for v in values)} of {len(values)}"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.fmean(values):.4f} ± {sd:.4f} (n = {len(values)})"
