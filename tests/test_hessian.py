@@ -321,6 +321,8 @@ def test_the_study_end_to_end_and_a_rerun_computes_nothing(two_checkpoints, tmp_
         (["--hessian-top-k", "10000000", "--hessian-max-iter", "10000000"], "weights of resnet14"),
         (["--hessian-tol", "0"], "> 0"),
         (["--hessian-tol", "nan"], "finite"),
+        (["--hessian-tol", "1"], "below 1"),  # a relative accuracy of 100% asks for nothing
+        (["--hessian-tol", "1.5"], "below 1"),
         (["--hessian-images", "0"], "hessian-images"),
         (["--hessian-slq", "0"], "hessian-slq"),
     ],

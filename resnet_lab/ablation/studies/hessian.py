@@ -405,6 +405,9 @@ class Hessian(Study):
     }
 
     def check(self, specs, options, common) -> None:
+        if options.hessian_tol >= 1:
+            raise AblationError(f"--hessian-tol {options.hessian_tol:g} must be below 1: it is a relative accuracy "
+                                "(1e-3 asks for 0.1%)")  # fmt: skip
         if options.hessian_top_k > options.hessian_max_iter:
             raise AblationError(
                 f"--hessian-top-k {options.hessian_top_k} exceeds --hessian-max-iter {options.hessian_max_iter} "
