@@ -258,3 +258,42 @@ def test_convnext_differences_compare_depths_and_the_plain_twin():
     assert deep.mean == pytest.approx(1.5 - 4.0)
     twin = diffs["plain_cifar_convnext_atto − cifar_convnext_atto_dp0.1"]
     assert twin.mean == pytest.approx(8.5 - 1.5)
+
+
+def test_nets_without_batchnorm_get_no_recalibrated_rows_and_the_report_does_not_claim_bn(tmp_path, capsys):
+    """A ViT or ConvNeXt has no BatchNorm: nothing to re-estimate. Beside a ResNet, --bn-recalib
+    gives recalibrated-bn rows to the ResNet alone and says so; the report does not describe
+    BN statistics the nets do not have. Alone, the option would do nothing: refused."""
+    (vit, _), (cnx, _) = write(tmp_path, "vit"), write(tmp_path, "convnext")
+    res = tmp_path / "resnet8.ckpt"
+    m = trained_like("resnet8")
+    torch.save({"hyper_parameters": {"spec": m.spec.to_dict()}, "state_dict": {f"net.{k}": v for k, v in
+                m.state_dict().items()}, "datamodule_hyper_parameters": {"source": "synthetic", "val_size": 200,
+                "eval_subset": None, "batch_size": 32}, "global_step": 0}, res)  # fmt: skip
+    out = tmp_path / "mixed"
+    argv = ["--studies", "single", "--limit", "32", "--bn-recalib", "16", "--no-progress"]
+    assert ablate_main([str(res), vit, "--out", str(out), *argv]) == 0
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    recal = {r["checkpoint"].split(" ")[0] for r in rows if r["condition"] == "recalibrated-bn"}
+    assert recal == {"resnet8"} and {r["checkpoint"].split(" ")[0] for r in rows} == {
+        "resnet8",
+        "vit2_i32_p4_w16_h2_m32",
+    }
+    md = (out / "report.md").read_text()
+    assert "BN (in 1 of 2 nets; vit2_i32_p4_w16_h2_m32 has none): trained running statistics (eval mode)." in md
+    assert (
+        "'recalibrated-bn' rows re-estimate BN on 16 training images (not for vit2_i32_p4_w16_h2_m32: no BatchNorm)."
+        in md
+    )
+    for argv_alone, words in (
+        ([vit, cnx, *argv], "--bn-recalib 16: none of these nets has BatchNorm"),
+        ([vit, "--studies", "landscape", "--landscape-bn", "recalibrated", "--no-progress"],
+         "--landscape-bn recalibrated: none of these nets has BatchNorm"),
+    ):  # fmt: skip
+        assert ablate_main([*argv_alone, "--out", str(tmp_path / "alone")]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1 and not (tmp_path / "alone").exists(), err
+    out = tmp_path / "vit"
+    assert ablate_main([vit, "--out", str(out), "--studies", "single", "--limit", "32", "--no-progress"]) == 0
+    assert "No BatchNorm in these nets." in (out / "report.md").read_text()

@@ -204,3 +204,13 @@ def test_registering_a_taken_name_is_refused():
     with pytest.raises(ValueError, match="'resnet20' is already registered"):
         register_model("resnet20", family="cifar", depth=20, plain=True)
     assert _REGISTRY["resnet20"]() == before and not before.plain
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_each_spec_says_whether_its_net_has_batchnorm(name):
+    """spec.BATCHNORM decides whether BN statistics exist to re-estimate (ablate's --bn-recalib,
+    the landscape's recalibrated mode, an init: net's settled statistics): it must be the net's truth."""
+    with torch.device("meta"):
+        model = create_model(name)
+    has = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert model.spec.BATCHNORM is has

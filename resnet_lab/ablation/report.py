@@ -13,7 +13,7 @@ from typing import Any
 from .render import markdown, page
 from .stats import across_checkpoints
 from .studies import REGISTRY
-from .study import Section, chance_error, save_figure
+from .study import Section, chance_error, save_figure, without_batchnorm
 
 __all__ = ["chance_error", "complete", "lesion_summary", "write_report"]
 
@@ -139,10 +139,26 @@ def _plot_seeds(agg: list[dict], path: Path, num_classes: int) -> str | None:
     return save_figure(fig, path)
 
 
+def bn_line(checkpoints: list[dict]) -> str:
+    """What BN the nets evaluate with: a ViT or ConvNeXt has none."""
+    lacking = [c for c in checkpoints if without_batchnorm([c])]
+    if not lacking:
+        return "BN: trained running statistics (eval mode)."
+    if len(lacking) == len(checkpoints):
+        return "No BatchNorm in these nets."
+    names = without_batchnorm(lacking)
+    return (f"BN (in {len(checkpoints) - len(lacking)} of {len(checkpoints)} nets; {', '.join(names)} "
+            f"{'has' if len(names) == 1 else 'have'} none): trained running statistics (eval mode).")  # fmt: skip
+
+
+def bn_settled(checkpoint: dict) -> str:
+    return "" if without_batchnorm([checkpoint]) else ", BN statistics of 1,000 training images"
+
+
 def sections(rows: list[dict], agg: list[dict], meta: dict[str, Any], plots: dict[str, str]) -> list[Section]:
     ck_lines = [
         f"{c['label']}: {c['path']}; spec {json.dumps(c['spec'])}; "
-        + ("untrained (init:, BN statistics of 1,000 training images)" if c.get("init") else "training: "
+        + (f"untrained (init:{bn_settled(c)})" if c.get("init") else "training: "
            + ", ".join(f"{k} {v:g}" for k, v in c["train_metrics"].items()))
         for c in meta["checkpoints"]
     ]  # fmt: skip
@@ -181,7 +197,7 @@ def write_report(rows: list[dict], out: Path, meta: dict[str, Any]) -> dict[str,
     plots = plot_all(rows, agg, out, meta["num_classes"])
     preface = [
         f"Command: `{meta['command']}`",
-        f"Split: **{meta['split']}** ({meta['n_images']} images). BN: trained running statistics (eval mode).",
+        f"Split: **{meta['split']}** ({meta['n_images']} images). {bn_line(meta['checkpoints'])}",
     ]
     if meta.get("devices"):  # which device computed how many of the stored units (a resumed run can mix them)
         preface.append(

@@ -146,6 +146,8 @@ def settle_init_bn(ckpt: Loaded, dm, seed: int, n: int = INIT_BN_IMAGES) -> None
     (cumulative averages), every BN; the net stays in eval mode."""
     from .engine import recalibrate_bn
 
+    if not ckpt.spec.BATCHNORM:  # a ViT, a ConvNeXt: no statistics to settle
+        return
     device = next(ckpt.model.parameters()).device
     with torch.no_grad():
         recalibrate_bn(ckpt.model, batches(dm, "train", loader=dm.sample_dataloader("train", n, seed), device=device),

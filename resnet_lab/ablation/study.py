@@ -135,6 +135,23 @@ class Measure:
 ERROR = Measure("top-1 error (%)", 2, chance=True)
 
 
+def without_batchnorm(nets: Sequence[Any]) -> list[str]:
+    """Names of the nets with no BatchNorm (a ViT, a ConvNeXt: nothing to re-estimate), from
+    specs or from a report's checkpoint entries ({"spec": {...}})."""
+    from ..models import spec_from_dict
+
+    specs = [spec_from_dict(n["spec"]) if isinstance(n, dict) else n for n in nets]
+    return list(dict.fromkeys(s.name for s in specs if not s.BATCHNORM))
+
+
+def refuse_without_any_batchnorm(specs: Sequence[Any], asked: str, sweep_key: str) -> None:
+    """A BN re-estimation asked of nets none of which has BatchNorm would do nothing: refused."""
+    if specs and not any(s.BATCHNORM for s in specs):
+        names = ", ".join(without_batchnorm(specs))
+        raise AblationError(f"{asked}: none of these nets has BatchNorm ({names}): there are no statistics to "
+                            f"re-estimate; leave it out (in a sweep: {sweep_key})")  # fmt: skip
+
+
 def chance_error(num_classes: int) -> float:
     """Top-1 error (%) of a uniform guess over `num_classes` classes."""
     return 100.0 * (1 - 1 / num_classes)

@@ -64,6 +64,7 @@ class ConvNeXtSpec(SpecBase):
     DEPTH_FIELDS: ClassVar[tuple[str, ...]] = ("stage_depths",)
     # A plain ConvNeXt must have layer scale 1 and no drop path: its twin differs there too.
     PLAIN_FIELDS: ClassVar[tuple[str, ...]] = ("plain", "layer_scale", "drop_path")
+    BATCHNORM: ClassVar[bool] = False  # LayerNorm
 
     family: Literal["convnext"] = "convnext"
     stage_depths: tuple[int, ...] = CONVNEXT_PRESETS["cifar_convnext_atto"][1]

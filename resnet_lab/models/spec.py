@@ -67,6 +67,9 @@ class SpecBase:
     # deep - shallow and plain - residual hold every other field equal).
     DEPTH_FIELDS: ClassVar[tuple[str, ...]] = ("depth",)
     PLAIN_FIELDS: ClassVar[tuple[str, ...]] = ("plain",)
+    # Whether the family's nets normalise with BatchNorm (running statistics that can be
+    # re-estimated); each family says so.
+    BATCHNORM: ClassVar[bool]
 
     def replace(self, **overrides: Any) -> Any:
         """A copy with `overrides` applied; `None` values are ignored, so CLI defaults
@@ -117,6 +120,8 @@ class ResNetSpec(SpecBase):
         blocks keep their branch in each training batch (the rest pass their input
         through the skip); at test time every branch is scaled by active_blocks / L.
     """
+
+    BATCHNORM: ClassVar[bool] = True
 
     family: Family = "cifar"
     depth: int = 20

@@ -23,7 +23,7 @@ import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +59,8 @@ class ViTSpec(SpecBase):
     mlp_dim: the MLP's hidden width (4 x width in every ViT of the paper).
     plain: no residual additions (see the module docstring).
     """
+
+    BATCHNORM: ClassVar[bool] = False  # LayerNorm
 
     family: Literal["vit"] = "vit"
     depth: int = 6

@@ -41,7 +41,16 @@ from torch import Tensor
 
 from .. import engine
 from ..stats import differences_table, net_differences
-from ..study import AblationError, Measure, Section, Study, option, save_figure
+from ..study import (
+    AblationError,
+    Measure,
+    Section,
+    Study,
+    option,
+    refuse_without_any_batchnorm,
+    save_figure,
+    without_batchnorm,
+)
 
 NAME = "landscape"
 LOSS = Measure("training loss", 4)
@@ -178,6 +187,8 @@ class Landscape(Study):
         g = options.landscape_grid
         if g < 3 or g % 2 == 0:
             raise AblationError(f"--landscape-grid {g} must be odd and at least 3 (the centre is a point); e.g. 11")
+        if options.landscape_bn == "recalibrated":
+            refuse_without_any_batchnorm(specs, "--landscape-bn recalibrated", "ablation.landscape_bn")
 
     def run(self, ctx) -> None:
         o = ctx.options
@@ -285,7 +296,7 @@ class Landscape(Study):
         sigs = {r["checkpoint"]: r["signature"] for r in mine}
         paired = [ck for ck in sigs if sum(v == sigs[ck] for v in sigs.values()) > 1]
         notes = [
-            f"Loss ({'re-estimated' if first['condition'] == 'recalibrated-bn' else 'checkpoint'} BN statistics) on "
+            f"Loss ({bn_note(first['condition'], meta)}) on "
             f"{first['sample']}, along filter-normalised random directions (Li et al. 2018), seed "
             f"{meta['options']['seed']}. Rise: loss − centre loss at ±r/2 and ±r, over directions and both signs. "
             "Basin width: the distance at which the loss first doubles (censored: never within r, or the loss "
@@ -348,6 +359,12 @@ class Landscape(Study):
             ax.set(xlabel="direction 1", ylabel="direction 2")
             ax.set_title(f"{ck}\nlog10 loss (Li et al. Fig. 5)", fontsize=9)
         return save_figure(fig, out / "landscape.png")
+
+
+def bn_note(condition: str, meta: dict[str, Any]) -> str:
+    lacking = without_batchnorm(meta["checkpoints"])
+    note = f"{'re-estimated' if condition == 'recalibrated-bn' else 'checkpoint'} BN statistics"
+    return note + (f"; {', '.join(lacking)}: no BatchNorm" if lacking else "")
 
 
 def summaries(s: dict[str, Any]) -> dict[str, float]:

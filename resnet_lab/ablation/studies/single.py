@@ -15,7 +15,16 @@ from typing import Any
 from ...models import spec_from_dict
 from .. import engine
 from ..stats import depth_family, welch
-from ..study import Section, Study, chance_error, option, plot_along_depth, save_figure
+from ..study import (
+    Section,
+    Study,
+    chance_error,
+    option,
+    plot_along_depth,
+    refuse_without_any_batchnorm,
+    save_figure,
+    without_batchnorm,
+)
 
 NAME = "single"
 
@@ -224,10 +233,14 @@ class Single(Study):
         "max_single_error": "worst single-block removal",
     }
 
+    def check(self, specs, options, common) -> None:
+        if options.bn_recalib:
+            refuse_without_any_batchnorm(specs, f"--bn-recalib {options.bn_recalib}", "ablation.bn_recalib")
+
     def run(self, ctx) -> None:
         conds = engine.single_block_conditions(ctx.model, ctx.blocks)
         ctx.lesions("all", conds)
-        if ctx.options.bn_recalib:
+        if ctx.options.bn_recalib and ctx.spec.BATCHNORM:  # a net without BN has nothing to re-estimate
             ctx.lesions("all", conds[1:], bn="recalibrated", bn_images=ctx.options.bn_recalib)
 
     def summary(self, rows: list[dict]) -> dict[str, float]:
@@ -248,7 +261,9 @@ class Single(Study):
 
     def sections(self, rows: list[dict], meta: dict[str, Any]) -> list[Section]:
         recalib = meta["options"].get("bn_recalib")
-        bn = f" 'recalibrated-bn' rows re-estimate BN on {recalib} training images." if recalib else ""
+        lacking = without_batchnorm(meta["checkpoints"])
+        skipped = f" (not for {', '.join(lacking)}: no BatchNorm)" if lacking else ""
+        bn = f" 'recalibrated-bn' rows re-estimate BN on {recalib} training images{skipped}." if recalib else ""
         wilson = (
             "Brackets: 95% Wilson interval of each error over the evaluated images (the sampling error of one "
             "evaluation, not the spread between training runs)."
