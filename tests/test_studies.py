@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from resnet_lab.ablation.cli import main as ablate_main
 
@@ -140,6 +141,13 @@ def test_options_are_checked_once_for_ablate_and_sweep():
     ]:
         with pytest.raises(UserError, match=re.escape(words)):
             StudyOptions(**bad)
+    # YAML 1.1 reads a bare `on`/`off` (in a sweep's ablation: section) as a boolean: an on/off
+    # choice takes it as the word it was; other choices still refuse a boolean.
+    assert StudyOptions(studies=["hessian"], hessian_per_stage=True).hessian_per_stage == "on"
+    assert StudyOptions(studies=["hessian"], hessian_per_stage=False).hessian_per_stage == "off"
+    assert yaml.safe_load("hessian_per_stage: on") == {"hessian_per_stage": True}
+    with pytest.raises(UserError, match=re.escape("landscape_bn=True: use one of eval, recalibrated")):
+        StudyOptions(studies=["landscape"], landscape_bn=True)
 
 
 def test_bn_recalibration_images_follow_the_ablation_seed_not_the_environment(tmp_path, monkeypatch):

@@ -58,6 +58,8 @@ def check_fields(opts: Any) -> None:
             if not real or (kind == "float>0" and v <= 0):
                 raise AblationError(f"{f.name}={v!r} must be a finite number" + (" > 0" if kind == "float>0" else ""))
             object.__setattr__(opts, f.name, float(v))
+        elif kind == "choice" and isinstance(v, bool) and set(f.metadata["choices"]) == {"off", "on"}:
+            object.__setattr__(opts, f.name, "on" if v else "off")  # YAML 1.1 reads a bare on/off as a bool
         elif kind == "choice" and v not in f.metadata["choices"]:
             raise AblationError(f"{f.name}={v!r}: use one of {', '.join(f.metadata['choices'])}")
         elif kind in ("names", "studies"):
