@@ -225,6 +225,22 @@ def _sweep(tmp_path, sweep: dict, *extra: str, capsys=None) -> int:
         ({"space": {"model.depth": [8], "model.shortcut": ["A", "D"]}}, ["'model.shortcut': 'D'"]),
         ({"ablation": {"studies": ["k"], "k_max": 4}}, ["k_max 4 exceeds the 3 removable blocks of resnet8"]),
         ({"space": {"model.plain": [True]}, "ablation": {"studies": ["paths"]}}, ["paths needs a residual net"]),
+        # Refusals of the built net (its weights, blocks, stages), made before it trains too:
+        (
+            {"ablation": {"studies": ["hessian"], "hessian_top_k": 10**6, "hessian_max_iter": 10**6}},
+            ["--hessian-top-k 1000000 exceeds the 75290 weights of resnet8"],
+        ),
+        (
+            {"ablation": {"studies": ["cka"], "cka_without": ["layer9.0"]}},
+            ["--cka-without ['layer9.0']: no such block"],
+        ),
+        (
+            {
+                "space": {"model.arch": ["vit1_i32_p8_w32_h2_m64"]},
+                "ablation": {"studies": ["hessian"], "hessian_per_stage": "on"},
+            },
+            ["vit1_i32_p8_w32_h2_m64 has no stages to separate"],
+        ),
         ({"metric": "test/eror"}, ["unknown sweep.metric 'test/eror'", "test/error"]),
         ({"metric": "lesion/kmax_error"}, ["runs no ablation"]),
         ({"metric": "lesion/kmax_error", "ablation": {"studies": ["single"]}}, ["'k' ablation study"]),

@@ -131,9 +131,18 @@ def defaults() -> dict[str, Any]:
 
 def check_nets(specs: Sequence[Any], opts: Any, models: Sequence[Any] = ()) -> None:
     """Every selected study's refusal of networks it cannot serve, before any evaluation:
-    by their specs (ablate, and each sweep cell before it trains), and by the loaded models."""
+    by their specs, and by the loaded models (ablate) or, for a sweep cell before it trains,
+    by its net built without memory on the meta device (its weights, blocks and stages)."""
     common = common_of(opts)
-    for s in REGISTRY.selected(opts.studies):
+    selected = REGISTRY.selected(opts.studies)
+    if not models and specs:
+        import torch
+
+        from ...models import build
+
+        with torch.device("meta"):
+            models = [build(spec) for spec in specs]
+    for s in selected:
         s.check(specs, s.options(opts), common)
         for m in models:
             s.check_model(m, s.options(opts), common)
