@@ -134,7 +134,6 @@ def check_nets(specs: Sequence[Any], opts: Any, models: Sequence[Any] = ()) -> N
     by their specs, and by the loaded models (ablate) or, for a sweep cell before it trains,
     by its net built without memory on the meta device (its weights, blocks and stages)."""
     common = common_of(opts)
-    selected = REGISTRY.selected(opts.studies)
     if not models and specs:
         import torch
 
@@ -142,7 +141,7 @@ def check_nets(specs: Sequence[Any], opts: Any, models: Sequence[Any] = ()) -> N
 
         with torch.device("meta"):
             models = [build(spec) for spec in specs]
-    for s in selected:
+    for s in REGISTRY.selected(opts.studies):
         s.check(specs, s.options(opts), common)
         for m in models:
             s.check_model(m, s.options(opts), common)
