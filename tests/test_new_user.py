@@ -331,6 +331,10 @@ def test_one_run_has_no_spread():
     assert _fmt(describe([20.0, 22.0])) == "21.00 ± 1.41 (20.00, 22.00)"
     rows = [{"condition": "eval-bn", "checkpoint": "n", "study": "k", "k": 1, "error": 30.0}]
     assert k_table(rows)[1] == [["1", "30.00 (n = 1)"]]
+    # With fewer distinct k-subsets than --samples (3 blocks, k = 1), all of them are taken: each
+    # cell says how many it stands on, not only the header's "over samples".
+    rows += [{**rows[0], "error": e} for e in (20.0, 10.0)]
+    assert k_table(rows)[1] == [["1", "20.00 ± 10.00 (n = 3)"]]
 
 
 def test_ablate_refuses_bn_recalib_0_and_says_when_paths_images_is_cut(two_checkpoints, tmp_path, capsys):

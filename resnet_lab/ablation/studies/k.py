@@ -43,7 +43,7 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         return [], []
     ks = sorted({k for curve in c.values() for k in curve})
     head = ["k", *[f"{ck} [{cond}]" for ck, cond in c]]
-    body = [[str(k), *[mean_spread(*c[t][k]) if k in c[t] else "-" for t in c]] for k in ks]
+    body = [[str(k), *[mean_spread(*c[t][k], f" (n = {c[t][k][2]})") if k in c[t] else "-" for t in c]] for k in ks]
     return head, body
 
 
@@ -79,7 +79,8 @@ class KLesion(Study):
         return [(f"k={row['k']}", row["error"])]
 
     def sections(self, rows: list[dict], meta: dict[str, Any]) -> list[Section]:
-        return [Section("Random k-block removal (error %, mean ± std over samples)", table=table(rows))]
+        note = "Mean ± std over the k-subsets drawn (n each): all of them where --samples exceeds their number."
+        return [Section("Random k-block removal (error %)", [note], table(rows))]
 
     def plot(self, rows: list[dict], out: Path, colour: dict[str, str], num_classes: int) -> str | None:
         c = curves(rows)
