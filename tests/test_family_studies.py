@@ -18,6 +18,7 @@ from resnet_lab.models import build, resolve_spec
 
 from .conftest import trained_like
 from .test_representations import naive_steps
+from .test_studies import write_checkpoint
 
 TINY = {
     "vit": dict(depth=2, image_size=16, patch_size=4, width=16, heads=2, mlp_dim=32),
@@ -265,14 +266,10 @@ def test_nets_without_batchnorm_get_no_recalibrated_rows_and_the_report_does_not
     gives recalibrated-bn rows to the ResNet alone and says so; the report does not describe
     BN statistics the nets do not have. Alone, the option would do nothing: refused."""
     (vit, _), (cnx, _) = write(tmp_path, "vit"), write(tmp_path, "convnext")
-    res = tmp_path / "resnet8.ckpt"
-    m = trained_like("resnet8")
-    torch.save({"hyper_parameters": {"spec": m.spec.to_dict()}, "state_dict": {f"net.{k}": v for k, v in
-                m.state_dict().items()}, "datamodule_hyper_parameters": {"source": "synthetic", "val_size": 200,
-                "eval_subset": None, "batch_size": 32}, "global_step": 0}, res)  # fmt: skip
+    res = write_checkpoint(tmp_path / "resnet8" / "net.ckpt", "resnet8")
     out = tmp_path / "mixed"
     argv = ["--studies", "single", "--limit", "32", "--bn-recalib", "16", "--no-progress"]
-    assert ablate_main([str(res), vit, "--out", str(out), *argv]) == 0
+    assert ablate_main([res, vit, "--out", str(out), *argv]) == 0
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     recal = {r["checkpoint"].split(" ")[0] for r in rows if r["condition"] == "recalibrated-bn"}

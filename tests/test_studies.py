@@ -187,3 +187,21 @@ def test_float_options_are_checked_finite_and_positive_where_declared():
     ok = Opts(2, -3)
     check_fields(ok)
     assert (ok.radius, ok.shift) == (2.0, -3.0) and isinstance(ok.radius, float)
+
+
+def test_reorder_says_which_nets_have_nothing_to_swap_and_refuses_when_none_has(tmp_path, capsys):
+    """resnet8 has one block a stage: no two shape-compatible blocks. Beside resnet14 it gets no
+    rows and the report names it; alone the study would do nothing and exit 0: refused."""
+    r8 = write_checkpoint(tmp_path / "resnet8" / "net.ckpt", "resnet8")
+    r14 = write_checkpoint(tmp_path / "resnet14" / "net.ckpt", "resnet14")
+    args = ["--studies", "reorder", "--samples", "2", "--limit", "32", "--no-progress"]
+    out = tmp_path / "mixed"
+    assert ablate_main([r8, r14, "--out", str(out), *args]) == 0
+    with open(out / "results.csv") as f:
+        nets = {r["spec"] for r in csv.DictReader(f) if r["study"] == "reorder"}
+    assert nets == {"resnet14"}
+    assert "Not reordered: resnet8 (no two shape-compatible blocks)." in (out / "report.md").read_text()
+    assert ablate_main([r8, "--out", str(tmp_path / "alone"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "reorder: none of these nets has two shape-compatible blocks to swap (resnet8)" in err
+    assert err.count("\n") == 1 and not (tmp_path / "alone").exists()

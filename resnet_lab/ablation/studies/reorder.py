@@ -5,15 +5,17 @@ the trained order. A net of B blocks gets the first max(1, B // 2) levels of 1, 
 32 (see `swap_levels`): resnet-8 (3 blocks) 1 swap; resnet-14 (6) 1, 2, 4; resnet-20 (9)
 1, 2, 4, 8; resnet-56 (27) and deeper all six, up to 32 swaps. A swap exchanges two
 shape-compatible blocks, so a count above the blocks only mixes the order further. Nets
-without two blocks of the same shape have no rows.
+without two blocks of the same shape (resnet-8: one block a stage) have no rows and the
+report names them; when no net has two, the study is refused.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from .. import engine
-from ..study import Study, save_figure
+from ..study import AblationError, Section, Study, save_figure
 
 NAME = "reorder"
 SWAP_LEVELS = (1, 2, 4, 8, 16, 32)
@@ -24,8 +26,34 @@ def swap_levels(blocks: int) -> tuple[int, ...]:
     return SWAP_LEVELS[: max(1, min(len(SWAP_LEVELS), blocks // 2))]
 
 
+def unswappable(nets: list[Any]) -> list[str]:
+    """Names of the nets (specs, or a report's checkpoint entries) with no two shape-compatible
+    blocks, each built without memory on the meta device."""
+    import torch
+
+    from ...models import build, spec_from_dict
+
+    specs = [spec_from_dict(n["spec"]) if isinstance(n, dict) else n for n in nets]
+    with torch.device("meta"):
+        return list(dict.fromkeys(s.name for s in specs if not build(s).swappable_groups()))
+
+
 class Reorder(Study):
     name = NAME
+
+    def check(self, specs, options, common) -> None:
+        lacking = unswappable(specs)
+        if specs and len(lacking) == len({s.name for s in specs}):
+            names = ", ".join(lacking)
+            raise AblationError(f"reorder: none of these nets has two shape-compatible blocks to swap ({names}): "
+                                "use a deeper net (resnet14 or more), or drop reorder")  # fmt: skip
+
+    def sections(self, rows: list[dict], meta: dict[str, Any]) -> list[Section]:
+        lacking = unswappable(meta["checkpoints"])
+        if not lacking:
+            return []
+        note = f"Not reordered: {', '.join(lacking)} (no two shape-compatible blocks). Rows: results.csv."
+        return [Section("Block reordering (Veit et al. Fig. 4)", [note])]
 
     def run(self, ctx) -> None:
         model, c = ctx.model, ctx.common
