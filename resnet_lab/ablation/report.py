@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from .render import markdown, page
+from .runner import INIT_BN_IMAGES
 from .stats import across_checkpoints
 from .studies import REGISTRY
-from .study import Section, chance_error, save_figure, without_batchnorm
+from .study import Section, as_specs, chance_error, save_figure, without_batchnorm
 
 __all__ = ["chance_error", "complete", "lesion_summary", "write_report"]
 
@@ -141,7 +142,7 @@ def _plot_seeds(agg: list[dict], path: Path, num_classes: int) -> str | None:
 
 def bn_line(checkpoints: list[dict]) -> str:
     """What BN the nets evaluate with: a ViT or ConvNeXt has none."""
-    lacking = [c for c in checkpoints if without_batchnorm([c])]
+    lacking = [s for s in as_specs(checkpoints) if not s.BATCHNORM]
     if not lacking:
         return "BN: trained running statistics (eval mode)."
     if len(lacking) == len(checkpoints):
@@ -152,7 +153,7 @@ def bn_line(checkpoints: list[dict]) -> str:
 
 
 def bn_settled(checkpoint: dict) -> str:
-    return "" if without_batchnorm([checkpoint]) else ", BN statistics of 1,000 training images"
+    return f", BN statistics of {INIT_BN_IMAGES:,} training images" if as_specs([checkpoint])[0].BATCHNORM else ""
 
 
 def sections(rows: list[dict], agg: list[dict], meta: dict[str, Any], plots: dict[str, str]) -> list[Section]:

@@ -137,13 +137,17 @@ class Measure:
 ERROR = Measure("top-1 error (%)", 2, chance=True)
 
 
-def without_batchnorm(nets: Sequence[Any]) -> list[str]:
-    """Names of the nets with no BatchNorm (a ViT, a ConvNeXt: nothing to re-estimate), from
-    specs or from a report's checkpoint entries ({"spec": {...}})."""
+def as_specs(nets: Sequence[Any]) -> list[Any]:
+    """Specs, from specs or from a report's checkpoint entries ({"spec": {...}})."""
     from ..models import spec_from_dict
 
-    specs = [spec_from_dict(n["spec"]) if isinstance(n, dict) else n for n in nets]
-    return list(dict.fromkeys(s.name for s in specs if not s.BATCHNORM))
+    return [spec_from_dict(n["spec"]) if isinstance(n, dict) else n for n in nets]
+
+
+def without_batchnorm(nets: Sequence[Any]) -> list[str]:
+    """Names of the nets (specs or checkpoint entries) with no BatchNorm (a ViT, a ConvNeXt:
+    nothing to re-estimate)."""
+    return list(dict.fromkeys(s.name for s in as_specs(nets) if not s.BATCHNORM))
 
 
 def refuse_without_any_batchnorm(specs: Sequence[Any], asked: str, sweep_key: str) -> None:

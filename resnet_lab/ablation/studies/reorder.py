@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import engine
-from ..study import AblationError, Section, Study, save_figure
+from ..study import AblationError, Section, Study, as_specs, save_figure
 
 NAME = "reorder"
 SWAP_LEVELS = (1, 2, 4, 8, 16, 32)
@@ -31,11 +31,10 @@ def unswappable(nets: list[Any]) -> list[str]:
     blocks, each built without memory on the meta device."""
     import torch
 
-    from ...models import build, spec_from_dict
+    from ...models import build
 
-    specs = [spec_from_dict(n["spec"]) if isinstance(n, dict) else n for n in nets]
     with torch.device("meta"):
-        return list(dict.fromkeys(s.name for s in specs if not build(s).swappable_groups()))
+        return list(dict.fromkeys(s.name for s in as_specs(nets) if not build(s).swappable_groups()))
 
 
 class Reorder(Study):
