@@ -328,3 +328,20 @@ def test_the_landscape_benchmark_times_each_way_on_the_same_point():
     res = json.loads(r.stdout)
     assert set(res["seconds_per_point"]) == {"study", "unfolded", "bare", "reference"}
     assert all(v > 0 for v in res["seconds_per_point"].values()) and res["grid21_points"] == 487
+
+
+def test_a_grid_with_no_finite_loss_is_an_empty_panel_not_a_crash(tmp_path):
+    # A checkpoint whose loss overflows even at its own weights: its grid has no finite point to
+    # draw levels from. The report's figure says so in that panel; the other net is still drawn.
+    from resnet_lab.ablation.studies import REGISTRY
+
+    def point(ck, walk, a, b, loss):
+        return {"study": "landscape", "checkpoint": ck, "walk": walk, "direction": 1 if walk == "1d" else 0,
+                "alpha": a, "beta": b, "loss": loss}  # fmt: skip
+
+    steps = (-1.0, 0.0, 1.0)
+    rows = [point(ck, "2d", a, b, math.nan if ck == "bad" else 1.0 + a * a + b * b)
+            for ck in ("bad", "good") for a in steps for b in steps]  # fmt: skip
+    rows += [point(ck, "1d", a, 0.0, math.inf if ck == "bad" else 1.0 + a * a) for ck in ("bad", "good") for a in steps]
+    name = REGISTRY["landscape"].plot(rows, tmp_path, {"bad": "C0", "good": "C1"}, 10)
+    assert name and (tmp_path / "landscape.png").stat().st_size > 0

@@ -349,6 +349,11 @@ class Landscape(Study):
             for r in grids[ck]:  # a loss that is not finite stays a hole in the contours
                 if math.isfinite(r["loss"]):
                     z[b.index(r["beta"]), a.index(r["alpha"])] = math.log10(max(r["loss"], 1e-12))
+            ax.set(xlabel="direction 1", ylabel="direction 2")
+            ax.set_title(f"{ck}\nlog10 loss (Li et al. Fig. 5)", fontsize=9)
+            if z.isnan().all():  # overflowed at its own weights: no level to draw
+                ax.text(0.5, 0.5, "no finite loss\nin this grid", ha="center", va="center", transform=ax.transAxes)
+                continue
             # Li et al. draw levels over a fixed range above the minimum: here log10 loss, the
             # minimum to 1,000x it (a far corner at 1e5 would otherwise take every level).
             lo = float(z[~z.isnan()].min())
@@ -356,8 +361,6 @@ class Landscape(Study):
             cs = ax.contour(a, b, z.numpy(), levels=sorted(set(levels)) if len(set(levels)) > 1 else 5,
                             cmap="viridis")  # fmt: skip
             ax.clabel(cs, fontsize=6, fmt="%.2f")
-            ax.set(xlabel="direction 1", ylabel="direction 2")
-            ax.set_title(f"{ck}\nlog10 loss (Li et al. Fig. 5)", fontsize=9)
         return save_figure(fig, out / "landscape.png")
 
 
