@@ -243,7 +243,8 @@ def test_summary_plots_draw_each_architecture_apart_and_every_lesion_metric(tmp_
         for depth in (20, 56):
             for seed in (0, 1):
                 spec = ResNetSpec(depth=depth, preact=preact).to_dict()
-                rows.append({"state": "COMPLETE", "depth": depth, "net": ResNetSpec.from_dict(spec).name,
+                rows.append({"number": len(rows), "state": "COMPLETE", "seed": seed, "model.depth": depth,
+                             "model.preact": preact, "depth": depth, "net": ResNetSpec.from_dict(spec).name,
                              "family": depth_family(spec), "lesion/mean_single_error": 10.0 + depth + 5 * preact + seed,
                              "lesion/kmax_error": 50.0 + seed, "lesion/k2_error": 40.0})  # fmt: skip
     groups = _by_arch(rows)
@@ -277,3 +278,88 @@ def test_net_differences_pair_deep_with_shallow_and_plain_with_residual_never_in
     assert got["plain56 − resnet56"] == welch(side("resnet56"), side("plain56"))
     assert got["resnet56 − resnet20"].mean == pytest.approx(sum(side("resnet56")) / 3 - sum(side("resnet20")) / 3)
     assert got["plain56 (init) − resnet56 (init)"].mean == 0 and got["plain56 (init) − resnet56 (init)"].lo is None
+
+
+def _repeats_study(tmp_path, errors: dict[int, list[float]], seed_of_run=lambda i: 0) -> optuna.Study:
+    """A random/TPE sweep over depth alone (no seed in its space): the sampler may draw a cell
+    twice, and each draw trains the config's seed again (its run.json says which seed ran)."""
+    study = optuna.create_study()
+    dists = {"model.depth": CategoricalDistribution([20, 56])}
+    i = 0
+    for depth, values in errors.items():
+        for e in values:
+            run = tmp_path / f"run{i}"
+            run.mkdir()
+            (run / "run.json").write_text(f'{{"seed": {seed_of_run(i)}}}')
+            attrs = {"test/error": e, "run_dir": str(run), "spec": ResNetSpec(depth=depth).to_dict()}
+            trial = optuna.trial.create_trial(
+                params={"model.depth": depth}, distributions=dists, value=e, user_attrs=attrs
+            )
+            study.add_trial(trial)
+            i += 1
+    return study
+
+
+def test_a_cell_drawn_twice_with_the_same_seed_is_one_run_not_two(tmp_path):
+    # Two runs of one cell and one seed are the same experiment twice, not two samples: pooled as
+    # n = 2/2 they gave a zero-width Welch interval and the verdict "deeper is worse" from what is
+    # one run a side. (And without a seed in the space, the summary crashed sorting None seeds.)
+    study = _repeats_study(tmp_path, {20: [10.0, 10.0], 56: [12.0, 12.0, 12.0]})
+    rows = trial_rows(study)
+    (c,) = depth_comparisons(rows)
+    d = c["test/error"]
+    assert (d.n_a, d.n_b) == (1, 1) and d.lo is None and d.mean == pytest.approx(2.0)
+    text = summarize(study, tmp_path / "s", "test/error")
+    from resnet_lab.sweep.summary import cells
+
+    got = {c["model.depth"]: c for c in cells(rows)}
+    assert got[20]["n"] == 1 and got[56]["n"] == 1 and got[20]["seeds"] == [0]
+    md = (tmp_path / "s" / "cells.md").read_text()
+    assert "not resolved at n = 1/1" in md
+    for where in (text, md):  # each repeat is named, with the run it repeats
+        assert "trial 1 repeats trial 0" in where and "trials 3, 4 repeat trial 2" in where, where
+
+
+def test_runs_of_one_cell_with_different_seeds_all_count(tmp_path):
+    # seed_everything: true draws a new seed per run: the same cell twice is then two samples.
+    study = _repeats_study(tmp_path, {20: [10.0, 11.0], 56: [12.0, 13.0]}, seed_of_run=lambda i: 100 + i)
+    (c,) = depth_comparisons(trial_rows(study))
+    assert (c["test/error"].n_a, c["test/error"].n_b) == (2, 2) and c["test/error"].lo is not None
+
+
+def test_summary_plots_pool_only_the_seeds_of_one_cell(tmp_path, monkeypatch):
+    # A sweep over the learning rate as well as depth: each lr is its own line in the lesion plot
+    # and the training curves (they pooled every lr of a depth as "seeds"), and a cell trained again
+    # with the same seed (trial 8) is one run, not a second sample.
+    import matplotlib.axes
+
+    from resnet_lab.ablation.stats import depth_family
+    from resnet_lab.sweep.plots import plot_lesions, plot_training_curves
+
+    drawn = {}
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", lambda ax, x, y, **kw: drawn.setdefault(kw["label"], (x, y)))
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, x, y, **kw: drawn.setdefault(kw["label"], (x, y)))
+    rows = []
+    for lr in (0.1, 0.01):
+        for depth in (20, 56):
+            for seed in (0, 1):
+                run = tmp_path / f"run{len(rows)}"
+                (run / "csv").mkdir(parents=True)
+                err = depth + 100 * lr + seed  # lr 0.1: 30/31 and 66/67; lr 0.01: 21/22 and 57/58
+                (run / "csv" / "metrics.csv").write_text(f"step,train/error_step,val/error\n1,{err},\n2,{err},\n")
+                spec = ResNetSpec(depth=depth).to_dict()
+                rows.append({"number": len(rows), "state": "COMPLETE", "seed": seed, "model.depth": depth,
+                             "optimizer.lr": lr, "depth": depth, "net": f"resnet{depth}", "run_dir": str(run),
+                             "family": depth_family(spec), "lesion/mean_single_error": err})  # fmt: skip
+    rows.append({**rows[0], "number": 8, "lesion/mean_single_error": 99.0})  # lr 0.1, depth 20, seed 0 again
+    plot_lesions(rows, tmp_path)
+    lines = {k: v for k, v in drawn.items() if "(n=" in k and "train" not in k and "val" not in k}
+    assert {k: list(v[1]) for k, v in lines.items()} == {
+        "resnet, optimizer.lr=0.01 (n=2)": [21.5, 57.5],
+        "resnet, optimizer.lr=0.1 (n=2)": [30.5, 66.5],
+    }
+    drawn.clear()
+    plot_training_curves(rows, tmp_path)
+    curves = {k: list(v[1]) for k, v in drawn.items() if k.endswith("(n=2)")}
+    assert curves["resnet, optimizer.lr=0.1-20 train (n=2)"] == [30.5, 30.5], drawn
+    assert curves["resnet, optimizer.lr=0.01-56 train (n=2)"] == [57.5, 57.5], drawn

@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import statistics
+from pathlib import Path
 
 import optuna
 import pytest
@@ -122,16 +123,14 @@ def test_seeds_and_cell_overrides_reach_exactly_their_cells(tmp_path):
 
 def test_ablate_pools_checkpoints_of_one_architecture(two_checkpoints, tmp_path):
     res = two_checkpoints[0]
-    other = tmp_path / "seed1" / "last.ckpt"  # a second "seed": same spec, other weights
-    other.parent.mkdir()
-    ck = torch.load(res, weights_only=False)
-    g = torch.Generator().manual_seed(1)
-    ck["state_dict"] = {k: v + 0.3 * torch.randn(v.shape, generator=g) if k.endswith("conv2.weight") else v
-                        for k, v in ck["state_dict"].items()}  # fmt: skip
-    torch.save(ck, other)
-    third = tmp_path / "seed2" / "last.ckpt"
-    third.parent.mkdir()
-    shutil.copy(res, third)
+    other, third = tmp_path / "seed1" / "last.ckpt", tmp_path / "seed2" / "last.ckpt"
+    for seed, path in ((1, other), (2, third)):  # more "seeds": same spec, other weights
+        path.parent.mkdir()
+        ck = torch.load(res, weights_only=False)
+        g = torch.Generator().manual_seed(seed)
+        ck["state_dict"] = {k: v + 0.3 * torch.randn(v.shape, generator=g) if k.endswith("conv2.weight") else v
+                            for k, v in ck["state_dict"].items()}  # fmt: skip
+        torch.save(ck, path)
     out = tmp_path / "rep"
     argv = [res, str(other), str(third), "--out", str(out), "--studies", "single", "k", "--k-max", "2"]
     assert ablate_main([*argv, "--samples", "3", "--limit", "120", "--no-progress"]) == 0
@@ -201,3 +200,58 @@ def test_pooling_a_value_that_is_not_finite_says_so_and_pools_the_rest():
     assert by["centre loss"]["mean"] == 2.0 and by["centre loss"]["std"] == 1.0
     body = {r[2]: r[5] for r in seeds_table(agg)[1]}
     assert body["rise at r"] == "not finite (1 of 3 checkpoints)" and body["centre loss"].startswith("2.0000 ± 1.0000")
+
+
+def test_checkpoints_of_one_training_run_or_seed_pool_as_one_sample(two_checkpoints, tmp_path):
+    # The "across seeds" table and every Welch interval pool checkpoints of one architecture as
+    # independent runs. A run's last and best checkpoints, a second run of the same seed, or a copy
+    # of a file are one run: pooled, they gave "87.50 ± 0.00 over seeds" from one trained net.
+    last = Path(two_checkpoints[0])
+    (best,) = last.parent.glob("best-*.ckpt")
+    again = tmp_path / "runs" / "resnet14" / "again"  # the same command run twice: seed 0 both times
+    shutil.copytree(last.parent.parent, again)
+    copy = tmp_path / "copy.ckpt"  # a checkpoint copied out of its run folder
+    shutil.copy(last, copy)
+    out = tmp_path / "rep"
+    argv = [str(last), str(best), str(again / "checkpoints" / "last.ckpt"), str(copy)]
+    assert ablate_main([*argv, "--out", str(out), "--studies", "single", "--limit", "60", "--no-progress"]) == 0
+    with open(out / "results_by_arch.csv", newline="") as f:
+        assert list(csv.DictReader(f)) == []  # one sample of each selection: nothing to pool
+    md = (out / "report.md").read_text()
+    section = md.split("## Across checkpoints")[1]
+    assert "Fewer than two" in section
+    assert section.count("same training run as") == 2 and "seed 0" in section, section
+
+
+def test_pooling_keeps_trained_and_untrained_nets_and_best_and_last_apart():
+    # Single-block robustness (deep vs shallow) pooled an init: net with a trained one of its depth.
+    from resnet_lab.ablation.stats import net_differences, samples
+    from resnet_lab.ablation.studies.single import robustness
+    from resnet_lab.models import resolve_spec
+
+    cks, rows, values = [], [], {}
+    for name in ("resnet20", "resnet56"):
+        for kind, intact, dropped in (("s0", 10.0, 20.0), ("s1", 11.0, 22.0), ("init", 90.0, 90.0),
+                                      ("best", 9.0, 19.0)):  # fmt: skip
+            label = f"{name} {kind}"
+            cks.append({"label": label, "spec": resolve_spec(name).to_dict(), "init": kind == "init",
+                        "path": f"/r/{name}-{kind[-1]}/checkpoints/{'best-step9' if kind == 'best' else 'last'}.ckpt",
+                        "sample": [f"seed {kind[-1]}"] if kind != "best" else ["seed 0"]})  # fmt: skip
+            base = {"checkpoint": label, "study": "single", "condition": "eval-bn"}
+            rows += [{**base, "key": "intact", "error": intact}, {**base, "key": "drop:a", "error": dropped}]
+            values[label] = intact
+    pools, notes = samples(cks)
+    assert pools["resnet20 s0"] == pools["resnet20 s1"] != pools["resnet20 init"] != pools["resnet20 best"]
+    assert notes == []  # best and last of seed 0 are different selections: each is a sample of its own
+    comps = {c["comparison"]: c["increase"] for c in robustness(rows, {"checkpoints": cks, "num_classes": 10})}
+    assert set(comps) == {"resnet56 − resnet20", "resnet56 (init) − resnet20 (init)",
+                          "resnet56 [best-by-val] − resnet20 [best-by-val]"}  # fmt: skip
+    assert (comps["resnet56 − resnet20"].n_a, comps["resnet56 − resnet20"].n_b) == (2, 2)
+    diffs = dict(net_differences(values, cks))
+    assert (diffs["resnet56 − resnet20"].n_a, diffs["resnet56 [best-by-val] − resnet20 [best-by-val]"].n_a) == (2, 1)
+    # A checkpoint of a seed already pooled is left out, and said so.
+    cks.append({**cks[0], "label": "resnet20 s0 again", "path": "/r/other/checkpoints/last.ckpt"})
+    values["resnet20 s0 again"] = 50.0
+    pools, notes = samples(cks)
+    assert "resnet20 s0 again" not in pools and len(notes) == 1 and "resnet20 s0" in notes[0]
+    assert dict(net_differences(values, cks))["resnet56 − resnet20"].n_a == 2

@@ -190,6 +190,7 @@ def ablate(
                 "spec": c.spec.to_dict(),
                 "train_metrics": c.train_metrics,
                 "init": c.init,
+                "sample": list(c.sample),
             }
             for c in ckpts
         ],

@@ -12,7 +12,7 @@ from typing import Any
 
 from .render import markdown, page
 from .runner import INIT_BN_IMAGES
-from .stats import across_checkpoints
+from .stats import across_checkpoints, samples
 from .studies import REGISTRY
 from .study import Section, as_specs, chance_error, save_figure, without_batchnorm
 
@@ -169,16 +169,15 @@ def sections(rows: list[dict], agg: list[dict], meta: dict[str, Any], plots: dic
     st = seeds_table(agg)
     seeds_note = (
         "Each checkpoint's row set is kept in results.csv. Here, checkpoints of one architecture (e.g. one per "
-        "seed) are pooled: the spread between independently trained networks. Rows of random draws (the "
+        "seed) are pooled: the spread between independently trained networks, one checkpoint per training run "
+        "(a run's best-by-val checkpoints and untrained nets pool apart). Rows of random draws (the "
         "k-subsets) are first averaged within each checkpoint."
     )
-    out.append(
-        Section(
-            "Across checkpoints of one architecture (mean ± std over seeds)",
-            [seeds_note] if st[0] else ["Fewer than two checkpoints of any architecture: nothing to pool."],
-            st if st[0] else None,
-        )
-    )
+    notes = [seeds_note] if st[0] else ["Fewer than two checkpoints of any architecture: nothing to pool."]
+    repeats = samples(meta["checkpoints"])[1]
+    if repeats:  # here and in every interval across seeds
+        notes.append("Left out of every pooled value and interval: " + " ".join(repeats))
+    out.append(Section("Across checkpoints of one architecture (mean ± std over seeds)", notes, st if st[0] else None))
     out.append(Section("Plots", images=list(plots.values()), after=["Full results: `results.csv`, `results.json`."]))
     return out
 
@@ -192,7 +191,7 @@ def write_report(rows: list[dict], out: Path, meta: dict[str, Any]) -> dict[str,
     """results.csv/json, results_by_arch.csv, plots, report.md and report.html (images
     inlined), from completed rows (`complete`). Returns the plots, {name: file}."""
     write_tables(rows, out)
-    agg = across_checkpoints(rows, pooled)  # the checkpoints of one architecture, pooled
+    agg = across_checkpoints(rows, pooled, samples(meta["checkpoints"])[0])  # one per training run, by architecture
     write_seed_table(agg, out)
     meta = {**meta, "num_classes": meta["checkpoints"][0]["spec"]["num_classes"]}
     plots = plot_all(rows, agg, out, meta["num_classes"])

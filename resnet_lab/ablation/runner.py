@@ -51,6 +51,7 @@ class Loaded:
     pretrained: bool = False  # torchvision weights: no run, no stored data location
     init: bool = False  # a freshly initialised network (init:ARCH), no checkpoint
     label_smoothing: float = 0.0  # of the training loss (ctx.loss)
+    sample: tuple[str, ...] = ()  # what identifies its training run: "seed 0", "weights <digest>" (stats.samples)
 
     @property
     def arch(self) -> str:
@@ -133,7 +134,8 @@ def load_init(ref: str, seed: int) -> Loaded:
     torch.manual_seed(seed)
     model = build(spec).eval().to(memory_format=torch.channels_last)
     data = {"class_path": CIFAR if spec.input_size == 32 else pretrained.DATA, "init_args": {}}
-    return Loaded(f"{INIT}{name}@{seed}", f"{spec.name} (init, seed {seed})", model, spec, data, {}, None, init=True)
+    label = f"{spec.name} (init, seed {seed})"
+    return Loaded(f"{INIT}{name}@{seed}", label, model, spec, data, {}, None, init=True, sample=(f"seed {seed}",))
 
 
 INIT_BN_IMAGES = 1000
@@ -193,11 +195,33 @@ def load_checkpoint(path: str | os.PathLike, seed: int = 0) -> Loaded:
         label += f" [{p.stem}]"  # best-*.ckpt beside last.ckpt: a row set of its own
     smoothing = float(hp.get("label_smoothing") or 0.0)
     run = str(run_dir) if run_dir else None
-    return Loaded(str(p), label, model, spec, data, metrics, run, label_smoothing=smoothing)
+    seed = run_seed(run)
+    sample = (f"seed {seed}",) if seed is not None else (f"run {run_dir.resolve()}",) if run_dir else ()
+    return Loaded(str(p), label, model, spec, data, metrics, run, label_smoothing=smoothing,
+                  sample=(*sample, weights_digest(model)))  # fmt: skip
+
+
+def run_seed(run_dir: str | os.PathLike | None) -> int | None:
+    """The seed a `fit` run trained with, from its run.json (None where the folder or file is gone)."""
+    path = Path(run_dir or "") / "run.json"
+    try:
+        seed = json.loads(path.read_text()).get("seed") if run_dir and path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """'weights <hex>': equal for bit-identical parameters and buffers (a copied checkpoint)."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"weights {h.hexdigest()}"
 
 
 def _pretrained(path: str, label: str, model: Network, data: dict[str, Any]) -> Loaded:
-    return Loaded(path, label, model, model.spec, data, {}, None, pretrained=True)
+    return Loaded(path, label, model, model.spec, data, {}, None, pretrained=True, sample=(weights_digest(model),))
 
 
 def load_checkpoints(paths: list[str], seed: int = 0) -> list[Loaded]:

@@ -18,6 +18,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..models import Spec, spec_from_dict
@@ -57,16 +58,54 @@ def depth_family(spec: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in net.to_dict().items() if k not in net.DEPTH_FIELDS}, sort_keys=True)
 
 
-def across_checkpoints(rows: list[dict], pooled: Callable[[dict], list[tuple[str, float]]]) -> list[dict[str, Any]]:
+def pool_suffix(checkpoint: dict[str, Any]) -> str:
+    """How a checkpoint was selected, where that keeps it from pooling with others of its
+    architecture: ' (init)' untrained, ' [best-by-val]' a run's best-*.ckpt, '' its final weights."""
+    if checkpoint.get("init"):
+        return " (init)"
+    return " [best-by-val]" if Path(checkpoint.get("path") or "").stem.startswith("best-") else ""
+
+
+def samples(checkpoints: list[dict[str, Any]]) -> tuple[dict[str, str], list[str]]:
+    """The report's checkpoint entries that pool as independent samples (seeds): {label: pool},
+    the pool being the architecture and `pool_suffix`; and a line for each one left out.
+
+    Within a pool, a checkpoint that shares an identity (its `sample`: the run's seed, its
+    run folder, the digest of its weights) with an earlier one is the same training run
+    again, e.g. one command run twice with its default seed, or a copied file: the first one
+    given stands for it. Pooled twice, one run would pass for two seeds with no spread."""
+    pools: dict[str, str] = {}
+    kept: dict[str, list[tuple[str, set[str]]]] = defaultdict(list)
+    notes = []
+    for c in checkpoints:
+        pool = arch_label(c["spec"]) + pool_suffix(c)
+        ids = set(c.get("sample") or [c["label"]])
+        first = next(((label, ids & seen) for label, seen in kept[pool] if ids & seen), None)
+        if first:
+            same = ", ".join(sorted(first[1], key=lambda x: not x.startswith("seed")))
+            notes.append(f"{c['label']}: the same training run as {first[0]} ({same}); not pooled again.")
+            continue
+        kept[pool].append((c["label"], ids))
+        pools[c["label"]] = pool
+    return pools, notes
+
+
+def across_checkpoints(
+    rows: list[dict], pooled: Callable[[dict], list[tuple[str, float]]], pools: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
     """Mean ± std of each pooled value over the checkpoints of one architecture.
 
     `pooled(row)` gives the (key, value) pairs a row pools under (its study decides: e.g.
     a dropped block's error, and again under "mean over blocks"). Values of one key are
     first averaged within each checkpoint (k-subsets: one number per checkpoint and k),
-    then pooled. Only architectures with at least two checkpoints are reported."""
+    then pooled. `pools` ({checkpoint label: pool}, from `samples`) names the checkpoints
+    that are samples and what they pool as; without it, each row's own architecture.
+    Only pools of at least two checkpoints are reported."""
     per: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        arch = r.get("arch", r["spec"])
+        if pools is not None and r["checkpoint"] not in pools:
+            continue
+        arch = pools[r["checkpoint"]] if pools is not None else r.get("arch", r["spec"])
         for key, value in pooled(r):
             per[(arch, r["condition"], r["study"], key)][r["checkpoint"]].append(value)
     out = []
@@ -186,13 +225,14 @@ def net_differences(values: dict[str, float], checkpoints: list[dict[str, Any]])
     nets compare only with untrained ones."""
     groups: dict[str, list[float]] = defaultdict(list)
     specs: dict[str, Spec] = {}
+    pools, _ = samples(checkpoints)
     for c in checkpoints:
-        if c["label"] in values:
+        if c["label"] in values and c["label"] in pools:
             spec = spec_from_dict(c["spec"])
-            key = json.dumps({**spec.to_dict(), "init": bool(c.get("init"))}, sort_keys=True)
+            key = json.dumps({**spec.to_dict(), "selected": pool_suffix(c)}, sort_keys=True)
             groups[key].append(values[c["label"]])
             specs[key] = spec
-    name = {k: s.name + (" (init)" if json.loads(k)["init"] else "") for k, s in specs.items()}
+    name = {k: s.name + json.loads(k)["selected"] for k, s in specs.items()}
 
     def without(key: str, *fields: str) -> str:
         return json.dumps({k: v for k, v in json.loads(key).items() if k not in fields}, sort_keys=True)

@@ -1,7 +1,9 @@
 """The plots of `resnet-lab sweep --summary`: error against depth (He et al. Table 6 as a
 curve), the shortcut comparison, each lesion summary against depth, and the training curves
-(He et al. Fig. 6). Lines are drawn per architecture (the spec without its depth): pre- and
-post-activation, plain and residual nets of one depth are never one line."""
+(He et al. Fig. 6). Lines are drawn per architecture (the spec without its depth) and setting
+of every other swept parameter: pre- and post-activation, plain and residual nets of one depth,
+or two learning rates, are never one line; what a line pools are the seeds of its cells, one
+run per seed (`summary.independent`)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..ablation.study import save_figure
-from .summary import cell_params, describe, read_curves
+from .summary import DEPTH_KEYS, cell_params, describe, independent, read_curves
 
 
 def _series_label(c: dict, skip: tuple[str, ...]) -> str:
@@ -50,6 +52,18 @@ def _by_arch(rows: list[dict]) -> dict[str, list[dict]]:
         (f"{labels[fam]} ({i})" if labels[fam] in twice else labels[fam]): rs
         for i, (fam, rs) in enumerate(sorted(groups.items()))
     }
+
+
+def _series(rows: list[dict]) -> dict[str, list[dict]]:
+    """One run per cell and seed, with a depth, grouped by architecture and the setting of every
+    other swept parameter: 'resnet, optimizer.lr=0.1'."""
+    done = [r for r in independent(rows) if r.get("family") and r.get("depth") is not None]
+    others = [k for k in cell_params(done) if k not in DEPTH_KEYS]
+    out: dict[str, list[dict]] = defaultdict(list)
+    for label, rs in _by_arch(done).items():
+        for r in rs:
+            out[", ".join([label, *(f"{k}={r.get(k)}" for k in others)])].append(r)
+    return out
 
 
 def _plot_error_vs_depth(cs: list[dict], out: Path) -> str | None:
@@ -105,13 +119,12 @@ def plot_lesions(rows: list[dict], out: Path) -> list[str]:
 
     from ..ablation.studies import REGISTRY
 
-    done = [r for r in rows if r["state"] == "COMPLETE" and r.get("family") and r.get("depth") is not None]
-    metrics = sorted({k for r in done for k in r if k.startswith("lesion/")})
+    metrics = sorted({k for r in rows if r["state"] == "COMPLETE" for k in r if k.startswith("lesion/")})
     made = []
     for metric in metrics:
         name = metric.split("/", 1)[1]
         owner = REGISTRY.metric_owner(name)
-        groups = _by_arch([r for r in done if metric in r])
+        groups = _series([r for r in rows if metric in r])
         fig, ax = plt.subplots(figsize=(6, 4))
         for i, (label, rs) in enumerate(sorted(groups.items())):
             pts: dict[int, list[float]] = defaultdict(list)
@@ -146,9 +159,8 @@ def plot_training_curves(rows: list[dict], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    done = [r for r in rows if r["state"] == "COMPLETE" and r.get("depth") is not None and r.get("run_dir")]
     runs: dict[tuple[str, int], list[dict]] = defaultdict(list)
-    for label, rs in _by_arch([r for r in done if r.get("family")]).items():
+    for label, rs in _series([r for r in rows if r.get("run_dir")]).items():
         for r in rs:
             curves = read_curves(r["run_dir"])
             if curves["train/error_step"]:

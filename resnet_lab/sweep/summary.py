@@ -1,7 +1,10 @@
 """`resnet-lab sweep --summary`: per-cell statistics over seeds, and the depth comparisons
 (the plots are in plots.py).
 
-A cell is one setting of every swept parameter except the seed (`seed_everything`).
+A cell is one setting of every swept parameter except the seed (`seed_everything`). A run
+counts once per cell and seed: a sampler that draws a cell again (random, TPE) with the same
+seed repeats an experiment, it adds no sample; the first completed trial stands for it and
+the summary names the repeats.
 Each cell's row states how many completed runs it stands on (n) and gives, as mean ± std
 (min, max) over them:
   - test/error: the final weights' test error (what He et al. report);
@@ -25,6 +28,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from ..ablation.runner import run_seed
 from ..ablation.stats import Difference, depth_family, mean_spread, welch
 from ..callbacks import read_history
 from ..models import paper_error, spec_from_dict
@@ -50,6 +54,7 @@ def trial_rows(study: optuna.Study) -> list[dict]:
                 "net": net and net.name,
                 "family": depth_family(spec) if spec else None,
                 "run_dir": t.user_attrs.get("run_dir"),
+                "seed": t.params[SEED_KEY] if SEED_KEY in t.params else run_seed(t.user_attrs.get("run_dir")),
                 **{k: v for k, v in t.user_attrs.items() if "/" in k and isinstance(v, int | float)},
             }
         )
@@ -91,6 +96,42 @@ def cell_params(rows: list[dict]) -> list[str]:
     return sorted(k for k in keys if k != SEED_KEY and "/" not in k)
 
 
+def _by_cell_and_seed(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Completed trials grouped by cell and seed, each group in trial order. An unknown seed
+    (None: the run folder is gone) is one group: such runs are never counted as new samples."""
+    keys = cell_params(rows)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in sorted(rows, key=lambda r: r["number"]):
+        if r["state"] == "COMPLETE":
+            groups[(*(r.get(k) for k in keys), r.get("seed"))].append(r)
+    return groups
+
+
+def independent(rows: list[dict]) -> list[dict]:
+    """One completed trial per cell and seed (the first): the runs that are samples."""
+    return [rs[0] for rs in _by_cell_and_seed(rows).values()]
+
+
+def repeats(rows: list[dict]) -> list[str]:
+    """'trials 3, 4 repeat trial 2 (model.depth=56, seed 0)': the runs `independent` leaves out."""
+    keys = cell_params(rows)
+    out = []
+    for rs in _by_cell_and_seed(rows).values():
+        if len(rs) > 1:
+            first, again = rs[0], [str(r["number"]) for r in rs[1:]]
+            seed = "unknown (its run folder is gone)" if first.get("seed") is None else first["seed"]
+            where = ", ".join([*(f"{k}={first.get(k)}" for k in keys), f"seed {seed}"])
+            verb = "repeats" if len(again) == 1 else "repeat"
+            out.append(f"trial{'s' * (len(again) > 1)} {', '.join(again)} {verb} trial {first['number']} ({where})")
+    return out
+
+
+REPEATS_NOTE = (
+    "Counted once (the same cell and seed trained again: a repeat of one experiment, not a new sample; "
+    "the first completed trial stands for it): "
+)
+
+
 def describe(values: list[float]) -> dict[str, float]:
     """n, mean, sample std (None for one run: it has no spread), min, max."""
     return {
@@ -106,16 +147,16 @@ def cells(rows: list[dict]) -> list[dict[str, Any]]:
     """One entry per cell of completed trials: its params, n, and `describe` of each stat."""
     keys = cell_params(rows)
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in rows:
-        if r["state"] == "COMPLETE":
-            groups[tuple(r.get(k) for k in keys)].append(r)
+    for r in independent(rows):
+        groups[tuple(r.get(k) for k in keys)].append(r)
     out = []
 
     def order(kv):  # numbers numerically, everything else as text
         return [(0, v, "") if isinstance(v, int | float) else (1, 0, str(v)) for v in kv[0]]
 
     for vals, rs in sorted(groups.items(), key=order):
-        cell: dict[str, Any] = {**dict(zip(keys, vals)), "n": len(rs), "seeds": sorted(r.get(SEED_KEY) for r in rs)}
+        seeds = sorted((r["seed"] for r in rs), key=lambda x: (x is None, x or 0))
+        cell: dict[str, Any] = {**dict(zip(keys, vals)), "n": len(rs), "seeds": seeds}
         for k in ("budget", "paper"):  # one value per cell unless its runs differ (then all, in order)
             cell[k] = " / ".join(sorted({r[k] for r in rs if r.get(k)})) or None
         for stat in STATS:
@@ -204,7 +245,7 @@ DEPTH_KEYS = ("model.depth", "model.arch")
 def depth_comparisons(rows: list[dict]) -> list[dict[str, Any]]:
     """Deeper minus shallowest within each setting of the other swept parameters (and the
     same architecture but for depth): Welch intervals of final test and training error."""
-    done = [r for r in rows if r["state"] == "COMPLETE" and r.get("family") and "test/error" in r]
+    done = [r for r in independent(rows) if r.get("family") and "test/error" in r]
     others = [k for k in cell_params(done) if k not in DEPTH_KEYS]
     groups: dict[tuple, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in done:
@@ -333,6 +374,11 @@ def summarize(study: optuna.Study, out: Path, metric: str) -> str:
     (out / "cells.json").write_text(json.dumps(cs, indent=1, default=str))
     text = "Trials:\n" + print_table(rows, metric)
     text += "\n\nCells (mean ± std (min, max) over the n completed seeds):\n" + write_cells(cs, out)
+    again = repeats(rows)
+    if again:
+        text += "\n" + REPEATS_NOTE + "; ".join(again) + "."
+        with open(out / "cells.md", "a") as f:
+            f.write("\n" + REPEATS_NOTE + "; ".join(again) + ".\n")
     comps = depth_comparisons(rows)
     if comps:
         text += "\n\nDepth comparisons (deeper − shallowest; 95% Welch t intervals over seeds):\n"

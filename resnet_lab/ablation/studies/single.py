@@ -14,7 +14,7 @@ from typing import Any
 
 from ...models import spec_from_dict
 from .. import engine
-from ..stats import depth_family, welch
+from ..stats import depth_family, pool_suffix, samples, welch
 from ..study import (
     Section,
     Study,
@@ -93,16 +93,17 @@ def robustness(rows: list[dict], meta: dict[str, Any]) -> list[dict[str, Any]]:
     if len(intact) < 2:  # one network: nothing to compare
         return []
     chance = chance_error(meta["num_classes"])
-    spec = {c["label"]: c["spec"] for c in meta["checkpoints"]}
+    entry = {c["label"]: c for c in meta["checkpoints"]}
+    pools, _ = samples(meta["checkpoints"])  # one checkpoint per training run; init, best and last apart
     groups: dict[str, dict[int, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     names: dict[tuple[str, int], str] = {}
     for (ck, cond), drops in by_net(rows).items():
-        if cond != "eval-bn" or ck not in intact:
+        if cond != "eval-bn" or ck not in intact or ck not in pools:
             continue
-        net = spec_from_dict(spec[ck])
-        fam, depth = depth_family(spec[ck]), net.depth
+        net, selected = spec_from_dict(entry[ck]["spec"]), pool_suffix(entry[ck])
+        fam, depth = depth_family(entry[ck]["spec"]) + selected, net.depth
         groups[fam][depth].append((intact[ck], statistics.fmean(r["error"] for r in drops)))
-        names[(fam, depth)] = net.name
+        names[(fam, depth)] = net.name + selected
 
     def increases(side):
         return [after - before for before, after in side]
