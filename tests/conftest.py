@@ -35,11 +35,11 @@ def cache_dir(tmp_path_factory) -> Path:
     return d
 
 
-def trained_like(name: str = "resnet20", **overrides):
+def trained_like(name: str = "resnet20", seed: int = 0, **overrides):
     """A model in eval mode with non-trivial BN statistics, as after training."""
     from resnet_lab.models import create_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     m = create_model(name, **overrides)
     for mod in m.modules():
         if isinstance(mod, torch.nn.BatchNorm2d):

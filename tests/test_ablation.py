@@ -340,3 +340,29 @@ def test_report_html_renders_code_spans_and_is_titled_by_its_studies(two_checkpo
     assert "lesion" not in title.lower() and "iterative" in title
     md = (out / "report.md").read_text()
     assert md.startswith(f"# {title}") and "`results.csv`" in md  # Markdown keeps its own syntax
+
+
+def test_wandb_summary_keeps_each_checkpoint_of_one_architecture(two_checkpoints, tmp_path):
+    # Two seeds of one net: the summary was keyed by the net's name, so the second seed's values
+    # overwrote the first's under "resnet14/intact_error", a number of one checkpoint named as the net's.
+    res = two_checkpoints[0]
+    other = tmp_path / "seed1" / "last.ckpt"
+    other.parent.mkdir()
+    ck = torch.load(res, weights_only=False)
+    g = torch.Generator().manual_seed(1)
+    ck["state_dict"] = {k: v + 0.3 * torch.randn(v.shape, generator=g) if k.endswith("conv2.weight") else v
+                        for k, v in ck["state_dict"].items()}  # fmt: skip
+    torch.save(ck, other)
+    out = tmp_path / "rep"
+    argv = [res, str(other), "--out", str(out), "--studies", "single", "--limit", "100", "--no-progress", "--wandb"]
+    assert ablate_main(argv) == 0
+    summary = read_offline_run(out)["summary"]
+    rows = json.loads((out / "results.json").read_text())
+    intact = {r["checkpoint"]: r["error"] for r in rows if r["key"] == "intact" and r["condition"] == "eval-bn"}
+    assert len(set(intact.values())) == 2  # the two seeds differ
+    for label, error in intact.items():
+        assert summary[f"{label}/lesion/intact_error"] == pytest.approx(error)
+    pooled = [k for k in summary if k.startswith("resnet14, shortcut A/") and k.endswith("intact_error")]
+    assert pooled, sorted(summary)
+    (mean_key,) = [k for k in pooled if "mean" in k]
+    assert summary[mean_key] == pytest.approx(sum(intact.values()) / 2) and "n = 2" in mean_key

@@ -270,8 +270,9 @@ def test_representation_studies_in_a_sweep_and_on_wandb(tmp_path):
     assert {"ablation/iterative/_type", "ablation/probes/_type", "ablation/cka/_type"} <= logged
     rows = json_rows(out)
     probes = sorted((r for r in rows if r["study"] == "probes"), key=lambda r: r["position"])
-    assert run["summary"]["resnet8/lesion/probe_last_error"] == probes[-1]["error"]
-    assert {"resnet8/lesion/iterative_mean_cos", "resnet8/lesion/cka_adjacent_mean"} <= set(run["summary"])
+    label = probes[-1]["checkpoint"]  # each checkpoint's values under its own label
+    assert run["summary"][f"{label}/lesion/probe_last_error"] == probes[-1]["error"]
+    assert {f"{label}/lesion/iterative_mean_cos", f"{label}/lesion/cka_adjacent_mean"} <= set(run["summary"])
 
 
 def json_rows(out):
@@ -283,7 +284,7 @@ def json_rows(out):
 def test_representation_studies_pool_across_checkpoints_of_one_architecture(tmp_path):
     """Two checkpoints of one architecture (e.g. two seeds): each new study's per-block values
     are pooled, with n = 2, into results_by_arch.csv and the report."""
-    cks = [write_checkpoint(tmp_path / f"seed{i}" / "net.ckpt", "resnet8") for i in (0, 1)]
+    cks = [write_checkpoint(tmp_path / f"seed{i}" / "net.ckpt", "resnet8", seed=i) for i in (0, 1)]
     argv = [*cks, "--out", str(tmp_path / "r"), "--studies", "iterative", "probes", "cka", "--probe-images", "100"]
     assert ablate_main([*argv, "--limit", "40", "--no-progress"]) == 0
     with open(tmp_path / "r" / "results_by_arch.csv") as f:

@@ -27,10 +27,10 @@ GOLDEN_ARGS = [
 ]  # fmt: skip
 
 
-def write_checkpoint(path: Path, name: str) -> str:
+def write_checkpoint(path: Path, name: str, seed: int = 0) -> str:
     """A fit-like checkpoint of a seeded, BN-perturbed net on the synthetic set (no training,
     so its numbers depend on nothing but the code)."""
-    model = trained_like(name)
+    model = trained_like(name, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"source": "synthetic", "val_size": 200, "eval_subset": None, "batch_size": 32}
     torch.save(

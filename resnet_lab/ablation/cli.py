@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import statistics
 import sys
+from collections import defaultdict
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from .runner import (
     run_checkpoint,
     settle_init_bn,
 )
+from .stats import samples
 from .studies import REGISTRY, StudyOptions, check_nets
 from .study import common_of
 
@@ -197,7 +200,7 @@ def ablate(
     }
     plots = write_report(rows, store.out, meta)
     if wandb_project:
-        log_to_wandb(rows, store.out, ckpts, opts, plots, wandb_project)
+        log_to_wandb(rows, store.out, ckpts, opts, plots, wandb_project, samples(meta["checkpoints"])[0])
     print(f"report: {store.out / 'report.html'}")
     return store.out
 
@@ -213,8 +216,10 @@ def _evaluate(ckpts: list[Loaded], dm, store: Store, opts: Any, progress: bool) 
     return complete(store.rows())
 
 
-def log_to_wandb(rows, out: Path, ckpts, opts, plots: dict[str, str], project: str) -> None:
-    """One W&B run of job_type 'ablation', grouped and tagged with the training runs."""
+def log_to_wandb(rows, out: Path, ckpts, opts, plots: dict[str, str], project: str, pools: dict[str, str]) -> None:
+    """One W&B run of job_type 'ablation', grouped and tagged with the training runs. Its summary
+    holds each checkpoint's `lesion/*` values under its label, and where a pool (`stats.samples`)
+    has two or more, their mean under '<architecture>/mean (n = N)/'."""
     import json
 
     import wandb
@@ -247,7 +252,14 @@ def log_to_wandb(rows, out: Path, ckpts, opts, plots: dict[str, str], project: s
     for name, file in plots.items():
         payload[f"ablation/{name}"] = wandb.Image(str(out / file))
     run.log(payload)
+    by_pool = defaultdict(list)
     for c in ckpts:
-        for k, v in lesion_summary(rows, c.label).items():
-            run.summary[f"{c.spec.name}/{k}"] = v
+        values = lesion_summary(rows, c.label)
+        for k, v in values.items():
+            run.summary[f"{c.label}/{k}"] = v
+        if c.label in pools:
+            by_pool[pools[c.label]].append(values)
+    for pool, each in by_pool.items():
+        for k in set.intersection(*map(set, each)) if len(each) > 1 else ():
+            run.summary[f"{pool}/mean (n = {len(each)})/{k}"] = statistics.fmean(v[k] for v in each)
     run.finish()
