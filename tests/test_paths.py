@@ -183,9 +183,10 @@ def test_ablate_logs_the_paths_study_to_wandb_offline(two_checkpoints, tmp_path)
     run = read_offline_run(out)
     assert "ablation/paths/_type" in {k for row in run["history"] for k in row}  # the Fig. 6 plot
     (rng,) = [r for r in json.loads((out / "results.json").read_text()) if r["key"] == "effective range"]
-    assert run["summary"]["resnet14/lesion/paths_range_lo"] == rng["range_lo"]
-    assert run["summary"]["resnet14/lesion/paths_range_hi"] == rng["range_hi"]
-    assert run["summary"]["resnet14/lesion/paths_path_share"] == pytest.approx(rng["range_path_share"])
+    label = rng["checkpoint"]
+    assert run["summary"][f"{label}/lesion/paths_range_lo"] == rng["range_lo"]
+    assert run["summary"][f"{label}/lesion/paths_range_hi"] == rng["range_hi"]
+    assert run["summary"][f"{label}/lesion/paths_path_share"] == pytest.approx(rng["range_path_share"])
 
 
 def test_norms_match_the_full_gradients_and_shared_suffixes_change_nothing():

@@ -355,7 +355,9 @@ def test_report_chance_line_and_kept_projections(tmp_path):
         {**common, "key": "drop:layer1.0", "error": 40.0, "loss": 2.0, "block": "layer1.0", "position": 0,
          "downsample": False, "removed_as": "relu(BN(conv1x1(x)))"},
     ]  # fmt: skip
-    spec = {"num_classes": 5}
+    from resnet_lab.models import resolve_spec
+
+    spec = {**resolve_spec("resnet8").to_dict(), "num_classes": 5}
     meta = {"command": "x", "split": "test", "n_images": 5, "n_split": 5, "options": {"studies": ["single"]},
             "checkpoints": [{"label": "n", "path": "p", "spec": spec, "train_metrics": {}}]}  # fmt: skip
     write_report(rows, tmp_path, meta)
