@@ -136,3 +136,17 @@ def test_the_optuna_internals_the_journal_heartbeats_rely_on_are_there(tmp_path)
                  "get_heartbeat_stale_trial_callback"):  # fmt: skip
         assert name in BaseHeartbeat.__dict__, name
     assert is_heartbeat_enabled(JournalFileStorage(str(tmp_path / "study.log"), 1, 3, None))
+
+
+@pytest.mark.slow
+def test_a_random_sweep_whose_every_trial_fails_stops_at_n_trials(tmp_path, capsys):
+    # Failed trials did not count towards n_trials (so that a killed worker's trial, failed and
+    # enqueued again, keeps its slot): when every fit failed, the worker drew trials forever
+    # (1,310 failed trial folders in 10 minutes). A failure counts unless its cell was retried.
+    sweep = {"study_name": "f", "sampler": "random", "n_trials": 2, "metric": "val/error",
+             "space": {"model.depth": [8, 14]}}  # fmt: skip
+    cfg = tiny_config(tmp_path, sweep, extra={"trainer": {"max_steps": 4, "limit_train_batches": 0.0001}})
+    code = sweep_main(["--config", str(REPO / "sweeps/depth.yaml"), "--config", cfg, "--max-trials", "4"])
+    trials = optuna.load_study(study_name="f", storage=f"sqlite:///{tmp_path}/sweeps/f/study.db").trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2 and code == 1
+    assert "worker ran 2 trial(s), 2 failed; the study has no more work" in capsys.readouterr().out

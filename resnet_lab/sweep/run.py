@@ -166,11 +166,19 @@ def next_trial(study: optuna.Study, spec: SweepSpec, url: str) -> optuna.Trial |
                     return study.ask()
                 if not any(t.state == TrialState.RUNNING for t in trials):
                     return None
-            elif sum(t.state != TrialState.FAIL for t in trials) >= spec.n_trials:
+            elif trials_used(trials) >= spec.n_trials:
                 return None
             else:
                 return study.ask()
         time.sleep(min(spec.heartbeat_interval, 5))
+
+
+def trials_used(trials: list[optuna.trial.FrozenTrial]) -> int:
+    """What counts towards a random/TPE sweep's n_trials: every trial but a failed one whose
+    cell was enqueued again (a killed or interrupted worker's: its retry takes its slot). A
+    fit that fails counts, so a sweep whose every trial fails stops at n_trials."""
+    retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
+    return sum(not (t.state == TrialState.FAIL and t.number in retried) for t in trials)
 
 
 def find_checkpoint(study: optuna.Study, key: str) -> dict[str, Any] | None:
