@@ -255,3 +255,28 @@ def test_pooling_keeps_trained_and_untrained_nets_and_best_and_last_apart():
     pools, notes = samples(cks)
     assert "resnet20 s0 again" not in pools and len(notes) == 1 and "resnet20 s0" in notes[0]
     assert dict(net_differences(values, cks))["resnet56 − resnet20"].n_a == 2
+
+
+def test_checkpoints_of_one_architecture_trained_with_different_recipes_are_not_pooled():
+    # An lr sweep's checkpoints of one net are not seeds of one experiment: pooled, two learning
+    # rates passed for "the spread between independently trained networks"; and two of them that
+    # share seed 0 are different runs, not one run twice.
+    from resnet_lab.ablation.stats import net_differences, samples
+    from resnet_lab.models import resolve_spec
+
+    def ck(label, name, lr, seed):
+        recipe = {"optimizer.init_args.lr": lr, "trainer.max_steps": 1900}
+        return {"label": label, "spec": resolve_spec(name).to_dict(), "path": f"/r/{label}/checkpoints/last.ckpt",
+                "sample": [f"seed {seed}"], "recipe": recipe}  # fmt: skip
+
+    cks = [ck("a", "resnet20", 0.1, 0), ck("b", "resnet20", 0.01, 0), ck("c", "resnet20", 0.1, 1),
+           ck("d", "resnet56", 0.1, 0), ck("e", "resnet56", 0.1, 1)]  # fmt: skip
+    pools, notes = samples(cks)
+    assert set(pools) == {"d", "e"}
+    (note,) = notes
+    assert "resnet20, shortcut A" in note and "optimizer.init_args.lr (0.01, 0.1)" in note and "same" not in note
+    values = {c["label"]: float(i) for i, c in enumerate(cks)}
+    assert dict(net_differences(values, cks)) == {}  # resnet56 has no resnet20 pool to be compared with
+    cks[1]["recipe"] = dict(cks[0]["recipe"])  # one recipe: b repeats a's seed
+    pools, notes = samples(cks)
+    assert set(pools) == {"a", "c", "d", "e"} and len(notes) == 1 and "b: the same training run as a" in notes[0]

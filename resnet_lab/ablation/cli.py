@@ -194,6 +194,7 @@ def ablate(
                 "train_metrics": c.train_metrics,
                 "init": c.init,
                 "sample": list(c.sample),
+                "recipe": c.recipe,
             }
             for c in ckpts
         ],

@@ -52,6 +52,7 @@ class Loaded:
     init: bool = False  # a freshly initialised network (init:ARCH), no checkpoint
     label_smoothing: float = 0.0  # of the training loss (ctx.loss)
     sample: tuple[str, ...] = ()  # what identifies its training run: "seed 0", "weights <digest>" (stats.samples)
+    recipe: dict[str, Any] | None = None  # how it was trained, but for its seed (run_recipe; None: unknown)
 
     @property
     def arch(self) -> str:
@@ -198,7 +199,44 @@ def load_checkpoint(path: str | os.PathLike, seed: int = 0) -> Loaded:
     seed = run_seed(run)
     sample = (f"seed {seed}",) if seed is not None else (f"run {run_dir.resolve()}",) if run_dir else ()
     return Loaded(str(p), label, model, spec, data, metrics, run, label_smoothing=smoothing,
-                  sample=(*sample, weights_digest(model)))  # fmt: skip
+                  sample=(*sample, weights_digest(model)), recipe=run_recipe(run_dir))  # fmt: skip
+
+
+# What a run's config.yaml holds besides its training recipe: the seed (what pooled runs differ
+# in), where it logged and saved, paths and devices, how it evaluated (a key and all under it).
+NOT_RECIPE = (
+    "seed_everything", "run", "sweep", "ckpt_path", "weights_only", "model.channels_last", "model.compile",
+    "model.log_response_std", "data.init_args.root", "data.init_args.folder", "data.init_args.path",
+    "data.init_args.download", "data.init_args.cache_dir", "data.init_args.on_device", "data.init_args.num_workers",
+    "data.init_args.eval_batch_size", "data.init_args.eval_subset", "trainer.logger", "trainer.callbacks",
+    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
+    "trainer.default_root_dir", "trainer.profiler", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
+    "trainer.strategy", "trainer.enable_checkpointing", "trainer.enable_autolog_hparams", "trainer.model_registry",
+    "trainer.num_sanity_val_steps", "trainer.check_val_every_n_epoch", "trainer.val_check_interval",
+    "trainer.limit_val_batches", "trainer.limit_test_batches", "trainer.limit_predict_batches",
+    "trainer.inference_mode", "trainer.detect_anomaly", "trainer.barebones", "trainer.plugins",
+)  # fmt: skip
+
+
+def run_recipe(run_dir: Path | None) -> dict[str, Any] | None:
+    """A run's config.yaml as {dotted key: value}, without NOT_RECIPE: what two runs that
+    pool as seeds of one experiment must share (None where the run folder has no config)."""
+    path = (run_dir or Path()) / "config.yaml"
+    if run_dir is None or not path.is_file():
+        return None
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, v: Any) -> None:
+        if any(prefix == k or prefix.startswith(k + ".") for k in NOT_RECIPE):
+            return
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), x)
+        else:
+            out[prefix] = v
+
+    walk("", yaml.safe_load(path.read_text()) or {})
+    return out
 
 
 def run_seed(run_dir: str | os.PathLike | None) -> int | None:

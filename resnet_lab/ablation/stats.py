@@ -70,24 +70,45 @@ def samples(checkpoints: list[dict[str, Any]]) -> tuple[dict[str, str], list[str
     """The report's checkpoint entries that pool as independent samples (seeds): {label: pool},
     the pool being the architecture and `pool_suffix`; and a line for each one left out.
 
-    Within a pool, a checkpoint that shares an identity (its `sample`: the run's seed, its
-    run folder, the digest of its weights) with an earlier one is the same training run
-    again, e.g. one command run twice with its default seed, or a copied file: the first one
-    given stands for it. Pooled twice, one run would pass for two seeds with no spread."""
-    pools: dict[str, str] = {}
-    kept: dict[str, list[tuple[str, set[str]]]] = defaultdict(list)
-    notes = []
+    A pool whose runs were trained with different recipes (their config.yaml but for the
+    seed, `runner.run_recipe`: e.g. two learning rates) is not pooled at all: its spread would
+    not be the seeds'. Within a pool, a checkpoint that shares an identity (its `sample`: the
+    run's seed, its run folder, the digest of its weights) with an earlier one is the same
+    training run again, e.g. one command run twice with its default seed, or a copied file:
+    the first one given stands for it. Pooled twice, one run would pass for two seeds with
+    no spread."""
+    by_pool: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for c in checkpoints:
-        pool = arch_label(c["spec"]) + pool_suffix(c)
-        ids = set(c.get("sample") or [c["label"]])
-        first = next(((label, ids & seen) for label, seen in kept[pool] if ids & seen), None)
-        if first:
-            same = ", ".join(sorted(first[1], key=lambda x: not x.startswith("seed")))
-            notes.append(f"{c['label']}: the same training run as {first[0]} ({same}); not pooled again.")
+        by_pool[arch_label(c["spec"]) + pool_suffix(c)].append(c)
+    pools: dict[str, str] = {}
+    notes = []
+    for pool, cs in by_pool.items():
+        differ = recipe_differences([c["recipe"] for c in cs if c.get("recipe")])
+        if differ:
+            notes.append(f"{pool}: not pooled: its checkpoints ({', '.join(c['label'] for c in cs)}) were trained "
+                         f"with different recipes ({differ}); pass the runs of one recipe.")  # fmt: skip
             continue
-        kept[pool].append((c["label"], ids))
-        pools[c["label"]] = pool
+        kept: list[tuple[str, set[str]]] = []
+        for c in cs:
+            ids = set(c.get("sample") or [c["label"]])
+            first = next(((label, ids & seen) for label, seen in kept if ids & seen), None)
+            if first:
+                same = ", ".join(sorted(first[1], key=lambda x: not x.startswith("seed")))
+                notes.append(f"{c['label']}: the same training run as {first[0]} ({same}); not pooled again.")
+                continue
+            kept.append((c["label"], ids))
+            pools[c["label"]] = pool
     return pools, notes
+
+
+def recipe_differences(recipes: list[dict[str, Any]], most: int = 4) -> str:
+    """'optimizer.init_args.lr (0.01, 0.1)': the keys whose values differ between the recipes
+    (at most `most`, then how many more); '' when they agree."""
+    keys = sorted({k for r in recipes for k in r})
+    differ = [(k, sorted({json.dumps(r.get(k), sort_keys=True) for r in recipes})) for k in keys]
+    differ = [(k, v) for k, v in differ if len(v) > 1]
+    text = "; ".join(f"{k} ({', '.join(v)})" for k, v in differ[:most])
+    return text + (f"; {len(differ) - most} more" if len(differ) > most else "")
 
 
 def across_checkpoints(
