@@ -173,7 +173,11 @@ def sections(rows: list[dict], agg: list[dict], meta: dict[str, Any], plots: dic
         "(a run's best-by-val checkpoints and untrained nets pool apart). Rows of random draws (the "
         "k-subsets) are first averaged within each checkpoint."
     )
-    notes = [seeds_note] if st[0] else ["Fewer than two checkpoints of any architecture: nothing to pool."]
+    notes = (
+        [seeds_note]
+        if st[0]
+        else ["Fewer than two independent runs of any architecture (of one recipe): nothing to pool."]
+    )
     repeats = samples(meta["checkpoints"])[1]
     if repeats:  # here and in every interval across seeds
         notes.append("Left out of every pooled value and interval: " + " ".join(repeats))
