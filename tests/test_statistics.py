@@ -221,6 +221,8 @@ def test_checkpoints_of_one_training_run_or_seed_pool_as_one_sample(two_checkpoi
     section = md.split("## Across checkpoints")[1]
     assert "Fewer than two" in section
     assert section.count("same training run as") == 2 and "seed 0" in section, section
+    listed = md.split("## Checkpoints")[1].split("##")[0]  # each trained checkpoint's seed, from its run.json
+    assert listed.count("training: seed 0, ") == 3 and "copy.ckpt; spec" in listed, listed
 
 
 def test_pooling_keeps_trained_and_untrained_nets_and_best_and_last_apart():

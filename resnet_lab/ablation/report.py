@@ -160,7 +160,8 @@ def sections(rows: list[dict], agg: list[dict], meta: dict[str, Any], plots: dic
     ck_lines = [
         f"{c['label']}: {c['path']}; spec {json.dumps(c['spec'])}; "
         + (f"untrained (init:{bn_settled(c)})" if c.get("init") else "training: "
-           + ", ".join(f"{k} {v:g}" for k, v in c["train_metrics"].items()))
+           + ", ".join([*(s for s in c.get("sample", []) if s.startswith("seed ")),
+                        *(f"{k} {v:g}" for k, v in c["train_metrics"].items())]))
         for c in meta["checkpoints"]
     ]  # fmt: skip
     out = [Section("Checkpoints", items=ck_lines)]
