@@ -315,7 +315,7 @@ def test_a_cell_drawn_twice_with_the_same_seed_is_one_run_not_two(tmp_path):
     got = {c["model.depth"]: c for c in cells(rows)}
     assert got[20]["n"] == 1 and got[56]["n"] == 1 and got[20]["seeds"] == [0]
     md = (tmp_path / "s" / "cells.md").read_text()
-    assert "not resolved at n = 1/1" in md
+    assert "not resolved at n = 1/1" in md and "| 20 | 1 | 0 | 10.00 (n = 1)" in md
     for where in (text, md):  # each repeat is named, with the run it repeats
         assert "trial 1 repeats trial 0" in where and "trials 3, 4 repeat trial 2" in where, where
 

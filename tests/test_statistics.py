@@ -84,6 +84,7 @@ def test_summary_aggregates_cells_over_seeds(tmp_path):
     with open(tmp_path / "cells.csv", newline="") as f:
         rows = {(r["model.depth"], r["model.plain"]): r for r in csv.DictReader(f)}
     assert float(rows[("56", "False")]["test_error_mean"]) == pytest.approx(7.25) and rows[("56", "False")]["n"] == "2"
+    assert rows[("20", "False")]["seeds"] == "0, 1, 2" and "| 3 | 0, 1, 2 | 10.00 ± 2.65" in md  # which runs
     assert (tmp_path / "error_vs_depth.png").exists()
 
 

@@ -180,6 +180,7 @@ def cell_table(cs: list[dict]) -> tuple[list[str], list[list[str]]]:
     head = [
         *keys,
         "n",
+        "seeds",
         "final test/error",
         "train error, last 10% of iterations",
         "best-by-val test/error",
@@ -190,6 +191,7 @@ def cell_table(cs: list[dict]) -> tuple[list[str], list[list[str]]]:
         [
             *[str(c.get(k)) for k in keys],
             str(c["n"]),
+            seeds_text(c["seeds"]),
             _fmt(c.get("test/error")),
             _fmt(c.get("train/error_end")),
             _fmt(c.get("best_test/error")),
@@ -201,19 +203,26 @@ def cell_table(cs: list[dict]) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
+def seeds_text(seeds: list[int | None]) -> str:
+    """'0, 1, 2'; a run whose seed is unknown (its run folder is gone) shows as '?'."""
+    return ", ".join("?" if s is None else str(s) for s in seeds)
+
+
 def write_cells(cs: list[dict], out: Path) -> str:
     head, body = cell_table(cs)
+    keys = head[: head.index("n")]
     with open(out / "cells.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow([*head[:-5], "test_error_mean", "test_error_std", "test_error_min", "test_error_max",
+        w.writerow([*keys, "n", "seeds", "test_error_mean", "test_error_std", "test_error_min", "test_error_max",
                     "train_error_mean", "train_error_std", "best_test_error_mean", "best_test_error_std", "budget",
                     "paper_test_error"])  # fmt: skip
         for c in cs:
             t, tr, b = c.get("test/error") or {}, c.get("train/error_end") or {}, c.get("best_test/error") or {}
             w.writerow(
                 [
-                    *[c.get(k) for k in head[:-6]],
+                    *[c.get(k) for k in keys],
                     c["n"],
+                    seeds_text(c["seeds"]),
                     t.get("mean"),
                     t.get("std"),
                     t.get("min"),
@@ -227,7 +236,7 @@ def write_cells(cs: list[dict], out: Path) -> str:
                 ]  # fmt: skip
             )
     md = [
-        "Errors in %, mean ± sample std (min, max) over the n completed runs (seeds) of each cell.",
+        "Errors in %, mean ± sample std (min, max) over the n completed runs of each cell, one per seed (listed).",
         "Final = the weights at the end of training. Train error = the mean per-batch training error (augmented",
         "batches) over the last 10% of iterations. Best-by-val = the checkpoint with the lowest val/error,",
         "selected on the validation split; its test error is reported apart. The paper's number is for the",
