@@ -286,7 +286,7 @@ def test_checkpoints_of_one_architecture_trained_with_different_recipes_are_not_
 
 
 def test_a_run_s_recipe_is_its_config_but_for_seed_paths_logging_and_evaluation(tmp_path):
-    from resnet_lab.ablation.runner import run_recipe
+    from resnet_lab.ablation.runner import run_config, run_recipe
 
     cfg = {"seed_everything": 3, "run": {"root": "/x", "name": "trial4"}, "ckpt_path": "last",
            "trainer": {"max_steps": 1900, "enable_progress_bar": False, "devices": 2, "check_val_every_n_epoch": 2},
@@ -294,7 +294,8 @@ def test_a_run_s_recipe_is_its_config_but_for_seed_paths_logging_and_evaluation(
            "data": {"class_path": "C", "init_args": {"folder": "/d.tar.gz", "batch_size": 128, "ten_crop": True}},
            "optimizer": {"init_args": {"lr": 0.1}}}  # fmt: skip
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    assert run_recipe(tmp_path) == {"trainer.max_steps": 1900, "model.depth": 20, "model.label_smoothing": 0.1,
-                                    "data.class_path": "C", "data.init_args.batch_size": 128,
-                                    "optimizer.init_args.lr": 0.1}  # fmt: skip
-    assert run_recipe(tmp_path / "gone") is None and run_recipe(None) is None
+    recipe = run_recipe(run_config(tmp_path))
+    assert recipe == {"trainer.max_steps": 1900, "model.depth": 20, "model.label_smoothing": 0.1,
+                      "data.class_path": "C", "data.init_args.batch_size": 128,
+                      "optimizer.init_args.lr": 0.1}  # fmt: skip
+    assert run_recipe(run_config(tmp_path / "gone")) is None and run_recipe(run_config(None)) is None

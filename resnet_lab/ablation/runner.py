@@ -185,7 +185,8 @@ def load_checkpoint(path: str | os.PathLike, seed: int = 0) -> Loaded:
     model.load_state_dict(sd)
     model.eval().to(memory_format=torch.channels_last)  # as trained; x1.15 on CPU
     run_dir = p.parent.parent if p.parent.name == "checkpoints" else None
-    data = _data_config(run_dir, ckpt)
+    config = run_config(run_dir)
+    data = _data_config(config, ckpt)
     metrics = {}
     for key, state in (ckpt.get("callbacks") or {}).items():
         if "best_model_score" in state and state.get("best_model_score") is not None and "val/error" in key:
@@ -199,7 +200,7 @@ def load_checkpoint(path: str | os.PathLike, seed: int = 0) -> Loaded:
     seed = run_seed(run)
     sample = (f"seed {seed}",) if seed is not None else (f"run {run_dir.resolve()}",) if run_dir else ()
     return Loaded(str(p), label, model, spec, data, metrics, run, label_smoothing=smoothing,
-                  sample=(*sample, weights_digest(model)), recipe=run_recipe(run_dir))  # fmt: skip
+                  sample=(*sample, weights_digest(model)), recipe=run_recipe(config))  # fmt: skip
 
 
 # What a run's config.yaml holds besides its training recipe: the seed (what pooled runs differ
@@ -219,11 +220,18 @@ NOT_RECIPE = (
 )  # fmt: skip
 
 
-def run_recipe(run_dir: Path | None) -> dict[str, Any] | None:
-    """A run's config.yaml as {dotted key: value}, without NOT_RECIPE: what two runs that
-    pool as seeds of one experiment must share (None where the run folder has no config)."""
+def run_config(run_dir: Path | None) -> dict[str, Any] | None:
+    """The config.yaml a `fit` run saved (None where the run folder has none)."""
     path = (run_dir or Path()) / "config.yaml"
     if run_dir is None or not path.is_file():
+        return None
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def run_recipe(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A run's config (`run_config`) as {dotted key: value}, without NOT_RECIPE: what two runs
+    that pool as seeds of one experiment must share (None for a run without a config)."""
+    if config is None:
         return None
     out: dict[str, Any] = {}
 
@@ -236,7 +244,7 @@ def run_recipe(run_dir: Path | None) -> dict[str, Any] | None:
         else:
             out[prefix] = v
 
-    walk("", yaml.safe_load(path.read_text()) or {})
+    walk("", config)
     return out
 
 
@@ -287,11 +295,10 @@ def load_checkpoints(paths: list[str], seed: int = 0) -> list[Loaded]:
     return ckpts
 
 
-def _data_config(run_dir: Path | None, ckpt: dict) -> dict[str, Any]:
-    if run_dir is not None and (run_dir / "config.yaml").exists():
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-        if isinstance(cfg.get("data"), dict) and "class_path" in cfg["data"]:
-            return cfg["data"]
+def _data_config(config: dict[str, Any] | None, ckpt: dict) -> dict[str, Any]:
+    """The run's data section (its config.yaml), else the checkpoint's DataModule hyperparameters."""
+    if config is not None and isinstance(config.get("data"), dict) and "class_path" in config["data"]:
+        return config["data"]
     hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
     return {"class_path": "resnet_lab.data.cifar.CIFAR10DataModule", "init_args": hp}
 
