@@ -5,7 +5,9 @@
     resnet-lab ablate CKPT [CKPT ...]      # lesion studies (see resnet_lab/ablation/)
     resnet-lab sweep --config EXP.yaml     # Optuna studies (see resnet_lab/sweep/)
 
-Subcommands are dispatched before Lightning is imported, so `models` starts fast.
+Subcommands are dispatched before torch is imported: `fit`, `ablate` and `sweep` restart
+themselves once (`_reexec_with_malloc_tunables`), and what this process had imported would
+be thrown away.
 """
 
 from __future__ import annotations
@@ -13,10 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
-
 from .errors import ArgumentParser, user_error
-from .models import SpecError, count_macs, count_params, create_model, list_models, model_meta
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -24,6 +23,10 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 def model_rows(filter_: str = "") -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
     """One row per registered name: its facts from the registry (`model_meta`); generic
     builders, which have none, are counted at their default depth. Built on the meta device."""
+    import torch
+
+    from .models import SpecError, count_macs, count_params, create_model, list_models, model_meta
+
     rows = []
     for name in list_models():
         if filter_ not in name:

@@ -1,10 +1,11 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from resnet_lab.cli import main
+from resnet_lab.cli import GLIBC_TUNABLES, main
 from resnet_lab.models import model_meta
 
 
@@ -33,3 +34,22 @@ def test_readme_model_table_is_the_registry(capsys):
 def test_console_script_usage():
     r = subprocess.run([sys.executable, "-m", "resnet_lab.cli", "nope"], capture_output=True, text=True)
     assert r.returncode == 2 and "usage: resnet-lab" in r.stderr
+
+
+def test_the_entry_point_restarts_before_it_imports_torch(tmp_path):
+    """`resnet-lab fit|ablate|sweep` restarts itself once with GLIBC_TUNABLES set (cli.py); what
+    the first process imported before that is thrown away. The entry point imports no torch,
+    so every command (each sweep worker, each test's subprocess) pays torch's import once."""
+    probe = "import sys, resnet_lab.cli; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+    # The restart itself: the same command once more, with the setting (a stand-in executable records it).
+    log = tmp_path / "argv"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\necho "$GLIBC_TUNABLES $@" > {log}\n')
+    stub.chmod(0o755)
+    code = f"import sys; sys.executable = {str(stub)!r}; from resnet_lab.cli import main; main()"
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    r = subprocess.run([sys.executable, "-c", code, "ablate", "--help"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert log.read_text().strip() == f"{GLIBC_TUNABLES} -c {code} ablate --help"
