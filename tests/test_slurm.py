@@ -16,6 +16,9 @@ import torch
 
 from .conftest import fit_args
 
+# ResNet-8 and 200 test images: a third of ResNet-20's time, the same signal and resume code.
+SMALL_NET = ["--model.depth", "8", "--data.init_args.eval_subset", "200"]
+
 
 def _slurm_env(tmp_path, restart: int) -> dict:
     bin_dir = tmp_path / "bin"
@@ -42,9 +45,9 @@ def _slurm_env(tmp_path, restart: int) -> dict:
 
 @pytest.mark.slow
 def test_a_requeued_fit_resumes_in_its_run_directory(tmp_path):
-    args = fit_args(tmp_path, "--run.checkpoint_every_n_steps", "1000", steps=40)  # no periodic checkpoint
+    args = fit_args(tmp_path, "--run.checkpoint_every_n_steps", "1000", *SMALL_NET, steps=40)  # no periodic checkpoint
     cmd = [sys.executable, "-m", "resnet_lab.cli", *args]
-    run_dir = tmp_path / "runs" / "resnet20" / "slurm-770_3"
+    run_dir = tmp_path / "runs" / "resnet8" / "slurm-770_3"
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(cmd, env=_slurm_env(tmp_path, 0), stdout=log, stderr=subprocess.STDOUT)
     metrics = run_dir / "csv" / "metrics.csv"
@@ -70,7 +73,7 @@ def test_a_requeued_fit_resumes_in_its_run_directory(tmp_path):
     again = subprocess.run(cmd, env=_slurm_env(tmp_path, 1), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from {hpc}" in again.stdout + again.stderr
-    assert [p.name for p in (tmp_path / "runs" / "resnet20").iterdir()] == ["slurm-770_3"]  # no second run
+    assert [p.name for p in (tmp_path / "runs" / "resnet8").iterdir()] == ["slurm-770_3"]  # no second run
     assert json.loads((run_dir / "run.json").read_text())["wandb_id"] == wandb_id
     final = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert final["global_step"] == 40 and not list(run_dir.glob("checkpoints/last-v*.ckpt"))
@@ -78,7 +81,7 @@ def test_a_requeued_fit_resumes_in_its_run_directory(tmp_path):
     ref = subprocess.run([*cmd, "--run.root", str(tmp_path / "ref")], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)  # fmt: skip
     assert ref.returncode == 0, ref.stderr[-2000:]
-    (ref_metrics,) = (tmp_path / "ref").glob("resnet20/*/csv/metrics.csv")
+    (ref_metrics,) = (tmp_path / "ref").glob("resnet8/*/csv/metrics.csv")
     assert _train_steps(metrics) == _train_steps(ref_metrics)
 
 
@@ -275,11 +278,12 @@ def test_a_ddp_fit_signalled_on_one_rank_saves_on_both_and_finishes(tmp_path):
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "91", "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1"}  # fmt: skip
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
-    args = fit_args(tmp_path, *ddp, "--run.checkpoint_every_n_steps", "1000", "--run.test_after_fit", "false", steps=60)
+    once = ["--run.checkpoint_every_n_steps", "1000", "--run.test_after_fit", "false"]
+    args = fit_args(tmp_path, *ddp, *SMALL_NET, *once, steps=60)
     with open(tmp_path / "fit.log", "w") as log:
         fit = subprocess.Popen([sys.executable, "-m", "resnet_lab.cli", *args], env=env, stdout=log,
                                stderr=subprocess.STDOUT)  # fmt: skip
-    run_dir = tmp_path / "runs" / "resnet20" / "slurm-91"
+    run_dir = tmp_path / "runs" / "resnet8" / "slurm-91"
     deadline, rank1 = time.time() + 300, None
     while time.time() < deadline and fit.poll() is None:  # rank 1 is the child Lightning started; wait for steps
         children = Path(f"/proc/{fit.pid}/task/{fit.pid}/children").read_text().split()
