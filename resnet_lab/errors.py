@@ -41,6 +41,14 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+SEED_MAX = 2**32 - 1  # numpy's seeds, which Lightning's seed_everything enforces: one range for every command
+
+
+def is_seed(v: Any) -> bool:
+    """An integer from 0 to SEED_MAX: a seed that fit, sweep and ablate all take."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= SEED_MAX
+
+
 def count(minimum: int):
     """An argparse type: an integer >= minimum, or one clear error."""
 

@@ -132,10 +132,16 @@ def test_init_runs_beside_trained_checkpoints_on_their_data(two_checkpoints, tmp
 
 @pytest.mark.parametrize(
     "ref, words",
-    [("init:resnet21", ["init:resnet21", "unknown model"]), ("init:resnet20@x", ["seed after @", "init:resnet20@1"])],
+    [
+        ("init:resnet21", ["init:resnet21", "unknown model"]),
+        ("init:resnet20@x", ["seed after @", "init:resnet20@1"]),
+        ("init:resnet20@4294967296", ["init:resnet20@4294967296", "from 0 to 4294967295"]),  # was a traceback
+        ("init:resnet20 --seed -1", ["seed=-1", "from 0 to 4294967295"]),  # torch wrapped it; fit refuses it
+        ("init:resnet20 --seed 99999999999999999999", ["from 0 to 4294967295"]),  # was a traceback
+    ],
 )
-def test_init_with_a_bad_architecture_is_one_line(tmp_path, capsys, ref, words):
-    assert ablate_main([ref, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+def test_init_with_a_bad_architecture_or_seed_is_one_line(tmp_path, capsys, ref, words):
+    assert ablate_main([*ref.split(), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("resnet-lab ablate: error:") and all(w in line for w in words), line
     assert not (tmp_path / "o").exists()

@@ -36,6 +36,8 @@ from .conftest import DEPTH, fit_args, one_message, tiny_config
         (["--ckpt_path", "/nonexistent/last.ckpt"], ["does not exist"]),
         (["--ckpt_path", "best"], ["not supported"]),
         (["--trainer.precision", "17"], ["invalid value '17' for --trainer.precision", "bf16-mixed", "null"]),
+        (["--seed_everything", "-1"], ["seed_everything=-1", "from 0 to 4294967295"]),  # Lightning's traceback
+        (["--seed_everything", "4294967296"], ["seed_everything=4294967296", "from 0 to 4294967295"]),
     ],
 )
 def test_fit_user_errors_are_one_message(tmp_path, capsys, extra, words):

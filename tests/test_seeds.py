@@ -50,3 +50,22 @@ def test_seeds_change_the_order_and_a_resume_continues_it(tmp_path):
     assert sorted(resumed.seen) == list(range(30, 40))
     for step in range(30, 40):
         assert resumed.seen[step] == a.seen[step], step  # same images, same crops and flips
+
+
+def test_seed_everything_true_draws_a_seed_and_records_it(tmp_path, monkeypatch):
+    # Lightning's help says `seed_everything: true` uses a random seed; Lightning 2.x seeds 0, or
+    # PL_GLOBAL_SEED when set (in a sweep worker: the previous trial's seed). Three runs "with random
+    # seeds" were one run three times.
+    import json
+
+    import yaml
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # as a worker leaves it after a trial of seed 7
+    seeds = []
+    for name in ("a", "b"):
+        cli_main(fit_args(tmp_path / name, "--model.depth", "8", "--seed_everything", "true", steps=1))
+        (run_dir,) = (tmp_path / name / "runs").glob("resnet8/*")
+        seed = json.loads((run_dir / "run.json").read_text())["seed"]
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed_everything"] == seed  # what reruns it
+        seeds.append(seed)
+    assert all(isinstance(s, int) and 0 <= s < 2**32 for s in seeds) and len(set(seeds) | {0, 7}) == 4, seeds

@@ -31,6 +31,28 @@ def test_a_list_that_defines_runs_does_not_collapse(tmp_path, sweep, words):
         SweepSpec.from_dict({"study_name": "s", "space": {"model.depth": [8]}, **sweep})
 
 
+TUNED = {"n_trials": 2, "metric": "val/error"}
+
+
+@pytest.mark.parametrize(
+    "sweep, words",
+    [
+        ({"seeds": [0, -1]}, "sweep.seeds: -1 is not a seed"),
+        ({"space": {"model.depth": [8], "seed_everything": [0, 4294967296]}}, "4294967296 is not a seed"),
+        ({**TUNED, "sampler": "random", "space": {"seed_everything": {"low": -3, "high": 3}}}, "-3 is not a seed"),
+        ({**TUNED, "sampler": "tpe", "seed": -1}, "sweep.seed: -1 is not a seed"),
+        ({"ablation": {"seed": 2**40}}, "seed=1099511627776 must be an integer from 0 to 4294967295"),
+    ],
+)
+def test_a_seed_out_of_range_is_refused_before_any_trial(sweep, words):
+    # Every trial of `seeds: [0, -1]`'s -1 cells failed in Lightning's seed_everything (a traceback
+    # in each trial's log); the sampler's seed -1 failed in numpy once the study started.
+    from resnet_lab.sweep.space import SweepError, SweepSpec
+
+    with pytest.raises(SweepError, match=re.escape(words)):
+        SweepSpec.from_dict({"study_name": "s", "space": {"model.depth": [8]}, **sweep})
+
+
 def test_journal_paths_absolute_and_relative_and_the_slurm_example(tmp_path, monkeypatch):
     # Issue 26 §B: the Slurm example's journal:///shared/... was a relative path (three slashes, then the path).
     from resnet_lab.sweep.space import SweepError, SweepSpec

@@ -80,8 +80,8 @@ def add_study_options(p: argparse.ArgumentParser) -> None:
         kw: dict[str, Any] = {"default": f.default, "help": m["help"], "metavar": m["metavar"]}
         if m["kind"] in ("count", "count?"):
             kw["type"] = count(1)
-        elif m["kind"] == "int":
-            kw["type"] = int
+        elif m["kind"] == "seed":
+            kw["type"] = int  # its range is StudyOptions' check
         elif m["kind"] in ("float", "float>0"):
             kw["type"] = float  # nan, inf and (for float>0) values <= 0 are refused by StudyOptions
         elif m["kind"] == "choice":

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import yaml
 
+from ..errors import SEED_MAX, is_seed
 from ..models import Network, Spec, build, spec_from_dict
 from . import pretrained
 from .stats import arch_label
@@ -125,8 +126,8 @@ def load_init(ref: str, seed: int) -> Loaded:
     from ..models.spec import SpecError
 
     name, _, s = ref[len(INIT) :].partition("@")
-    if s and not s.isdigit():
-        raise AblationError(f"{ref}: the seed after @ must be a non-negative integer, e.g. init:{name}@1")
+    if s and not (s.isdigit() and is_seed(int(s))):
+        raise AblationError(f"{ref}: the seed after @ must be an integer from 0 to {SEED_MAX}, e.g. init:{name}@1")
     seed = int(s) if s else seed
     try:
         spec = resolve_spec(name)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import UserError
+from ..errors import SEED_MAX, UserError, is_seed
 
 if TYPE_CHECKING:
     from ..models import ResNetSpec
@@ -33,7 +33,7 @@ class AblationError(UserError, RuntimeError):
 
 
 # -- options ------------------------------------------------------------------------
-# Kinds: "count" (an integer >= 1), "count?" (the same, or None), "int", "float" (a finite
+# Kinds: "count" (an integer >= 1), "count?" (the same, or None), "seed" (errors.is_seed), "float" (a finite
 # number), "float>0" (a finite number > 0), "choice" (one of `choices`), "names" (a list of
 # strings, or None), "studies" (registered study names). A study's Options is a frozen
 # dataclass of such fields; the run's StudyOptions (studies/__init__.py) composes them all
@@ -51,8 +51,8 @@ def check_fields(opts: Any) -> None:
         if kind in ("count", "count?"):
             if (v is not None or kind == "count") and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise AblationError(f"{f.name}={v!r} must be an integer >= 1" + (" (or null)" if v is None else ""))
-        elif kind == "int" and (not isinstance(v, int) or isinstance(v, bool)):
-            raise AblationError(f"{f.name}={v!r} must be an integer")
+        elif kind == "seed" and not is_seed(v):
+            raise AblationError(f"{f.name}={v!r} must be an integer from 0 to {SEED_MAX} (a seed)")
         elif kind in ("float", "float>0"):
             real = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
             if not real or (kind == "float>0" and v <= 0):
@@ -95,7 +95,7 @@ class Common:
         None, "removable blocks of the lesion studies (default: all; see model.block_names)", "names", metavar="NAME"
     )
     samples: int = option(10, "random draws per level: block subsets, permutations, routings")
-    seed: int = option(0, "seed of every random draw", kind="int")
+    seed: int = option(0, "seed of every random draw", kind="seed")
     limit: int | None = option(None, "use only the first N images of the split", kind="count?", metavar="N")
 
 

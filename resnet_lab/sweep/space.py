@@ -34,7 +34,7 @@ from typing import Any
 
 import optuna
 
-from ..errors import UserError
+from ..errors import SEED_MAX, UserError, is_seed
 
 SEED_KEY = "seed_everything"
 STAGES = ("train", "val", "test", "best_test")  # fit's metric prefixes (best_test: the best-by-val checkpoint)
@@ -161,6 +161,7 @@ class SweepSpec:
             if not self.seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in self.seeds):
                 raise SweepError(f"sweep.seeds must be a non-empty list of integers, got {self.seeds!r}")
             _check_once("sweep.seeds", self.seeds)
+        self._check_seed_values()
         for i, rule in enumerate(self.overrides or []):
             if not isinstance(rule, dict) or set(rule) != {"when", "set"} or not rule["when"] or not rule["set"]:
                 raise SweepError(
@@ -169,6 +170,17 @@ class SweepSpec:
             clash = [k for k in rule["set"] if k in self.space]
             if clash:
                 raise SweepError(f"sweep.overrides[{i}].set changes swept parameters {clash}; sweep them instead")
+
+    def _check_seed_values(self) -> None:
+        """The sampler's seed and every training seed (sweep.seeds, the space's seed_everything)
+        are seeds of the one range fit takes; a bad one failed each of its trials, or the study."""
+        space = self.space.get(SEED_KEY)
+        ends = [space["low"], space["high"]] if isinstance(space, dict) else space or []
+        for where, values in (("sweep.seed", [self.seed]), ("sweep.seeds", self.seeds or []),
+                              (f"sweep.space.{SEED_KEY}", ends)):  # fmt: skip
+            bad = [v for v in values if not is_seed(v)]
+            if bad:
+                raise SweepError(f"{where}: {bad[0]!r} is not a seed: give an integer from 0 to {SEED_MAX}")
 
     def inactive_overrides(self) -> list[tuple[int, list[str]]]:
         """Rules that name parameters this space does not sweep: they match no cell (e.g.
