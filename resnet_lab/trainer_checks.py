@@ -42,6 +42,9 @@ def check_trainer_counts(t, subcommand: str | None) -> None:
         v = t.get(name)
         if v is not None and (v < 0 or (isinstance(v, float) and v > 1 and v % 1)):  # 2.0 is 2 batches
             raise bad(name, "must be a count of batches >= 0, or a fraction in [0, 1]")
+    v = t.get("gradient_clip_val")
+    if v is not None and v < 0:  # Lightning clips nothing below 0, silently (its parser refuses nan and inf)
+        raise bad("gradient_clip_val", "must be > 0 to clip gradients (0 or null: no clipping)")
     v = t.get("val_check_interval")
     if v is not None and not isinstance(v, str) and v <= 0:
         raise bad("val_check_interval", "must be > 0: a fraction of an epoch, or a count of training batches")

@@ -37,7 +37,9 @@ from .conftest import DEPTH, fit_args, one_message, tiny_config
         (["--ckpt_path", "best"], ["not supported"]),
         (["--trainer.precision", "17"], ["invalid value '17' for --trainer.precision", "bf16-mixed", "null"]),
         (["--seed_everything", "-1"], ["seed_everything=-1", "from 0 to 4294967295"]),  # Lightning's traceback
+        (["--trainer.gradient_clip_val", "-1"], ["gradient_clip_val=-1", "> 0"]),  # Lightning skipped clipping
         (["--seed_everything", "4294967296"], ["seed_everything=4294967296", "from 0 to 4294967295"]),
+        (["--data.init_args.split_seed", "99999999999999999999"], ["split_seed=", "from 0 to 4294967295"]),
     ],
 )
 def test_fit_user_errors_are_one_message(tmp_path, capsys, extra, words):
