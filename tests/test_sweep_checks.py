@@ -53,6 +53,25 @@ def test_a_seed_out_of_range_is_refused_before_any_trial(sweep, words):
         SweepSpec.from_dict({"study_name": "s", "space": {"model.depth": [8]}, **sweep})
 
 
+LR = "optimizer.init_args.lr"
+
+
+@pytest.mark.parametrize(
+    "space, words",
+    [
+        ({LR: {"low": 0.1, "high": 0.01}}, "low and high must be numbers with low <= high"),
+        ({LR: {"low": 0, "high": 0.1, "log": True}}, "a log range needs low > 0"),  # every trial failed in Optuna
+        ({LR: {"low": 0.01, "high": 0.1, "log": True, "step": 0.01}}, "log or step, not both"),  # the same
+        ({LR: {"low": 0.01, "high": 0.1, "step": 0}}, "step must be a positive number"),
+    ],
+)
+def test_a_range_optuna_cannot_sample_is_refused_before_any_trial(space, words):
+    from resnet_lab.sweep.space import SweepError, SweepSpec
+
+    with pytest.raises(SweepError, match=re.escape(words)):
+        SweepSpec.from_dict({"study_name": "s", **TUNED, "sampler": "random", "space": space})
+
+
 def test_journal_paths_absolute_and_relative_and_the_slurm_example(tmp_path, monkeypatch):
     # Issue 26 §B: the Slurm example's journal:///shared/... was a relative path (three slashes, then the path).
     from resnet_lab.sweep.space import SweepError, SweepSpec

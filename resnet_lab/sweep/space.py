@@ -382,3 +382,8 @@ def _check_range(key: str, v: dict[str, Any]) -> None:
         raise SweepError(f"sweep.space.{key}: type is int or float and log is true or false; got {v!r}")
     if v.get("step") is not None and (not numeric([v["step"]]) or v["step"] <= 0):
         raise SweepError(f"sweep.space.{key}: step must be a positive number; got {v!r}")
+    # Optuna's own refusals, which failed every trial of the study instead.
+    if v.get("log") and v["low"] <= 0:
+        raise SweepError(f"sweep.space.{key}: a log range needs low > 0; got {v!r}")
+    if v.get("log") and v.get("step") is not None:
+        raise SweepError(f"sweep.space.{key}: give log or step, not both; got {v!r}")
