@@ -39,11 +39,11 @@ from torch.optim.lr_scheduler import OneCycleLR
 
 from . import slurm
 from .callbacks import AtomicCheckpointIO, BestCheckpoint, HistoryCSVLogger, LastCheckpoint, ValidateFinalStep
-from .errors import SEED_MAX, UserError, is_seed, load_yaml, user_error
+from .errors import UserError, load_yaml, user_error
 from .models import Spec, named_fields, resolve_spec, spec_from_dict
 from .module import SPEC_OPTIONS, CheckpointMismatchError, ResNetClassifier, check_spec_matches, read_checkpoint
 from .schedules import PaperLR
-from .trainer_checks import check_trainer_counts, say_if_no_validation
+from .trainer_checks import check_trainer_counts, resolve_seed, say_if_no_validation
 
 REPO = Path(__file__).resolve().parent.parent
 EVALUATIONS = ("validate", "test", "predict")  # subcommands that score a checkpoint
@@ -213,20 +213,10 @@ class ResNetLabCLI(LightningCLI):
         return cfg.ckpt_path
 
     def _set_seed(self) -> None:
-        """Lightning's seeding, after one check of the seed (Lightning's own is a traceback).
-        `true` draws a random seed, as Lightning's help says: Lightning 2.x seeds 0 for it, or
-        PL_GLOBAL_SEED (in a sweep worker, the previous trial's). A DDP rank that rank 0 started
-        (LOCAL_RANK > 0) takes rank 0's draw from PL_GLOBAL_SEED. The drawn seed goes into the
-        config, so config.yaml and run.json record it."""
-        seed = self._get(self.config, "seed_everything")
-        if seed is True:
-            started_by_rank0 = os.environ.get("LOCAL_RANK", "0") != "0" and "PL_GLOBAL_SEED" in os.environ
-            seed = int(os.environ["PL_GLOBAL_SEED"]) if started_by_rank0 else secrets.randbelow(SEED_MAX + 1)
-            (self.config[self.subcommand] if self.subcommand else self.config)["seed_everything"] = seed
-        if not isinstance(seed, bool) and seed is not None and not is_seed(seed):
-            raise UserError(
-                f"seed_everything={seed!r} is not a seed: give an integer from 0 to {SEED_MAX} (or true: a random one)"
-            )
+        """Lightning's seeding of a checked seed, `true` drawn (trainer_checks.resolve_seed); the
+        seed goes into the config, so config.yaml and run.json record it."""
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        cfg["seed_everything"] = resolve_seed(cfg.get("seed_everything"), self.subcommand, cfg.get("ckpt_path"))
         super()._set_seed()
 
     def before_instantiate_classes(self) -> None:

@@ -1,13 +1,42 @@
 """The trainer options a command would run with, checked before anything is built: counts
-Lightning would divide by or loop on, limits that leave the command nothing to do, and a fit
-without validation (which runs, and says what that means)."""
+Lightning would divide by or loop on, limits that leave the command nothing to do, the seed,
+and a fit without validation (which runs, and says what that means)."""
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import sys
+from pathlib import Path
+from typing import Any
 
-from .errors import UserError
+from .errors import SEED_MAX, UserError, is_seed
+
+
+def resolve_seed(seed: Any, subcommand: str | None, ckpt: str | None) -> Any:
+    """The seed_everything a command runs with: an integer seed as given (one outside numpy's range,
+    which Lightning refuses with a traceback, is a UserError), false or null as given, and `true`
+    drawn at random, as Lightning's help says (Lightning 2.x seeds 0 for it, or PL_GLOBAL_SEED: in a
+    sweep worker, the previous trial's). A resumed fit keeps its run's seed (run.json), so that it
+    continues the same data order; a DDP rank that rank 0 started (LOCAL_RANK > 0) takes rank 0's
+    from PL_GLOBAL_SEED."""
+    if seed is True:
+        if subcommand == "fit" and ckpt:
+            try:  # run.json: written by train.py's _run_info; older runs may lack the seed
+                recorded = json.loads((Path(ckpt).resolve().parent.parent / "run.json").read_text()).get("seed")
+            except (OSError, ValueError, AttributeError):
+                recorded = None
+            if is_seed(recorded):
+                return recorded
+        if os.environ.get("LOCAL_RANK", "0") != "0" and "PL_GLOBAL_SEED" in os.environ:
+            return int(os.environ["PL_GLOBAL_SEED"])
+        return secrets.randbelow(SEED_MAX + 1)
+    if not isinstance(seed, bool) and seed is not None and not is_seed(seed):
+        raise UserError(
+            f"seed_everything={seed!r} is not a seed: give an integer from 0 to {SEED_MAX} (or true: a random one)"
+        )
+    return seed
 
 
 def check_trainer_counts(t, subcommand: str | None) -> None:

@@ -69,3 +69,8 @@ def test_seed_everything_true_draws_a_seed_and_records_it(tmp_path, monkeypatch)
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed_everything"] == seed  # what reruns it
         seeds.append(seed)
     assert all(isinstance(s, int) and 0 <= s < 2**32 for s in seeds) and len(set(seeds) | {0, 7}) == 4, seeds
+    # A resumed fit keeps its run's seed (the data order continues), drawn or not.
+    last = run_dir / "checkpoints" / "last.ckpt"
+    cli_main(fit_args(tmp_path / "b", "--model.depth", "8", "--seed_everything", "true", "--ckpt_path", str(last),
+                      steps=2))  # fmt: skip
+    assert json.loads((run_dir / "run.json").read_text())["seed"] == seeds[1]
