@@ -1,10 +1,12 @@
 """Seeds drive the data order and augmentation; a resumed run continues them exactly."""
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from pytorch_lightning.callbacks import Callback
 
 from resnet_lab.train import cli_main
@@ -52,14 +54,11 @@ def test_seeds_change_the_order_and_a_resume_continues_it(tmp_path):
         assert resumed.seen[step] == a.seen[step], step  # same images, same crops and flips
 
 
+@pytest.mark.slow
 def test_seed_everything_true_draws_a_seed_and_records_it(tmp_path, monkeypatch):
     # Lightning's help says `seed_everything: true` uses a random seed; Lightning 2.x seeds 0, or
-    # PL_GLOBAL_SEED when set (in a sweep worker: the previous trial's seed). Three runs "with random
-    # seeds" were one run three times.
-    import json
-
-    import yaml
-
+    # PL_GLOBAL_SEED when set (in a sweep worker: the previous trial's seed). Two runs "with random
+    # seeds" were one run twice.
     monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # as a worker leaves it after a trial of seed 7
     seeds = []
     for name in ("a", "b"):
