@@ -49,6 +49,11 @@ def is_seed(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= SEED_MAX
 
 
+def not_a_seed(v: Any) -> str:
+    """The words for a value that fails `is_seed`."""
+    return f"{v!r} is not a seed: give an integer from 0 to {SEED_MAX}"
+
+
 def count(minimum: int):
     """An argparse type: an integer >= minimum, or one clear error."""
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import SEED_MAX, UserError, is_seed
+from .errors import SEED_MAX, UserError, is_seed, not_a_seed
 
 
 def resolve_seed(seed: Any, subcommand: str | None, ckpt: str | None) -> Any:
@@ -22,21 +22,26 @@ def resolve_seed(seed: Any, subcommand: str | None, ckpt: str | None) -> Any:
     continues the same data order; a DDP rank that rank 0 started (LOCAL_RANK > 0) takes rank 0's
     from PL_GLOBAL_SEED."""
     if seed is True:
-        if subcommand == "fit" and ckpt:
-            try:  # run.json: written by train.py's _run_info; older runs may lack the seed
-                recorded = json.loads((Path(ckpt).resolve().parent.parent / "run.json").read_text()).get("seed")
-            except (OSError, ValueError, AttributeError):
-                recorded = None
-            if is_seed(recorded):
-                return recorded
+        recorded = run_seed(Path(ckpt).resolve().parent.parent) if subcommand == "fit" and ckpt else None
+        if is_seed(recorded):  # older runs may lack it
+            return recorded
         if os.environ.get("LOCAL_RANK", "0") != "0" and "PL_GLOBAL_SEED" in os.environ:
             return int(os.environ["PL_GLOBAL_SEED"])
         return secrets.randbelow(SEED_MAX + 1)
     if not isinstance(seed, bool) and seed is not None and not is_seed(seed):
-        raise UserError(
-            f"seed_everything={seed!r} is not a seed: give an integer from 0 to {SEED_MAX} (or true: a random one)"
-        )
+        raise UserError(f"seed_everything={not_a_seed(seed)} (or true: a random one)")
     return seed
+
+
+def run_seed(run_dir: str | os.PathLike | None) -> int | None:
+    """The seed a `fit` run trained with, from the run.json train.py writes (None where the
+    folder or file is gone)."""
+    path = Path(run_dir or "") / "run.json"
+    try:
+        seed = json.loads(path.read_text()).get("seed") if run_dir and path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
 def check_trainer_counts(t, subcommand: str | None) -> None:

@@ -33,6 +33,7 @@ import yaml
 
 from ..errors import SEED_MAX, is_seed
 from ..models import Network, Spec, build, spec_from_dict
+from ..trainer_checks import run_seed
 from . import pretrained
 from .stats import arch_label
 from .study import AblationError
@@ -247,16 +248,6 @@ def run_recipe(config: dict[str, Any] | None) -> dict[str, Any] | None:
 
     walk("", config)
     return out
-
-
-def run_seed(run_dir: str | os.PathLike | None) -> int | None:
-    """The seed a `fit` run trained with, from its run.json (None where the folder or file is gone)."""
-    path = Path(run_dir or "") / "run.json"
-    try:
-        seed = json.loads(path.read_text()).get("seed") if run_dir and path.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        return None
-    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
 def weights_digest(model: torch.nn.Module) -> str:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import SEED_MAX, is_seed
+from ..errors import is_seed, not_a_seed
 from .augment import check_options, mix_batch, rand_augment, random_erasing
 from .common import (
     DataError,
@@ -248,9 +248,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         if val_size < 0:
             raise DataError(f"data.init_args.val_size={val_size} must be >= 0 (0 trains on all 50k images)")
         if not is_seed(split_seed):
-            raise DataError(
-                f"data.init_args.split_seed={split_seed!r} is not a seed: give an integer from 0 to {SEED_MAX}"
-            )
+            raise DataError(f"data.init_args.split_seed={not_a_seed(split_seed)}")
         self.save_hyperparameters()
         # Absolute paths: a run's stored config and checkpoint work from any directory.
         self.hparams.update(root=absolute(root), folder=absolute(folder), cache_dir=absolute(cache_dir))

@@ -34,7 +34,7 @@ from typing import Any
 
 import optuna
 
-from ..errors import SEED_MAX, UserError, is_seed
+from ..errors import UserError, is_seed, not_a_seed
 
 SEED_KEY = "seed_everything"
 STAGES = ("train", "val", "test", "best_test")  # fit's metric prefixes (best_test: the best-by-val checkpoint)
@@ -180,7 +180,7 @@ class SweepSpec:
                               (f"sweep.space.{SEED_KEY}", ends)):  # fmt: skip
             bad = [v for v in values if not is_seed(v)]
             if bad:
-                raise SweepError(f"{where}: {bad[0]!r} is not a seed: give an integer from 0 to {SEED_MAX}")
+                raise SweepError(f"{where}: {not_a_seed(bad[0])}")
 
     def inactive_overrides(self) -> list[tuple[int, list[str]]]:
         """Rules that name parameters this space does not sweep: they match no cell (e.g.

@@ -28,10 +28,10 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from ..ablation.runner import run_seed
 from ..ablation.stats import Difference, depth_family, mean_spread, welch
 from ..callbacks import read_history
 from ..models import paper_error, spec_from_dict
+from ..trainer_checks import run_seed
 from .space import SEED_KEY
 
 STATS = ("test/error", "train/error_end", "best_test/error", "val/error")
